@@ -1,0 +1,1 @@
+"""WaveFT personalization of Stable Diffusion XL: trainer, adapters, generation."""
