@@ -1,0 +1,78 @@
+"""Tiny random DINO and CLIP encoders for offline smoke tests: `python -m eval.tiny_encoders DIR`.
+
+Writes DIR/dino (a ViTModel) and DIR/clip (a CLIPModel with a locally built byte-level CLIP tokenizer) as
+standard `from_pretrained` folders with their preprocessing configs, so that they load through the same code
+as `facebook/dino-vits16` and `openai/clip-vit-*`. Their weights are random (seeded): the numbers they give
+test the plumbing, not the images, and each folder carries a SMOKE_TEST_ENCODER.md marker that makes every
+table label them as smoke-test numbers.
+"""
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from eval.encoders import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, SMOKE_TEST_MARKER
+from waveft.tiny import tiny_text_encoder_config, write_tiny_clip_tokenizer
+
+TINY_SEED = 0
+TINY_IMAGE_SIZE = 32
+_MARKER_TEXT = ("# Smoke-test encoder\n\nRandom weights from `python -m eval.tiny_encoders`. Scores computed with "
+                "it check that the evaluation runs; they say nothing about image quality.\n")
+
+
+def _tiny_vision_layers() -> dict:
+    return dict(image_size=TINY_IMAGE_SIZE, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                num_attention_heads=2, intermediate_size=37)
+
+
+def write_tiny_dino(path: Path) -> None:
+    from transformers import ViTConfig, ViTImageProcessorPil, ViTModel
+
+    torch.manual_seed(TINY_SEED)
+    ViTModel(ViTConfig(**_tiny_vision_layers()), add_pooling_layer=False).save_pretrained(path)
+    ViTImageProcessorPil(size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}, resample=3,
+                         image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD)).save_pretrained(path)
+    (path / SMOKE_TEST_MARKER).write_text(_MARKER_TEXT)
+
+
+def write_tiny_clip(path: Path) -> None:
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    torch.manual_seed(TINY_SEED)
+    config = CLIPConfig(text_config=tiny_text_encoder_config().to_dict(), vision_config=_tiny_vision_layers(),
+                        projection_dim=16)
+    CLIPModel(config).save_pretrained(path)
+    write_tiny_clip_tokenizer(str(path))
+    CLIPImageProcessorPil(size={"shortest_edge": TINY_IMAGE_SIZE},
+                          crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}, resample=3,
+                          image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(path)
+    (path / SMOKE_TEST_MARKER).write_text(_MARKER_TEXT)
+
+
+def write_tiny_encoders(folder: str | Path) -> None:
+    """Write `folder/dino` and `folder/clip`, replacing them; built beside `folder` and moved in when complete."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, write in (("dino", write_tiny_dino), ("clip", write_tiny_clip)):
+        staging = Path(tempfile.mkdtemp(prefix=f".tiny-{name}-", dir=folder))
+        try:
+            write(staging)
+            shutil.rmtree(folder / name, ignore_errors=True)
+            staging.replace(folder / name)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Write tiny random DINO and CLIP encoders for smoke tests.")
+    parser.add_argument("dir", help="output folder; DIR/dino and DIR/clip are replaced if they exist")
+    args = parser.parse_args(argv)
+    write_tiny_encoders(args.dir)
+    print(f"wrote smoke-test encoders {Path(args.dir) / 'dino'} and {Path(args.dir) / 'clip'} (random weights)")
+
+
+if __name__ == "__main__":
+    main()
