@@ -1,0 +1,104 @@
+"""Attach the configured adapter to a UNet through diffusers' PEFT integration, after checking it fits the model."""
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from waveft.adapters.methods import build_peft_config
+from waveft.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+def module_matches(name: str, target: str) -> bool:
+    """PEFT's rule for a list entry: the full module name, or its dotted suffix."""
+    return name == target or name.endswith("." + target)
+
+
+def target_layers(model: torch.nn.Module, target_modules: list[str]) -> dict[str, torch.nn.Linear]:
+    """The modules the adapter will wrap; each target entry must match something, and only nn.Linear."""
+    found = {}
+    for target in target_modules:
+        matches = [(n, m) for n, m in model.named_modules() if module_matches(n, target)]
+        if not matches:
+            raise UserError(f"adapter.target_modules entry {target!r} matches no module of the UNet")
+        for name, module in matches:
+            if type(module) is not torch.nn.Linear:
+                raise UserError(
+                    f"adapter.target_modules entry {target!r} matches {name}, a {type(module).__name__}, "
+                    f"not a Linear layer"
+                )
+            found[name] = module
+    return found
+
+
+def _check_waveft_fits(peft_config, layers: dict) -> None:
+    """PEFT refuses n_frequency > out*in without naming the layer; name it before injecting."""
+    from peft.utils.other import get_pattern_key
+
+    if peft_config.proportional_parameters:
+        return
+    patterns = list(peft_config.n_frequency_pattern)
+    for name, layer in layers.items():
+        n = peft_config.n_frequency_pattern.get(get_pattern_key(patterns, name), peft_config.n_frequency)
+        capacity = layer.out_features * layer.in_features
+        if not 0 < n <= capacity:
+            raise UserError(
+                f"adapter.peft.n_frequency={n} is out of range for layer {name} "
+                f"({layer.out_features}x{layer.in_features} holds 1..{capacity})"
+            )
+
+
+@dataclass
+class AdaptedLayer:
+    name: str
+    out_features: int
+    in_features: int
+    trainable_parameters: int
+
+
+def adapted_layers(model: torch.nn.Module) -> list[AdaptedLayer]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    rows = []
+    for name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            base = module.get_base_layer()
+            trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+            rows.append(AdaptedLayer(name, base.out_features, base.in_features, trainable))
+    return rows
+
+
+def attach_adapter(unet, adapter, adapter_name: str = "default") -> list[AdaptedLayer]:
+    """Add the adapter to `unet` (frozen beforehand), keep its trainable weights in fp32, return its layers."""
+    peft_config = build_peft_config(adapter)
+    layers = target_layers(unet, adapter.target_modules)
+    if adapter.type == "waveft":
+        _check_waveft_fits(peft_config, layers)
+    unet.requires_grad_(False)
+    try:
+        unet.add_adapter(peft_config, adapter_name=adapter_name)
+    except ValueError as exc:
+        raise UserError(f"adapter '{adapter.type}' could not be attached: {str(exc).splitlines()[0]}") from None
+    if adapter.type == "waveft" and adapter.implementation == "structured":
+        from waveft.adapters.fast_waveft import enable_fast_waveft
+
+        enable_fast_waveft(unet)
+    # Under fp16/bf16 the optimizer must step fp32 master weights ("Attempting to unscale FP16 gradients").
+    for param in unet.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    return adapted_layers(unet)
+
+
+def format_adapter_table(rows: list[AdaptedLayer]) -> str:
+    """One line per distinct layer shape: how many layers, trainable parameters per layer and in total."""
+    by_shape: dict[tuple, list[AdaptedLayer]] = {}
+    for row in rows:
+        by_shape.setdefault((row.out_features, row.in_features, row.trainable_parameters), []).append(row)
+    lines = ["| out x in | layers | trainable / layer | trainable |", "|---|---|---|---|"]
+    for (out_f, in_f, per_layer), group in sorted(by_shape.items()):
+        lines.append(f"| {out_f} x {in_f} | {len(group)} | {per_layer:,} | {per_layer * len(group):,} |")
+    total = sum(r.trainable_parameters for r in rows)
+    lines.append(f"| total | {len(rows)} | | {total:,} |")
+    return "\n".join(lines)

@@ -1,0 +1,122 @@
+"""Atomic writes, the adapter's PEFT-format files, and resumable training checkpoints.
+
+Everything is written into a temporary sibling and moved into place with `os.replace`, so an interrupted save
+leaves the previous file or folder intact, never a half-written one.
+"""
+import json
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+
+import torch
+
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+# PeftModel.save_pretrained writes keys under this prefix; writing the same keys keeps files interchangeable.
+PEFT_MODEL_PREFIX = "base_model.model."
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_json(path: str, data) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+@contextmanager
+def atomic_directory(path: str):
+    """Yield a temporary folder; on success it replaces `path` whole, on failure it is removed."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        yield staging
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+            os.replace(path, os.path.join(old, "x"))
+            os.replace(staging, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def save_adapter(unet, path: str, adapter_name: str = "default", metadata: dict | None = None) -> None:
+    """Write `adapter_config.json` + `adapter_model.safetensors` exactly as `PeftModel.save_pretrained` would."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    state = {PEFT_MODEL_PREFIX + key: value.detach().contiguous().cpu() for key, value in state.items()}
+    with atomic_directory(path) as staging:
+        unet.peft_config[adapter_name].save_pretrained(staging)
+        save_file(state, os.path.join(staging, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+        if metadata is not None:
+            with open(os.path.join(staging, "waveft_run.json"), "w") as f:
+                json.dump(metadata, f, indent=2)
+
+
+def load_adapter_weights(unet, path: str, adapter_name: str = "default") -> None:
+    """Load saved adapter weights into an adapter already attached to `unet`; any key mismatch is an error."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(os.path.join(path, ADAPTER_WEIGHTS_NAME))
+    state = {key.removeprefix(PEFT_MODEL_PREFIX): value for key, value in state.items()}
+    result = set_peft_model_state_dict(unet, state, adapter_name=adapter_name)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    missing = [k for k in getattr(result, "missing_keys", []) or [] if adapter_name in k]
+    if unexpected or missing:
+        raise RuntimeError(f"adapter at {path} does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of every complete checkpoint, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = CHECKPOINT_PATTERN.match(name)
+        if match and os.path.isfile(os.path.join(output_dir, name, "training_state.json")):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return sorted(found)
+
+
+def save_checkpoint(output_dir: str, step: int, unet, optimizer, lr_scheduler, state: dict, total_limit) -> str:
+    """Adapter + optimizer + LR schedule + loop state, written atomically, then prune past `total_limit`."""
+    path = os.path.join(output_dir, f"checkpoint-{step}")
+    with atomic_directory(path) as staging:
+        save_adapter(unet, os.path.join(staging, "adapter"))
+        torch.save(optimizer.state_dict(), os.path.join(staging, "optimizer.pt"))
+        torch.save(lr_scheduler.state_dict(), os.path.join(staging, "scheduler.pt"))
+        with open(os.path.join(staging, "training_state.json"), "w") as f:
+            json.dump(state, f, indent=2)
+    if total_limit is not None:
+        for _, old in list_checkpoints(output_dir)[:-total_limit]:
+            shutil.rmtree(old)
+    return path
+
+
+def load_checkpoint(path: str, unet, optimizer, lr_scheduler) -> dict:
+    load_adapter_weights(unet, os.path.join(path, "adapter"))
+    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
+    lr_scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
+    with open(os.path.join(path, "training_state.json")) as f:
+        return json.load(f)

@@ -1,0 +1,274 @@
+"""The typed run config: YAML file + `key.sub=value` overrides, validated before any model is loaded.
+
+Every setting a run depends on lives here, with its default. `load_config` reports the first problem as a
+`UserError` naming the file and the dotted key.
+"""
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import yaml
+
+from waveft.errors import UserError
+
+SDXL_ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = "stabilityai/stable-diffusion-xl-base-1.0"  # Hub id or local diffusers folder
+    revision: Optional[str] = None
+    variant: Optional[str] = None  # e.g. "fp16" weight files on the Hub
+    vae: Optional[str] = None  # a separate VAE (Hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix
+    vae_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # SDXL's own VAE overflows in fp16
+    build_tiny_if_missing: bool = False  # write the built-in tiny SDXL to `pretrained` if no pipeline is there
+    prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None  # None: the scheduler's own
+    # "diffusers": penultimate hidden state of both text encoders, as StableDiffusionXLPipeline.
+    # "paper": the WaveFT paper's training quirk (encoder 1 last hidden state, encoder 2 penultimate).
+    text_hidden_states: Literal["diffusers", "paper"] = "diffusers"
+
+
+@dataclass
+class PriorPreservationConfig:
+    enabled: bool = False
+    class_prompt: Optional[str] = None  # default: "a <class_noun>"
+    class_dir: Optional[str] = None  # default: <output_dir>/class_images
+    num_class_images: int = 100
+    loss_weight: float = 1.0
+    generation_steps: int = 30  # for class images generated with the base pipeline when missing
+    generation_batch_size: int = 4
+
+
+@dataclass
+class DataConfig:
+    instance_dir: str = ""
+    subject: Optional[str] = None  # default: the instance folder's name
+    identifier: str = "zjw"
+    class_noun: str = "object"
+    instance_prompt: Optional[str] = None  # default: "a {identifier} {class_noun}"
+    captions: bool = False  # use a sidecar <image>.txt caption when present
+    synthetic_if_missing: bool = False  # generate the offline synthetic subject in instance_dir if it is missing
+    resolution: int = 1024
+    crop: Literal["random", "center"] = "random"
+    flip_probability: float = 0.0
+    repeats: int = 1
+    num_workers: int = 0
+    prior_preservation: PriorPreservationConfig = field(default_factory=PriorPreservationConfig)
+
+
+@dataclass
+class AdapterConfig:
+    type: str = "waveft"  # a method name from waveft.adapters.methods
+    implementation: Literal["structured", "peft"] = "structured"  # WaveFT layer: ours (no dense delta) or PEFT's
+    budget: Optional[float] = None  # trainable parameters in LoRA-rank-1 units; None: use `peft` as given
+    target_modules: list[str] = field(default_factory=lambda: list(SDXL_ATTENTION_PROJECTIONS))
+    peft: dict = field(default_factory=dict)  # fields of the method's PEFT config, e.g. n_frequency, scaling
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 500  # optimizer steps
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 4
+    learning_rate: float = 1e-4
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "constant"
+    lr_warmup_steps: int = 0
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-4
+    adam_epsilon: float = 1e-8
+    max_grad_norm: Optional[float] = 1.0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    snr_gamma: Optional[float] = None  # Min-SNR loss weighting; None: plain MSE
+    noise_offset: float = 0.0
+    checkpointing_steps: int = 100
+    checkpoints_total_limit: Optional[int] = 2
+    resume: Optional[str] = None  # "latest" or a checkpoint folder
+    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    log_every: int = 1
+
+
+@dataclass
+class ValidationConfig:
+    prompts: list[str] = field(default_factory=list)  # "{instance}" is replaced by the instance prompt
+    every_steps: int = 0  # 0: only the final samples
+    final: bool = True  # sample with the merged adapter once training ends
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    scheduler: str = "dpmpp_2m"
+    steps: int = 30
+    guidance_scale: float = 7.5
+    negative_prompt: str = ""
+    resolution: Optional[int] = None  # default: data.resolution
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = ""
+    overwrite_output_dir: bool = False
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+# ---- parsing ---------------------------------------------------------------------------------------------
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce_value(value: Any, tp, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats. Raise naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce_value(value, arg, key, source)
+            except UserError:
+                pass
+        raise UserError(f"{source}: key '{key}' must be {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            choices = ", ".join(repr(c) for c in typing.get_args(tp))
+            raise UserError(f"{source}: key '{key}' must be one of {choices}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{source}: key '{key}' must be a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [coerce_value(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, source)
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{source}: key '{key}' must be a mapping, got {value!r}")
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool) or tp is int and isinstance(value, bool):
+        raise UserError(f"{source}: key '{key}' must be {_type_name(tp)}, got {value!r}")
+    if not isinstance(value, tp):
+        raise UserError(f"{source}: key '{key}' must be {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build(cls, values: Any, prefix: str, source: str):
+    if not isinstance(values, dict):
+        raise UserError(f"{source}: key '{prefix or '<root>'}' must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for name in values:
+        if name not in known:
+            raise UserError(f"{source}: unknown key '{prefix + '.' if prefix else ''}{name}'")
+    kwargs = {
+        name: coerce_value(value, hints[name], f"{prefix}.{name}" if prefix else name, source)
+        for name, value in values.items()
+    }
+    return cls(**kwargs)
+
+
+def _apply_override(tree: dict, override: str) -> None:
+    if "=" not in override:
+        raise UserError(f"override '{override}' must look like key.sub=value")
+    dotted, raw = override.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    node = tree
+    parts = dotted.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override '{override}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: Optional[str], overrides: tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML config (or none: all defaults), apply `key.sub=value` overrides, type-check and validate."""
+    tree: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise UserError(f"config file not found: {path}")
+        try:
+            with open(path) as f:
+                tree = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    for override in overrides:
+        _apply_override(tree, override)
+    source = path or "config"
+    cfg = _build(RunConfig, tree, "", source)
+    validate(cfg, source)
+    return cfg
+
+
+def _positive(value, key: str, source: str, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise UserError(f"{source}: key '{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def validate(cfg: RunConfig, source: str) -> None:
+    """Checks that need no model: required keys, ranges, and choices that depend on other keys."""
+    if not cfg.output_dir:
+        raise UserError(f"{source}: key 'output_dir' is required")
+    if not cfg.data.instance_dir:
+        raise UserError(f"{source}: key 'data.instance_dir' is required")
+    for key, value in [
+        ("data.resolution", cfg.data.resolution),
+        ("data.repeats", cfg.data.repeats),
+        ("train.max_steps", cfg.train.max_steps),
+        ("train.batch_size", cfg.train.batch_size),
+        ("train.gradient_accumulation_steps", cfg.train.gradient_accumulation_steps),
+        ("train.learning_rate", cfg.train.learning_rate),
+        ("train.log_every", cfg.train.log_every),
+        ("validation.steps", cfg.validation.steps),
+        ("data.prior_preservation.num_class_images", cfg.data.prior_preservation.num_class_images),
+    ]:
+        _positive(value, key, source)
+    for key, value in [
+        ("train.lr_warmup_steps", cfg.train.lr_warmup_steps),
+        ("train.checkpointing_steps", cfg.train.checkpointing_steps),
+        ("train.noise_offset", cfg.train.noise_offset),
+        ("validation.every_steps", cfg.validation.every_steps),
+        ("data.num_workers", cfg.data.num_workers),
+    ]:
+        _positive(value, key, source, allow_zero=True)
+    if cfg.data.resolution % 8:
+        raise UserError(f"{source}: key 'data.resolution' must be a multiple of 8, got {cfg.data.resolution}")
+    if not 0.0 <= cfg.data.flip_probability <= 1.0:
+        raise UserError(f"{source}: key 'data.flip_probability' must be in [0, 1], got {cfg.data.flip_probability}")
+    if cfg.train.checkpoints_total_limit is not None and cfg.train.checkpoints_total_limit < 1:
+        raise UserError(f"{source}: key 'train.checkpoints_total_limit' must be >= 1 or null")
+    if not cfg.adapter.target_modules:
+        raise UserError(f"{source}: key 'adapter.target_modules' must name at least one module")
+    if cfg.adapter.budget is not None:
+        _positive(cfg.adapter.budget, "adapter.budget", source)
+    from waveft.adapters.methods import validate_adapter_settings
+
+    validate_adapter_settings(cfg.adapter, source)
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: str) -> None:
+    from waveft.checkpointing import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

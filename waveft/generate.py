@@ -1,0 +1,239 @@
+"""Generate images with SDXL and a merged adapter: prompts x seeds, PNGs and a manifest.jsonl.
+
+`python -m waveft.generate --adapter RUN/adapter --prompt "a zjw dog on the beach" --seeds 0 1 --out DIR`
+
+The same `generate_images` serves the CLI, validation during training and benchmark generation. It is
+resumable: an image whose file and manifest row both exist is skipped.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from waveft.checkpointing import atomic_write_text
+from waveft.errors import UserError, cli_entry
+from waveft.models import DTYPES
+
+MANIFEST_NAME = "manifest.jsonl"
+# Keyword arguments of diffusers schedulers, by the names this project uses.
+SCHEDULERS = {
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2)),
+    "dpmpp_2m_karras": (
+        "DPMSolverMultistepScheduler",
+        dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True),
+    ),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+
+@dataclass
+class GenerationSettings:
+    scheduler: str = "dpmpp_2m"
+    steps: int = 30
+    guidance_scale: float = 7.5
+    negative_prompt: str = ""
+    height: int = 1024
+    width: int = 1024
+    batch_size: int = 4
+    dtype: str = "fp32"
+
+
+def set_scheduler(pipe, name: str) -> None:
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise UserError(f"unknown scheduler {name!r} (known: {', '.join(SCHEDULERS)})")
+    class_name, kwargs = SCHEDULERS[name]
+    pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **kwargs)
+
+
+def read_adapter_run_info(adapter_dir: str) -> dict:
+    """The training metadata saved beside the adapter (base model, method, trainable parameters), if any."""
+    path = os.path.join(adapter_dir, "waveft_run.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def merge_adapter(unet, adapter_dir: str):
+    """Load a PEFT adapter folder onto `unet` and merge it into the weights: no inference cost remains."""
+    from peft import PeftModel
+
+    from waveft.adapters.fast_waveft import enable_fast_waveft
+
+    if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
+        raise UserError(f"no adapter_config.json in adapter folder {adapter_dir}")
+    peft_model = PeftModel.from_pretrained(unet, adapter_dir)
+    # Our WaveFT layer also merges wavelets that stock PEFT's layer cannot run.
+    enable_fast_waveft(peft_model)
+    return peft_model.merge_and_unload()
+
+
+def load_pipeline(
+    base_model: str,
+    adapter_dir: Optional[str] = None,
+    vae: Optional[str] = None,
+    dtype: str = "fp32",
+    device: Optional[str] = None,
+    scheduler: str = "dpmpp_2m",
+):
+    """A StableDiffusionXLPipeline from a Hub id or folder, with the adapter (if any) merged."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+
+    torch_dtype = DTYPES[dtype]
+    kwargs = {"torch_dtype": torch_dtype}
+    try:
+        if vae is not None:
+            kwargs["vae"] = AutoencoderKL.from_pretrained(vae, torch_dtype=torch_dtype)
+        pipe = StableDiffusionXLPipeline.from_pretrained(base_model, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"could not load the base model {base_model!r}: {str(exc).splitlines()[0]}") from None
+    if adapter_dir is not None:
+        pipe.unet = merge_adapter(pipe.unet, adapter_dir).to(torch_dtype)
+    set_scheduler(pipe, scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return pipe.to(device)
+
+
+def read_manifest(path: str) -> dict[str, dict]:
+    """Rows of a manifest.jsonl keyed by file name."""
+    rows = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    rows[row["file"]] = row
+    return rows
+
+
+def write_manifest(path: str, rows: dict[str, dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows.values()))
+
+
+def _save_png(image: Image.Image, path: str) -> None:
+    tmp = path + ".tmp.png"
+    image.save(tmp)
+    os.replace(tmp, path)
+
+
+def generate_images(pipe, jobs: list[dict], out_dir: str, settings: GenerationSettings, progress: bool = True,
+                    manifest_name: str = MANIFEST_NAME) -> list[dict]:
+    """Generate every job not done yet. A job is a dict with `file`, `prompt`, `seed` and any extra keys.
+
+    Each image uses its own generator seeded by its job's seed, so results do not depend on batching.
+    Returns the manifest rows of all jobs (done before or now).
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    manifest_path = os.path.join(out_dir, manifest_name)
+    rows = read_manifest(manifest_path)
+    todo = [j for j in jobs if not (j["file"] in rows and os.path.isfile(os.path.join(out_dir, j["file"])))]
+    settings_row = dataclasses.asdict(settings)
+    batches = [todo[i : i + settings.batch_size] for i in range(0, len(todo), settings.batch_size)]
+    for batch in tqdm(batches, desc="generating", disable=not progress, unit="batch"):
+        generators = [torch.Generator(device="cpu").manual_seed(int(job["seed"])) for job in batch]
+        with torch.no_grad():
+            images = pipe(
+                prompt=[job["prompt"] for job in batch],
+                negative_prompt=[settings.negative_prompt] * len(batch) if settings.negative_prompt else None,
+                num_inference_steps=settings.steps,
+                guidance_scale=settings.guidance_scale,
+                height=settings.height,
+                width=settings.width,
+                generator=generators,
+            ).images
+        for job, image in zip(batch, images):
+            path = os.path.join(out_dir, job["file"])
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            _save_png(image, path)
+            rows[job["file"]] = {**job, **settings_row}
+        write_manifest(manifest_path, rows)
+    return [rows[j["file"]] for j in jobs]
+
+
+def prompt_seed_jobs(prompts: list[str], seeds: list[int], **extra) -> list[dict]:
+    return [
+        {"file": f"p{p:03d}_s{seed}.png", "prompt": prompt, "prompt_index": p, "seed": seed, **extra}
+        for p, prompt in enumerate(prompts)
+        for seed in seeds
+    ]
+
+
+def save_grid(paths: list[str], grid_path: str, columns: int) -> None:
+    """Tile images (same size) into one PNG, `columns` per row."""
+    images = [Image.open(p).convert("RGB") for p in paths]
+    width, height = images[0].size
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    _save_png(grid, grid_path)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Generate images from SDXL with a merged WaveFT/PEFT adapter.")
+    parser.add_argument("--adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    parser.add_argument("--base", help="base model Hub id or folder (default: the one the adapter was trained on)")
+    parser.add_argument("--vae", help="separate VAE Hub id or folder")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    parser.add_argument("--prompts-file", help="text file with one prompt per line")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--out", required=True, help="output folder for PNGs, manifest.jsonl and grid.png")
+    defaults = GenerationSettings()
+    parser.add_argument("--scheduler", default=defaults.scheduler, choices=sorted(SCHEDULERS))
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale)
+    parser.add_argument("--negative-prompt", default=defaults.negative_prompt)
+    parser.add_argument("--height", type=int, default=defaults.height)
+    parser.add_argument("--width", type=int, default=defaults.width)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--dtype", default=defaults.dtype, choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--device", help="default: cuda if available, else cpu")
+    return parser.parse_args(argv)
+
+
+@cli_entry
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        if not os.path.isfile(args.prompts_file):
+            raise UserError(f"prompts file not found: {args.prompts_file}")
+        with open(args.prompts_file) as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise UserError("no prompts: pass --prompt or --prompts-file")
+    base = args.base or (read_adapter_run_info(args.adapter).get("base_model") if args.adapter else None)
+    if base is None:
+        raise UserError("no base model: pass --base (the adapter folder does not name one)")
+    settings = GenerationSettings(
+        scheduler=args.scheduler,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        negative_prompt=args.negative_prompt,
+        height=args.height,
+        width=args.width,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+    )
+    pipe = load_pipeline(base, args.adapter, args.vae, args.dtype, args.device, args.scheduler)
+    rows = generate_images(pipe, prompt_seed_jobs(prompts, args.seeds, base_model=base, adapter=args.adapter),
+                           args.out, settings)
+    save_grid([os.path.join(args.out, r["file"]) for r in rows], os.path.join(args.out, "grid.png"), len(args.seeds))
+    print(f"wrote {len(rows)} images, {MANIFEST_NAME} and grid.png to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
