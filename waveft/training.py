@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from waveft import data as dreambooth_data
 from waveft.adapters.attach import attach_adapter, format_adapter_table
+from waveft.adapters.methods import get_method
 from waveft.checkpointing import (
     atomic_write_json,
     list_checkpoints,
@@ -293,6 +294,7 @@ def train(cfg: RunConfig) -> dict:
         say(f"resumed from {resume_from} at step {state['global_step']}")
     noise_scheduler = components.noise_scheduler
     vae = components.vae
+    step_hook = get_method(cfg.adapter.type).step_hook
     prediction_type = noise_scheduler.config.prediction_type
     progress = tqdm(total=cfg.train.max_steps, initial=state["global_step"], desc="training",
                     disable=not accelerator.is_local_main_process)
@@ -353,6 +355,8 @@ def train(cfg: RunConfig) -> dict:
                 if accelerator.sync_gradients and cfg.train.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
                 optimizer.step()
+                if step_hook is not None and accelerator.sync_gradients:
+                    step_hook(accelerator.unwrap_model(unet), state["global_step"] + 1)
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
 

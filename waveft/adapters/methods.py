@@ -7,6 +7,7 @@ target modules are set.
 import dataclasses
 import typing
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 from waveft.errors import UserError
 
@@ -28,6 +29,8 @@ class Method:
     name: str
     peft_config_class_name: str  # attribute of the `peft` package
     defaults: dict = field(default_factory=dict)  # this project's defaults (the paper's settings)
+    # Called after every optimizer step, before gradients are cleared, as step_hook(unet, global_step).
+    step_hook: Optional[Callable] = None
 
     def config_class(self):
         import peft
