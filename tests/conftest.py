@@ -1,0 +1,27 @@
+"""Shared fixtures: the built-in tiny SDXL and a synthetic subject, built once per test session."""
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> str:
+    from waveft.tiny import build_tiny_sdxl
+
+    path = str(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+    build_tiny_sdxl(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def subject_dir(tmp_path_factory) -> str:
+    from waveft.data import write_synthetic_subject
+
+    path = str(tmp_path_factory.mktemp("data") / "toy_ball")
+    write_synthetic_subject(path)
+    return path
