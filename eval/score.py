@@ -22,12 +22,12 @@ from tqdm.auto import tqdm
 
 from eval.encoders import (DEFAULT_CLIP, DEFAULT_CMMD_CLIP, DEFAULT_DINO, ClipEncoder, DinoEncoder, EmbeddingCache,
                            default_cache_dir, load_rgb)
-from eval.files import read_json, read_manifest, write_text_atomic
+from eval.files import MANIFEST, read_json, read_manifest, write_text_atomic
 from eval.metrics import (CMMD_SCALE, CMMD_SIGMA, LpipsDistance, clip_t_scores, cmmd, dino_diversity,
                           mean_pairwise_cosine, mean_pairwise_distance)
-from eval.protocol import DEFAULT_IDENTIFIER, real_image_paths, remove_identifier
+from eval.protocol import DEFAULT_IDENTIFIER, PROMPTS_FILE, load_benchmark, real_image_paths, remove_identifier
 from eval.tables import METRICS, SMOKE_TEST_BANNER, csv_text, format_metric, json_text, markdown_table
-from waveft.errors import cli_entry
+from waveft.errors import UserError, cli_entry
 
 RUN_INFO = "run_info.json"
 CLIP_T_PROMPTS = ("without-identifier", "as-generated")
@@ -94,6 +94,11 @@ def score_images(images_dir: str | Path, benchmark_dir: str | Path, settings: Sc
     rows_by_subject = defaultdict(list)
     for index, row in enumerate(rows):
         rows_by_subject[row["subject"]].append(index)
+    known_subjects = {subject.name for subject in load_benchmark(benchmark_dir).subjects}
+    unknown = sorted(set(rows_by_subject) - known_subjects)
+    if unknown:
+        raise UserError(f"subjects in {images_dir / MANIFEST} missing from the benchmark's {PROMPTS_FILE}: "
+                        f"{', '.join(unknown)}")
     real_paths = {subject: real_image_paths(benchmark_dir, subject) for subject in rows_by_subject}
 
     encoders = _Encoders.load(settings)

@@ -1,0 +1,70 @@
+"""Synthetic DreamBooth-style inputs for the eval tests (no tests here): a prompts file with the published
+file's exact structure, a benchmark folder of random real images, and a generated-images folder with a manifest."""
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+OBJECT_TEMPLATES = ["a {0} {1} in the jungle", "a {0} {1} on the beach", "a red {0} {1}"]
+LIVE_TEMPLATES = ["a {0} {1} in the jungle", "a {0} {1} wearing a red hat", "a cube shaped {0} {1}"]
+SUBJECTS = {"backpack": "backpack", "dog": "dog", "cat2": "cat", "bear_plushie": "stuffed animal"}
+
+
+def prompts_file_text(subjects: dict[str, str] = SUBJECTS, object_templates=OBJECT_TEMPLATES,
+                      live_templates=LIVE_TEMPLATES) -> str:
+    """The layout of google/dreambooth's dataset/prompts_and_classes.txt, blank lines included."""
+
+    def prompt_list(templates):
+        lines = [f"'{t}'.format(unique_token, class_token)," for t in templates]
+        lines[-1] = lines[-1].rstrip(",")  # the published lists end without a trailing comma
+        return ["prompt_list = ["] + lines + ["]"]
+
+    lines = ["Classes", "", "subject_name,class"] + [f"{s},{c}" for s, c in subjects.items()]
+    lines += ["", "Prompts", "", "Object Prompts", ""] + prompt_list(object_templates)
+    lines += ["", "Live Subject Prompts", ""] + prompt_list(live_templates)
+    return "\n".join(lines) + "\n"
+
+
+def random_image(rng: np.random.Generator, height: int = 48, width: int = 56) -> Image.Image:
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def write_benchmark(root: Path, real_images: int = 3, seed: int = 0) -> Path:
+    """root/dataset/<subject>/NN.jpg and root/dataset/prompts_and_classes.txt."""
+    rng = np.random.default_rng(seed)
+    (root / "dataset").mkdir(parents=True)
+    (root / "dataset" / "prompts_and_classes.txt").write_text(prompts_file_text())
+    for subject in SUBJECTS:
+        (root / "dataset" / subject).mkdir()
+        for i in range(real_images):
+            random_image(rng).save(root / "dataset" / subject / f"{i:02d}.jpg")
+    return root
+
+
+def write_generated(folder: Path, subjects=("backpack", "dog"), prompts: int = 2, seeds=(42, 43),
+                    run_info: dict | None = None, seed: int = 1) -> list[dict]:
+    """Random PNGs with a manifest.jsonl in the layout eval.generate_benchmark writes."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for subject in subjects:
+        class_noun = SUBJECTS[subject]
+        for prompt_index in range(prompts):
+            for image_seed in seeds:
+                row = {"file": f"{subject}/p{prompt_index:03d}_s{image_seed}.png", "subject": subject,
+                       "prompt": f"a zjw {class_noun} scene {prompt_index}", "prompt_index": prompt_index,
+                       "seed": image_seed, "identifier": "zjw", "class_noun": class_noun}
+                (folder / subject).mkdir(exist_ok=True)
+                random_image(rng, 64, 64).save(folder / row["file"])
+                rows.append(row)
+    (folder / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if run_info is not None:
+        (folder / "run_info.json").write_text(json.dumps(run_info))
+    return rows
+
+
+def run_info(method: str = "waveft", budget: float | None = 1.0, subject: str = "dog") -> dict:
+    return {"method": method, "budget": budget, "trainable_parameters": 1451520 if budget is None else
+            int(1451520 * budget), "subject": subject, "class_noun": SUBJECTS[subject], "identifier": "zjw",
+            "base_model": "tiny-sdxl"}
