@@ -3,7 +3,6 @@
 Random crops and flips are drawn from a generator seeded by (seed, epoch, index), so a resumed run sees
 exactly the images an uninterrupted one would.
 """
-import hashlib
 import os
 import random
 from dataclasses import dataclass
@@ -176,9 +175,8 @@ def write_synthetic_subject(folder: str, num_images: int = 4, size: int = 96, se
 
 
 def ensure_instance_images(data_cfg) -> None:
+    from waveft.checkpointing import atomic_directory
+
     if data_cfg.synthetic_if_missing and not os.path.isdir(data_cfg.instance_dir):
-        write_synthetic_subject(data_cfg.instance_dir)
-
-
-def stable_name(text: str) -> str:
-    return hashlib.sha1(text.encode()).hexdigest()[:10]
+        with atomic_directory(data_cfg.instance_dir) as staging:
+            write_synthetic_subject(staging)

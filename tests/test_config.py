@@ -1,0 +1,74 @@
+"""Config validation: every bad key or value is refused by name, before any model is loaded."""
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from waveft.config import load_config
+from waveft.errors import UserError
+
+MINIMAL = {"output_dir": "out", "data": {"instance_dir": "imgs"}}
+
+
+def write(tmp_path, tree) -> str:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return str(path)
+
+
+def test_defaults_are_the_papers_settings(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL))
+    assert cfg.model.pretrained == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert cfg.adapter.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
+    assert (cfg.train.max_steps, cfg.train.gradient_accumulation_steps, cfg.train.learning_rate) == (500, 4, 1e-4)
+    assert cfg.model.vae_dtype == "fp32"
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), ("train.max_steps=7", "adapter.peft.n_frequency=10",
+                                                  "validation.seeds=[1, 2]", "output_dir=elsewhere"))
+    assert cfg.train.max_steps == 7 and cfg.output_dir == "elsewhere"
+    assert cfg.adapter.peft == {"n_frequency": 10} and cfg.validation.seeds == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "tree, overrides, message",
+    [
+        (MINIMAL, ("train.max_stepz=3",), "unknown key 'train.max_stepz'"),
+        (MINIMAL, ("train.max_steps=abc",), "key 'train.max_steps' must be int"),
+        (MINIMAL, ("train.max_steps=0",), "key 'train.max_steps' must be > 0"),
+        (MINIMAL, ("train.mixed_precision=fp8",), "key 'train.mixed_precision' must be one of"),
+        (MINIMAL, ("data.crop=true",), "key 'data.crop' must be one of"),
+        (MINIMAL, ("adapter.peft.n_frequencyy=3",), "unknown key 'adapter.peft.n_frequencyy'"),
+        (MINIMAL, ("adapter.peft.n_frequency=many",), "key 'adapter.peft.n_frequency' must be int"),
+        (MINIMAL, ("adapter.peft.wavelet_family=haar2",), "unknown wavelet 'haar2'"),
+        (MINIMAL, ("adapter.type=nope",), "unknown method 'nope'"),
+        (MINIMAL, ("train",), "must look like key.sub=value"),
+        ({"data": {"instance_dir": "x"}}, (), "key 'output_dir' is required"),
+        ({**MINIMAL, "model": "sdxl"}, (), "key 'model' must be a mapping"),
+    ],
+)
+def test_bad_settings_name_the_key(tmp_path, tree, overrides, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_config(write(tmp_path, tree), overrides)
+
+
+def test_long_wavelet_is_refused_only_for_stock_peft(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    assert load_config(path, ("adapter.peft.wavelet_family=db12",)).adapter.peft["wavelet_family"] == "db12"
+    with pytest.raises(UserError, match="cannot run it"):
+        load_config(path, ("adapter.peft.wavelet_family=db12", "adapter.implementation=peft"))
+
+
+def test_cli_reports_bad_config_in_one_line_and_exit_2(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    for args in ([path, "train.max_steps=-1"], [str(tmp_path / "missing.yaml")]):
+        result = subprocess.run([sys.executable, "train_dreambooth_waveft.py", "--config", *args], cwd=REPO,
+                                capture_output=True, text=True)
+        assert result.returncode == 2
+        lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+        assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert not os.path.exists(os.path.join(REPO, "out"))
