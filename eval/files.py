@@ -8,6 +8,8 @@ from waveft.errors import UserError
 
 MANIFEST = "manifest.jsonl"
 MANIFEST_KEYS = ("file", "subject", "prompt", "prompt_index", "seed")
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # reading the umask means setting it; this puts it back
 
 
 def write_atomic(path: str | Path, write) -> None:
@@ -19,6 +21,7 @@ def write_atomic(path: str | Path, write) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes the file private; give it the usual permissions
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

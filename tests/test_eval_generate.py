@@ -1,0 +1,113 @@
+"""eval.generate_benchmark on the tiny SDXL: the subject's prompt list x seeds, resumable, with a full manifest."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from eval.encoders import EmbeddingCache
+from eval.generate_benchmark import PART_MANIFEST, main
+from eval.score import ScoreSettings, score_images
+from eval.tiny_encoders import write_tiny_encoders
+from tests.test_eval_fixtures import LIVE_TEMPLATES, run_info, write_benchmark
+
+REPO = Path(__file__).resolve().parents[1]
+SEEDS = ("7", "8")
+
+
+def write_trained_run(run_dir: Path, tiny_sdxl_dir: str, subject: str = "dog") -> None:
+    """What the trainer leaves behind, with an untrained LoRA adapter (the plumbing is what is tested)."""
+    from diffusers import UNet2DConditionModel
+
+    from waveft.adapters.attach import attach_adapter
+    from waveft.checkpointing import save_adapter
+    from waveft.config import AdapterConfig
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet")
+    attach_adapter(unet, AdapterConfig(type="lora"))
+    save_adapter(unet, str(run_dir / "adapter"))
+    info = run_info("lora", 1.0, subject)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"model": {"pretrained": tiny_sdxl_dir, "vae": None},
+                                                         "data": {"subject": subject, "identifier": "zjw",
+                                                                  "class_noun": info["class_noun"]}}))
+    (run_dir / "run_info.json").write_text(json.dumps(info))
+
+
+def generate(run_dir: Path, bench: Path, out: Path, *extra: str) -> None:
+    main(["--runs", str(run_dir), "--benchmark", str(bench), "--out", str(out), "--seeds", *SEEDS, "--steps", "2",
+          "--resolution", "64", "--batch-size", "3", "--dtype", "fp32", *extra])
+
+
+def test_generation_is_complete_resumable_and_scorable(tiny_sdxl_dir, tmp_path):
+    bench = write_benchmark(tmp_path / "bench")
+    run_dir = tmp_path / "runs" / "lora_dog"
+    write_trained_run(run_dir, tiny_sdxl_dir)
+    out = tmp_path / "out"
+    generate(run_dir, bench, out)
+
+    folder = out / "lora_dog"
+    rows = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+    assert len(rows) == len(LIVE_TEMPLATES) * len(SEEDS)  # dog: the live prompt list
+    assert rows[0]["prompt"] == "a zjw dog in the jungle" and rows[0]["prompt_index"] == 0 and rows[0]["seed"] == 7
+    for row in rows:
+        assert (folder / row["file"]).is_file()
+        assert row["subject"] == "dog" and row["identifier"] == "zjw" and row["run"] == "lora_dog"
+        assert row["steps"] == 2 and row["height"] == row["width"] == 64 and row["scheduler"] == "dpmpp_2m"
+        assert row["negative_prompt"].startswith("low quality, bad anatomy")
+    assert json.loads((folder / "run_info.json").read_text())["method"] == "lora"
+    assert not list(folder.glob(PART_MANIFEST.format(rank="*")))
+
+    # Resume: a deleted image is made again, the others are kept untouched.
+    mtimes = {row["file"]: os.stat(folder / row["file"]).st_mtime_ns for row in rows}
+    (folder / rows[3]["file"]).unlink()
+    generate(run_dir, bench, out)
+    assert (folder / rows[3]["file"]).is_file()
+    assert all(os.stat(folder / f).st_mtime_ns == t for f, t in mtimes.items() if f != rows[3]["file"])
+    assert len((folder / "manifest.jsonl").read_text().splitlines()) == len(rows)
+
+    # Other settings into the same folder are refused, not mixed.
+    with pytest.raises(SystemExit) as exit_info:
+        generate(run_dir, bench, out, "--guidance-scale", "3")
+    assert exit_info.value.code == 2
+
+    encoders = tmp_path / "encoders"
+    write_tiny_encoders(encoders)
+    settings = ScoreSettings(str(encoders / "dino"), str(encoders / "clip"), str(encoders / "clip"), device="cpu")
+    scores = score_images(folder, bench, settings, EmbeddingCache(tmp_path / "cache"))
+    assert scores["overall"]["images"] == len(rows) and scores["run"]["subject"] == "dog"
+
+
+def test_two_processes_split_the_images_and_merge_the_manifests(tiny_sdxl_dir, tmp_path):
+    bench = write_benchmark(tmp_path / "bench")
+    runs = []
+    for subject in ("dog", "backpack"):
+        runs.append(tmp_path / "runs" / f"lora_{subject}")
+        write_trained_run(runs[-1], tiny_sdxl_dir, subject)
+    out = tmp_path / "out"
+    # torchrun on CPU: the same launch as accelerate's on several GPUs, with the gloo backend.
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "eval.generate_benchmark", "--runs", *map(str, runs), "--benchmark", str(bench),
+                             "--out", str(out), "--seeds", *SEEDS, "--steps", "2", "--resolution", "64",
+                             "--dtype", "fp32"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "to generate on 2 process(es)" in result.stdout
+    for run in runs:
+        rows = [json.loads(line) for line in (out / run.name / "manifest.jsonl").read_text().splitlines()]
+        assert sorted(row["file"] for row in rows) == sorted({row["file"] for row in rows})
+        assert len(rows) == len(LIVE_TEMPLATES) * len(SEEDS) and all((out / run.name / r["file"]).is_file() for r in rows)
+        assert not list((out / run.name).glob(PART_MANIFEST.format(rank="*")))
+
+
+def test_bad_run_folder_is_a_one_line_error(tmp_path):
+    bench = write_benchmark(tmp_path / "bench")
+    (tmp_path / "not_a_run").mkdir()
+    result = subprocess.run([sys.executable, "-m", "eval.generate_benchmark", "--runs", str(tmp_path / "not_a_run"),
+                             "--benchmark", str(bench), "--out", str(tmp_path / "out")],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'not_a_run'} is not a finished training run: config.yaml is missing")
