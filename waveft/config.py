@@ -160,6 +160,11 @@ def coerce_value(value: Any, tp, key: str, source: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is bool and not isinstance(value, bool) or tp is int and isinstance(value, bool):
         raise UserError(f"{source}: key '{key}' must be {_type_name(tp)}, got {value!r}")
     if not isinstance(value, tp):

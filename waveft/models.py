@@ -62,7 +62,8 @@ def load_sdxl(model_cfg) -> SDXLComponents:
     for module in (components.unet, components.vae, components.text_encoder, components.text_encoder_2):
         module.requires_grad_(False)
         module.eval()
-    components.vae.to(dtype=DTYPES[model_cfg.vae_dtype])
+    if components.vae.dtype != DTYPES[model_cfg.vae_dtype]:
+        components.vae.to(dtype=DTYPES[model_cfg.vae_dtype])
     return components
 
 

@@ -7,6 +7,7 @@ therefore sees exactly what the uninterrupted run would have.
 import os
 import shutil
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,13 @@ from waveft.errors import UserError
 from waveft.generate import GenerationSettings, generate_images, load_pipeline, prompt_seed_jobs, save_grid
 from waveft.models import DTYPES, load_sdxl
 
-SETTINGS_THAT_MAY_CHANGE_ON_RESUME = {"train.resume", "train.max_steps", "overwrite_output_dir"}
+SETTINGS_THAT_MAY_CHANGE_ON_RESUME = {"output_dir", "train.resume", "train.max_steps", "overwrite_output_dir"}
+
+
+@dataclass
+class TrainResult:
+    run_info: dict
+    unet: torch.nn.Module  # the trained UNet with its adapter attached (unmerged)
 
 
 class TrainingDiverged(UserError):
@@ -211,7 +218,7 @@ def build_optimizer(cfg: RunConfig, params):
     return torch.optim.AdamW(params, **kwargs)
 
 
-def train(cfg: RunConfig) -> dict:
+def train(cfg: RunConfig) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
@@ -265,7 +272,8 @@ def train(cfg: RunConfig) -> dict:
 
     # The adapter: frozen base weights in the compute dtype, trainable weights in fp32.
     unet = components.unet
-    unet.to(dtype=weight_dtype)
+    if unet.dtype != weight_dtype:
+        unet.to(dtype=weight_dtype)
     layers = attach_adapter(unet, cfg.adapter)
     trainable_parameters = sum(layer.trainable_parameters for layer in layers)
     say(format_adapter_table(layers))
@@ -301,86 +309,86 @@ def train(cfg: RunConfig) -> dict:
     started = time.time()
     unet.train()
 
-    while state["global_step"] < cfg.train.max_steps:
-        dataloader.set_epoch(state["epoch"])
-        dataset.set_epoch(state["epoch"])
-        batches = accelerator.skip_first_batches(dataloader, state["batches_in_epoch"]) if state["batches_in_epoch"] else dataloader
-        for batch in batches:
-            g = micro_batch_generator(cfg.seed, accelerator.process_index, state["micro_step"], "cpu")
-            state["micro_step"] += 1
-            state["batches_in_epoch"] += 1
-            with accelerator.accumulate(unet):
-                # 1. Images to latents (the VAE runs in its own dtype, fp32 by default).
-                with torch.no_grad():
-                    pixels = batch["pixels"].to(device, dtype=vae.dtype)
-                    latents = vae.encode(pixels).latent_dist.sample(generator=g)
-                    latents = (latents * vae.config.scaling_factor).to(weight_dtype)
-                # 2. Noise them at a random timestep.
-                noise = torch.randn(latents.shape, generator=g).to(device, weight_dtype)
-                if cfg.train.noise_offset:
-                    noise += cfg.train.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=g).to(noise)
-                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g)
-                timesteps = timesteps.to(device)
-                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-                # 3. Predict the noise (or velocity) with the adapted UNet.
-                text = [prompt_embeds[p] for p in batch["prompts"]]
-                model_pred = unet(
-                    noisy_latents,
-                    timesteps,
-                    encoder_hidden_states=torch.stack([t[0] for t in text]),
-                    added_cond_kwargs={
-                        "text_embeds": torch.stack([t[1] for t in text]),
-                        "time_ids": batch["time_ids"].to(device, weight_dtype),
-                    },
-                ).sample
-                target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
-                # 4. MSE per sample, optionally Min-SNR weighted; prior preservation on the class half.
-                per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                if cfg.train.snr_gamma is not None:
-                    snr = compute_snr(noise_scheduler, timesteps)
-                    clipped = torch.clamp(snr, max=cfg.train.snr_gamma)
-                    per_sample = per_sample * (clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1))
-                n = batch["num_instance"]
-                loss = per_sample[:n].mean()
-                if per_sample.shape[0] > n:
-                    loss = loss + cfg.data.prior_preservation.loss_weight * per_sample[n:].mean()
-                if not torch.isfinite(loss):
-                    last = list_checkpoints(cfg.output_dir)
-                    raise TrainingDiverged(
-                        f"loss became {loss.item()} at step {state['global_step'] + 1}; nothing was saved past "
-                        f"{last[-1][1] if last else 'the start'}. Lower train.learning_rate or check the data"
-                    )
-                # 5. Backward, clip, step.
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.train.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
-                optimizer.step()
-                if step_hook is not None and accelerator.sync_gradients:
-                    step_hook(accelerator.unwrap_model(unet), state["global_step"] + 1)
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+    with progress:  # closed on errors too, so an error message starts on its own line
+        while state["global_step"] < cfg.train.max_steps:
+            dataloader.set_epoch(state["epoch"])
+            dataset.set_epoch(state["epoch"])
+            batches = accelerator.skip_first_batches(dataloader, state["batches_in_epoch"]) if state["batches_in_epoch"] else dataloader
+            for batch in batches:
+                g = micro_batch_generator(cfg.seed, accelerator.process_index, state["micro_step"], "cpu")
+                state["micro_step"] += 1
+                state["batches_in_epoch"] += 1
+                with accelerator.accumulate(unet):
+                    # 1. Images to latents (the VAE runs in its own dtype, fp32 by default).
+                    with torch.no_grad():
+                        pixels = batch["pixels"].to(device, dtype=vae.dtype)
+                        latents = vae.encode(pixels).latent_dist.sample(generator=g)
+                        latents = (latents * vae.config.scaling_factor).to(weight_dtype)
+                    # 2. Noise them at a random timestep.
+                    noise = torch.randn(latents.shape, generator=g).to(device, weight_dtype)
+                    if cfg.train.noise_offset:
+                        noise += cfg.train.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=g).to(noise)
+                    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g)
+                    timesteps = timesteps.to(device)
+                    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+                    # 3. Predict the noise (or velocity) with the adapted UNet.
+                    text = [prompt_embeds[p] for p in batch["prompts"]]
+                    model_pred = unet(
+                        noisy_latents,
+                        timesteps,
+                        encoder_hidden_states=torch.stack([t[0] for t in text]),
+                        added_cond_kwargs={
+                            "text_embeds": torch.stack([t[1] for t in text]),
+                            "time_ids": batch["time_ids"].to(device, weight_dtype),
+                        },
+                    ).sample
+                    target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+                    # 4. MSE per sample, optionally Min-SNR weighted; prior preservation on the class half.
+                    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                    if cfg.train.snr_gamma is not None:
+                        snr = compute_snr(noise_scheduler, timesteps)
+                        clipped = torch.clamp(snr, max=cfg.train.snr_gamma)
+                        per_sample = per_sample * (clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1))
+                    n = batch["num_instance"]
+                    loss = per_sample[:n].mean()
+                    if per_sample.shape[0] > n:
+                        loss = loss + cfg.data.prior_preservation.loss_weight * per_sample[n:].mean()
+                    if not torch.isfinite(loss):
+                        last = list_checkpoints(cfg.output_dir)
+                        raise TrainingDiverged(
+                            f"loss became {loss.item()} at step {state['global_step'] + 1}; nothing was saved past "
+                            f"{last[-1][1] if last else 'the start'}. Lower train.learning_rate or check the data"
+                        )
+                    # 5. Backward, clip, step.
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.train.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
+                    optimizer.step()
+                    if step_hook is not None and accelerator.sync_gradients:
+                        step_hook(accelerator.unwrap_model(unet), state["global_step"] + 1)
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
 
-            if not accelerator.sync_gradients:
-                continue
-            # One optimizer step done: count, log, checkpoint, validate.
-            state["global_step"] += 1
-            state["loss"] = accelerator.gather(loss.detach()).mean().item()
-            progress.update(1)
-            progress.set_postfix(loss=f"{state['loss']:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
-            if state["global_step"] % cfg.train.log_every == 0:
-                accelerator.log({"loss": state["loss"], "lr": lr_scheduler.get_last_lr()[0]}, step=state["global_step"])
-            step = state["global_step"]
-            if main and cfg.train.checkpointing_steps and step % cfg.train.checkpointing_steps == 0:
-                save_checkpoint(cfg.output_dir, step, accelerator.unwrap_model(unet), optimizer, lr_scheduler, state,
-                                cfg.train.checkpoints_total_limit)
-            if main and cfg.validation.every_steps and step % cfg.validation.every_steps == 0:
-                run_validation(cfg, accelerator, components, unet, step, cfg.train.mixed_precision.replace("no", "fp32"))
-            if step >= cfg.train.max_steps:
-                break
-        else:
-            state["epoch"] += 1
-            state["batches_in_epoch"] = 0
-    progress.close()
+                if not accelerator.sync_gradients:
+                    continue
+                # One optimizer step done: count, log, checkpoint, validate.
+                state["global_step"] += 1
+                state["loss"] = accelerator.gather(loss.detach()).mean().item()
+                progress.update(1)
+                progress.set_postfix(loss=f"{state['loss']:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+                if state["global_step"] % cfg.train.log_every == 0:
+                    accelerator.log({"loss": state["loss"], "lr": lr_scheduler.get_last_lr()[0]}, step=state["global_step"])
+                step = state["global_step"]
+                if main and cfg.train.checkpointing_steps and step % cfg.train.checkpointing_steps == 0:
+                    save_checkpoint(cfg.output_dir, step, accelerator.unwrap_model(unet), optimizer, lr_scheduler, state,
+                                    cfg.train.checkpoints_total_limit)
+                if main and cfg.validation.every_steps and step % cfg.validation.every_steps == 0:
+                    run_validation(cfg, accelerator, components, unet, step, cfg.train.mixed_precision.replace("no", "fp32"))
+                if step >= cfg.train.max_steps:
+                    break
+            else:
+                state["epoch"] += 1
+                state["batches_in_epoch"] = 0
 
     # The final adapter in PEFT's format, with what a reader of the run needs beside it.
     accelerator.wait_for_everyone()
@@ -408,7 +416,7 @@ def train(cfg: RunConfig) -> dict:
             _log_image(accelerator, "samples", run_info["samples"], state["global_step"])
     accelerator.end_training()
     say(f"adapter saved to {os.path.join(cfg.output_dir, 'adapter')} ({trainable_parameters:,} trainable parameters)")
-    return run_info
+    return TrainResult(run_info, accelerator.unwrap_model(unet))
 
 
 def final_samples(cfg: RunConfig) -> str:

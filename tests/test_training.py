@@ -1,0 +1,182 @@
+"""The trainer end to end on the tiny SDXL: adapters, learning, saving, reloading, resuming, refusing."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+from waveft.config import load_config
+from waveft.errors import UserError
+
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def tiny_cfg(tiny_sdxl_dir, subject_dir, output_dir, *overrides):
+    return load_config(
+        os.path.join(REPO, "configs", "tiny.yaml"),
+        (
+            f"output_dir={output_dir}",
+            f"model.pretrained={tiny_sdxl_dir}",
+            f"data.instance_dir={subject_dir}",
+            "data.resolution=32",
+            "train.report_to=none",
+            "validation.final=false",
+            "validation.every_steps=0",
+            *overrides,
+        ),
+    )
+
+
+def unet_output(unet, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randn(2, 4, 8, 8, generator=g)
+    hidden = torch.randn(2, 77, 64, generator=g)
+    added = {"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2)}
+    with torch.no_grad():
+        return unet(sample, torch.tensor([10, 500]), hidden, added_cond_kwargs=added).sample
+
+
+def fresh_unet(tiny_sdxl_dir):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet")
+
+
+def test_adapters_go_exactly_on_attention_projections(tiny_sdxl_dir):
+    from waveft.adapters.attach import attach_adapter, format_adapter_table
+
+    cfg = load_config(None, ("output_dir=x", "data.instance_dir=y", "adapter.peft.n_frequency=50"))
+    unet = fresh_unet(tiny_sdxl_dir)
+    expected = sorted(n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(TARGETS))
+    layers = attach_adapter(unet, cfg.adapter)
+    assert sorted(layer.name for layer in layers) == expected and len(expected) == 64
+    trainable = {n: p.numel() for n, p in unet.named_parameters() if p.requires_grad}
+    assert all("waveft_spectrum" in n for n in trainable) and sum(trainable.values()) == 64 * 50
+    assert all(p.dtype == torch.float32 for n, p in unet.named_parameters() if p.requires_grad)
+    assert "| total | 64 | | 3,200 |" in format_adapter_table(layers)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("adapter.peft.n_frequency=5000", r"n_frequency=5000 is out of range for layer .*to_q \(64x64 holds 1..4096\)"),
+        ("adapter.target_modules=[to_q, conv_in]", "'conv_in' matches conv_in, a Conv2d, not a Linear layer"),
+        ("adapter.target_modules=[to_qq]", "'to_qq' matches no module"),
+    ],
+)
+def test_adapter_that_does_not_fit_the_model_is_refused(tiny_sdxl_dir, override, message):
+    from waveft.adapters.attach import attach_adapter
+
+    cfg = load_config(None, ("output_dir=x", "data.instance_dir=y", override))
+    with pytest.raises(UserError, match=message):
+        attach_adapter(fresh_unet(tiny_sdxl_dir), cfg.adapter)
+
+
+def instance_loss(unet, tiny_sdxl_dir, subject_dir, cfg):
+    """Mean denoising loss over the instance images at fixed noise and timesteps."""
+    from waveft.data import DreamBoothDataset, collate
+    from waveft.models import load_sdxl
+    from waveft.training import encode_prompts
+
+    components = load_sdxl(cfg.model)
+    batch = collate([DreamBoothDataset(cfg.data, 0)[i] for i in range(4)])
+    embeds, pooled = encode_prompts(components, batch["prompts"], "diffusers", "cpu")
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    with torch.no_grad():
+        latents = components.vae.encode(batch["pixels"]).latent_dist.mean * components.vae.config.scaling_factor
+        for _ in range(4):
+            noise = torch.randn(latents.shape, generator=g)
+            t = torch.randint(0, 1000, (4,), generator=g)
+            noisy = components.noise_scheduler.add_noise(latents, noise, t)
+            pred = unet(noisy, t, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": batch["time_ids"]}).sample
+            losses.append(torch.nn.functional.mse_loss(pred, noise).item())
+    return sum(losses) / len(losses)
+
+
+def test_short_run_learns_and_saved_adapter_reloads_in_stock_peft(tiny_sdxl_dir, subject_dir, tmp_path):
+    from peft import PeftModel, set_peft_model_state_dict, WaveFTConfig
+    from safetensors.torch import load_file
+
+    cfg = tiny_cfg(tiny_sdxl_dir, subject_dir, tmp_path / "run", "train.max_steps=30", "train.learning_rate=3e-3",
+                   "data.crop=center", "adapter.peft.n_frequency=512", "train.checkpointing_steps=0")
+    from waveft.training import train
+
+    result = train(cfg)
+    base_loss = instance_loss(fresh_unet(tiny_sdxl_dir), tiny_sdxl_dir, subject_dir, cfg)
+    trained_loss = instance_loss(result.unet, tiny_sdxl_dir, subject_dir, cfg)
+    assert trained_loss < 0.97 * base_loss
+
+    adapter_dir = tmp_path / "run" / "adapter"
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert info["trainable_parameters"] == 64 * 512 and info["steps"] == 30
+    expected = unet_output(result.unet)
+    reloaded = PeftModel.from_pretrained(fresh_unet(tiny_sdxl_dir), str(adapter_dir))
+    torch.testing.assert_close(unet_output(reloaded.base_model.model), expected, rtol=1e-5, atol=1e-5)
+
+    unet = fresh_unet(tiny_sdxl_dir)
+    unet.add_adapter(WaveFTConfig.from_pretrained(str(adapter_dir)))
+    outcome = set_peft_model_state_dict(unet, load_file(str(adapter_dir / "adapter_model.safetensors")))
+    assert not outcome.unexpected_keys and not [k for k in outcome.missing_keys if "waveft" in k]
+    torch.testing.assert_close(unet_output(unet), expected, rtol=1e-5, atol=1e-5)
+
+
+def adapter_weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(folder, "adapter", "adapter_model.safetensors"))
+
+
+def test_resume_matches_an_uninterrupted_run(tiny_sdxl_dir, subject_dir, tmp_path):
+    import shutil
+
+    from waveft.training import train
+
+    # 4 images, batch 1, accumulation 2: 2 optimizer steps per epoch, so the run crosses epochs.
+    settings = ("train.max_steps=7", "train.checkpointing_steps=3", "train.lr_scheduler=cosine",
+                "train.lr_warmup_steps=1", "data.flip_probability=0.5", "train.resume=latest")
+    train(tiny_cfg(tiny_sdxl_dir, subject_dir, tmp_path / "full", *settings))
+    # The same run, interrupted right after its step-3 checkpoint.
+    shutil.copytree(tmp_path / "full", tmp_path / "split")
+    for later in ("adapter", "checkpoint-6", "run_info.json"):
+        shutil.rmtree(tmp_path / "split" / later, ignore_errors=True)
+    (tmp_path / "split" / "run_info.json").unlink(missing_ok=True)
+    resumed = train(tiny_cfg(tiny_sdxl_dir, subject_dir, tmp_path / "split", *settings))
+    assert resumed.run_info["steps"] == 7
+    full, split = adapter_weights(tmp_path / "full"), adapter_weights(tmp_path / "split")
+    assert full.keys() == split.keys()
+    for key in full:
+        torch.testing.assert_close(split[key], full[key], rtol=1e-6, atol=1e-7)
+    state = json.loads((tmp_path / "split" / "checkpoint-6" / "training_state.json").read_text())
+    assert state["global_step"] == 6
+
+
+def test_output_dir_holding_a_run_is_protected(tiny_sdxl_dir, subject_dir, tmp_path):
+    from waveft.training import train
+
+    out = tmp_path / "run"
+    train(tiny_cfg(tiny_sdxl_dir, subject_dir, out, "train.max_steps=2", "train.checkpointing_steps=1"))
+    before = {p: os.path.getmtime(out / p) for p in ("adapter/adapter_model.safetensors", "config.yaml")}
+    with pytest.raises(UserError, match="already holds a run"):
+        train(tiny_cfg(tiny_sdxl_dir, subject_dir, out, "train.max_steps=2"))
+    with pytest.raises(UserError, match=r"holds a different run: key 'adapter.peft'"):
+        train(tiny_cfg(tiny_sdxl_dir, subject_dir, out, "train.resume=latest", "adapter.peft.n_frequency=8"))
+    assert before == {p: os.path.getmtime(out / p) for p in before}
+
+
+def test_diverging_loss_stops_with_a_clear_message_and_saves_nothing(tiny_sdxl_dir, subject_dir, tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "train_dreambooth_waveft.py", "--config", "configs/tiny.yaml", f"output_dir={out}",
+         f"model.pretrained={tiny_sdxl_dir}", f"data.instance_dir={subject_dir}", "data.resolution=32",
+         "train.report_to=none", "train.noise_offset=.inf"],
+        cwd=REPO, capture_output=True, text=True,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    error_lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert len(error_lines) == 1 and "loss became nan at step 1" in error_lines[0]
+    assert not (out / "adapter").exists()
