@@ -1,0 +1,15 @@
+"""Run a sweep: subjects x methods x budgets x seeds, each trained, generated and scored, then one report.
+
+    python scripts/sweep.py --sweep configs/sweeps/tiny.yaml [--dry-run] [--gpus N] [key.sub=value ...]
+
+The logic lives in eval/sweep.py; `python -m eval.sweep` is the same command.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from eval.sweep import main  # noqa: E402
+
+if __name__ == "__main__":
+    main()
