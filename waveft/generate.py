@@ -72,8 +72,6 @@ def merge_adapter(unet, adapter_dir: str):
 
     from waveft.adapters.fast_waveft import enable_fast_waveft
 
-    if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
-        raise UserError(f"no adapter_config.json in adapter folder {adapter_dir}")
     peft_model = PeftModel.from_pretrained(unet, adapter_dir)
     # Our WaveFT layer also merges wavelets that stock PEFT's layer cannot run.
     enable_fast_waveft(peft_model)
@@ -91,6 +89,8 @@ def load_pipeline(
     """A StableDiffusionXLPipeline from a Hub id or folder, with the adapter (if any) merged."""
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
+    if adapter_dir is not None and not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
+        raise UserError(f"no adapter_config.json in adapter folder {adapter_dir}")
     torch_dtype = DTYPES[dtype]
     kwargs = {"torch_dtype": torch_dtype}
     try:
