@@ -132,7 +132,7 @@ class ImageEncoder:
                 embeddings[i] = embedding
                 if cache:
                     cache.put(self, paths[i], embedding)
-        return np.stack(embeddings) if embeddings else np.zeros((0, 0), np.float32)
+        return np.stack(embeddings)
 
 
 class DinoEncoder(ImageEncoder):

@@ -16,7 +16,6 @@ re-running with other generation settings into the same folder is refused rather
 import argparse
 import dataclasses
 import json
-import os
 from itertools import groupby
 from pathlib import Path
 

@@ -231,12 +231,11 @@ def main(argv=None) -> None:
         plots.append("metrics_vs_budget.png")
     else:
         print("no run has a budget: metrics_vs_budget.png not drawn")
-    write_text_atomic(args.out / "report.md", report_markdown(groups, runs, smoke_test, plots))
+    markdown = report_markdown(groups, runs, smoke_test, plots)
+    write_text_atomic(args.out / "report.md", markdown)
     write_text_atomic(args.out / "report.csv", report_csv(groups, smoke_test))
     write_text_atomic(args.out / "report.tex", report_latex(groups, runs, smoke_test))
-    if smoke_test:
-        print(SMOKE_TEST_BANNER)
-    print(markdown_table(TABLE_HEADER, table_rows(groups)))
+    print(markdown)
     print(f"wrote {args.out}/report.md, report.csv, report.tex, plots")
 
 

@@ -80,26 +80,25 @@ def test_generation_is_complete_resumable_and_scorable(tiny_sdxl_dir, tmp_path):
     assert scores["overall"]["images"] == len(rows) and scores["run"]["subject"] == "dog"
 
 
-def test_two_processes_split_the_images_and_merge_the_manifests(tiny_sdxl_dir, tmp_path):
+def test_two_processes_split_one_run_and_merge_their_manifests(tiny_sdxl_dir, tmp_path):
     bench = write_benchmark(tmp_path / "bench")
-    runs = []
-    for subject in ("dog", "backpack"):
-        runs.append(tmp_path / "runs" / f"lora_{subject}")
-        write_trained_run(runs[-1], tiny_sdxl_dir, subject)
+    run_dir = tmp_path / "runs" / "lora_backpack"
+    write_trained_run(run_dir, tiny_sdxl_dir, "backpack")
     out = tmp_path / "out"
     # torchrun on CPU: the same launch as accelerate's on several GPUs, with the gloo backend.
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "eval.generate_benchmark", "--runs", *map(str, runs), "--benchmark", str(bench),
+                             "-m", "eval.generate_benchmark", "--runs", str(run_dir), "--benchmark", str(bench),
                              "--out", str(out), "--seeds", *SEEDS, "--steps", "2", "--resolution", "64",
                              "--dtype", "fp32"], cwd=REPO, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "to generate on 2 process(es)" in result.stdout
-    for run in runs:
-        rows = [json.loads(line) for line in (out / run.name / "manifest.jsonl").read_text().splitlines()]
-        assert sorted(row["file"] for row in rows) == sorted({row["file"] for row in rows})
-        assert len(rows) == len(LIVE_TEMPLATES) * len(SEEDS) and all((out / run.name / r["file"]).is_file() for r in rows)
-        assert not list((out / run.name).glob(PART_MANIFEST.format(rank="*")))
+    assert "6 to generate on 2 process(es)" in result.stdout
+    folder = out / run_dir.name
+    rows = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+    assert [row["file"] for row in rows] == sorted(f"p{p:03d}_s{s}.png" for p in range(3) for s in SEEDS)
+    assert rows[0]["prompt"] == "a zjw backpack in the jungle"  # an object: the object prompt list
+    assert all((folder / row["file"]).is_file() for row in rows)
+    assert not list(folder.glob(PART_MANIFEST.format(rank="*")))
 
 
 def test_bad_run_folder_is_a_one_line_error(tmp_path):
