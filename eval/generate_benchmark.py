@@ -79,27 +79,35 @@ def _image_settings(settings) -> dict:
     return {k: v for k, v in dataclasses.asdict(settings).items() if k != "batch_size"}
 
 
-def consolidate_manifest(folder: Path, settings) -> dict[str, dict]:
-    """Merge the per-process manifests into manifest.jsonl (sorted by file) and return its rows by file.
-    Refuses a folder whose images were made with other settings."""
+def existing_rows(folder: Path, settings) -> dict[str, dict]:
+    """Manifest rows already in `folder` (manifest.jsonl and per-process parts left by an interrupted run), by
+    file; read only. Refuses a folder whose images were made with other settings."""
+    from waveft.generate import read_manifest
+
+    rows = {}
+    for path in [folder / MANIFEST] + sorted(folder.glob(PART_MANIFEST.format(rank="*"))):
+        rows.update(read_manifest(str(path)))
+    wanted = _image_settings(settings)
+    for row in rows.values():
+        differing = [(k, row.get(k), v) for k, v in wanted.items() if row.get(k) != v]
+        if differing:
+            key, found, asked = differing[0]
+            raise UserError(f"{folder} holds images made with other settings ({key}: {found!r}, asked {asked!r}); "
+                            "choose another --out or delete that folder")
+    return rows
+
+
+def merge_manifests(folder: Path) -> None:
+    """Fold the per-process manifests into manifest.jsonl, sorted by file, and remove them."""
     from waveft.generate import read_manifest, write_manifest
 
     parts = sorted(folder.glob(PART_MANIFEST.format(rank="*")))
     rows = read_manifest(str(folder / MANIFEST))
     for part in parts:
         rows.update(read_manifest(str(part)))
-    wanted = _image_settings(settings)
-    for row in rows.values():
-        differing = {k: (row.get(k), v) for k, v in wanted.items() if row.get(k) != v}
-        if differing:
-            key, (found, asked) = next(iter(differing.items()))
-            raise UserError(f"{folder} holds images made with other settings ({key}: {found!r}, asked {asked!r}); "
-                            "choose another --out or delete that folder")
-    if parts:
-        write_manifest(str(folder / MANIFEST), dict(sorted(rows.items())))
-        for part in parts:
-            part.unlink()
-    return rows
+    write_manifest(str(folder / MANIFEST), dict(sorted(rows.items())))
+    for part in parts:
+        part.unlink()
 
 
 def pending_jobs(runs: list[TrainedRun], jobs_by_run: dict, out: Path, settings) -> list[tuple[str, dict]]:
@@ -107,7 +115,7 @@ def pending_jobs(runs: list[TrainedRun], jobs_by_run: dict, out: Path, settings)
     pending = []
     for run in runs:
         folder = out / run.name
-        rows = consolidate_manifest(folder, settings) if folder.is_dir() else {}
+        rows = existing_rows(folder, settings) if folder.is_dir() else {}
         pending += [(run.name, job) for job in jobs_by_run[run.name]
                     if not (job["file"] in rows and (folder / job["file"]).is_file())]
     return pending
@@ -157,16 +165,16 @@ def main(argv=None) -> None:
 
     # cpu=True lets several CPU processes (torchrun, tests) split the work too instead of each doing all of it.
     state = PartialState(cpu=not torch.cuda.is_available())
+    # Every process reads the same files, so all agree on the list (and all stop alike on bad input) ...
+    pending = pending_jobs(runs, jobs_by_run, args.out, settings)
+    # ... and none writes before all have read.
+    state.wait_for_everyone()
     if state.is_main_process:
         for run in runs:
             write_text_atomic(args.out / run.name / RUN_INFO, json.dumps(run.info, indent=2) + "\n")
-        pending = pending_jobs(runs, jobs_by_run, args.out, settings)
         total = sum(len(jobs) for jobs in jobs_by_run.values())
         print(f"{total} benchmark images for {len(runs)} run(s): {total - len(pending)} done, {len(pending)} to "
               f"generate on {state.num_processes} process(es)")
-    state.wait_for_everyone()
-    # Every process computes the same list (the main process merged the manifests before the barrier).
-    pending = pending_jobs(runs, jobs_by_run, args.out, settings)
     runs_by_name = {run.name: run for run in runs}
     with state.split_between_processes(pending) as mine:
         for name, items in groupby(mine, key=lambda item: item[0]):
@@ -182,7 +190,7 @@ def main(argv=None) -> None:
     state.wait_for_everyone()
     if state.is_main_process:
         for run in runs:
-            consolidate_manifest(args.out / run.name, settings)
+            merge_manifests(args.out / run.name)
         print(f"wrote the benchmark images and {MANIFEST} of {len(runs)} run(s) under {args.out}")
 
 

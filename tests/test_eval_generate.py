@@ -60,13 +60,18 @@ def test_generation_is_complete_resumable_and_scorable(tiny_sdxl_dir, tmp_path):
     assert json.loads((folder / "run_info.json").read_text())["method"] == "lora"
     assert not list(folder.glob(PART_MANIFEST.format(rank="*")))
 
-    # Resume: a deleted image is made again, the others are kept untouched.
+    # Resume: a deleted image is made again; the others are kept untouched, including one that an interrupted
+    # run listed only in its process's part manifest.
     mtimes = {row["file"]: os.stat(folder / row["file"]).st_mtime_ns for row in rows}
     (folder / rows[3]["file"]).unlink()
+    (folder / PART_MANIFEST.format(rank=5)).write_text(json.dumps(rows[0]) + "\n")
+    (folder / "manifest.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[1:]))
     generate(run_dir, bench, out)
     assert (folder / rows[3]["file"]).is_file()
     assert all(os.stat(folder / f).st_mtime_ns == t for f, t in mtimes.items() if f != rows[3]["file"])
-    assert len((folder / "manifest.jsonl").read_text().splitlines()) == len(rows)
+    assert [json.loads(line)["file"] for line in (folder / "manifest.jsonl").read_text().splitlines()] == [
+        row["file"] for row in rows]
+    assert not list(folder.glob(PART_MANIFEST.format(rank="*")))
 
     # Other settings into the same folder are refused, not mixed.
     with pytest.raises(SystemExit) as exit_info:
