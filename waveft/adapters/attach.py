@@ -1,9 +1,11 @@
 """Attach the configured adapter to a UNet through diffusers' PEFT integration, after checking it fits the model."""
 import logging
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
+from waveft.adapters.budget import LayerShape, plan_budget
 from waveft.adapters.methods import build_peft_config
 from waveft.errors import UserError
 
@@ -69,15 +71,45 @@ def adapted_layers(model: torch.nn.Module) -> list[AdaptedLayer]:
     return rows
 
 
-def attach_adapter(unet, adapter, adapter_name: str = "default") -> list[AdaptedLayer]:
-    """Add the adapter to `unet` (frozen beforehand), keep its trainable weights in fp32, return its layers."""
-    peft_config = build_peft_config(adapter)
+def inject_adapter(unet, peft_config, adapter_name: str = "default") -> None:
+    """diffusers' `unet.add_adapter`, or the same steps for PEFT tuners that `add_adapter` refuses.
+
+    PEFT's `inject_adapter_in_model` (behind `add_adapter`) refuses tuners with state shared between layers
+    (VeRA's random projections) because it drops the tuner object. Every VeRA layer holds the shared
+    projections itself, so only saving them needs the tuner; our VeRA configs keep `save_projection=False`
+    and the projections are regenerated from their seed when loaded.
+    """
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
+    tuner_class = PEFT_TYPE_TO_TUNER_MAPPING[peft_config.peft_type]
+    if not tuner_class.uses_shared_state:
+        unet.add_adapter(peft_config, adapter_name=adapter_name)
+        return
+    if getattr(unet, "peft_config", None):
+        raise UserError(f"{peft_config.peft_type.value} cannot be added beside another adapter of this UNet")
+    peft_config.base_model_name_or_path = None
+    tuner_class(unet, peft_config, adapter_name=adapter_name)  # wraps the layers in place, sets unet.peft_config
+    unet._hf_peft_config_loaded = True
+    unet.set_adapter(adapter_name)
+
+
+def attach_adapter(unet, adapter, adapter_name: str = "default", total_steps: Optional[int] = None) -> list[AdaptedLayer]:
+    """Add the adapter to `unet` (frozen beforehand), keep its trainable weights in fp32, return its layers.
+
+    With `adapter.budget`, the method's size setting comes from the budget and these layers' shapes.
+    `total_steps` is the run's optimizer step count, needed by methods with a schedule (AdaLoRA).
+    """
     layers = target_layers(unet, adapter.target_modules)
+    if adapter.budget is not None:
+        plan = plan_budget(adapter, [LayerShape(m.out_features, m.in_features) for m in layers.values()])
+        logger.info(plan.describe())
+        adapter = plan.apply(adapter)
+    peft_config = build_peft_config(adapter, total_steps=total_steps)
     if adapter.type == "waveft":
         _check_waveft_fits(peft_config, layers)
     unet.requires_grad_(False)
     try:
-        unet.add_adapter(peft_config, adapter_name=adapter_name)
+        inject_adapter(unet, peft_config, adapter_name)
     except ValueError as exc:
         raise UserError(f"adapter '{adapter.type}' could not be attached: {str(exc).splitlines()[0]}") from None
     if adapter.type == "waveft" and adapter.implementation == "structured":
