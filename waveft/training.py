@@ -274,7 +274,7 @@ def train(cfg: RunConfig) -> TrainResult:
     unet = components.unet
     if unet.dtype != weight_dtype:
         unet.to(dtype=weight_dtype)
-    layers = attach_adapter(unet, cfg.adapter)
+    layers = attach_adapter(unet, cfg.adapter, total_steps=cfg.train.max_steps)
     trainable_parameters = sum(layer.trainable_parameters for layer in layers)
     say(format_adapter_table(layers))
     if cfg.train.gradient_checkpointing:
