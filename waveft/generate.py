@@ -70,6 +70,7 @@ def merge_adapter(unet, adapter_dir: str):
     """Load a PEFT adapter folder onto `unet` and merge it into the weights: no inference cost remains."""
     from peft import PeftModel
 
+    import waveft.adapters.wara  # noqa: F401  (registers WaRA with PEFT, so its adapters load)
     from waveft.adapters.fast_waveft import enable_fast_waveft
 
     peft_model = PeftModel.from_pretrained(unet, adapter_dir)
