@@ -1,0 +1,47 @@
+"""A tiny offline benchmark in the DreamBooth benchmark's exact layout, for the offline quick start.
+
+`python -m eval.tiny_benchmark DIR` writes DIR/dataset/<subject>/*.png (generated toy subjects, no image files
+in the repo) and DIR/dataset/prompts_and_classes.txt, which `eval.protocol` reads like the real file.
+"""
+import argparse
+import os
+
+from eval.protocol import PROMPTS_FILE
+from waveft.checkpointing import atomic_directory
+from waveft.data import write_synthetic_subject
+
+TINY_SUBJECTS = {"toy_ball": "ball", "toy_dog": "dog"}  # one object, one live subject: both prompt lists
+TINY_OBJECT_PROMPTS = ("a {0} {1} in the jungle", "a {0} {1} on the beach", "a red {0} {1}")
+TINY_LIVE_PROMPTS = ("a {0} {1} in the snow", "a {0} {1} wearing a santa hat", "a {0} {1} on a cobblestone street")
+
+
+def prompts_file_text(subjects: dict[str, str], object_prompts, live_prompts) -> str:
+    """The layout of google/dreambooth's dataset/prompts_and_classes.txt."""
+
+    def prompt_list(title, templates):
+        rows = "\n".join(f"'{t}'.format(unique_token, class_token)," for t in templates)
+        return f"{title}\n\nprompt_list = [\n{rows}\n]\n"
+
+    classes = "\n".join(f"{name},{noun}" for name, noun in subjects.items())
+    return (f"Classes\n\nsubject_name,class\n{classes}\n\nPrompts\n\n"
+            f"{prompt_list('Object Prompts', object_prompts)}\n{prompt_list('Live Subject Prompts', live_prompts)}")
+
+
+def write_tiny_benchmark(root: str) -> None:
+    with atomic_directory(os.path.join(root, "dataset")) as dataset:
+        for seed, subject in enumerate(TINY_SUBJECTS):
+            write_synthetic_subject(os.path.join(dataset, subject), seed=seed)
+        with open(os.path.join(dataset, PROMPTS_FILE), "w") as f:
+            f.write(prompts_file_text(TINY_SUBJECTS, TINY_OBJECT_PROMPTS, TINY_LIVE_PROMPTS))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Write a tiny DreamBooth-layout benchmark with generated subjects.")
+    parser.add_argument("dir")
+    args = parser.parse_args(argv)
+    write_tiny_benchmark(args.dir)
+    print(f"wrote tiny benchmark to {os.path.join(args.dir, 'dataset')}")
+
+
+if __name__ == "__main__":
+    main()
