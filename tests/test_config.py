@@ -72,3 +72,13 @@ def test_cli_reports_bad_config_in_one_line_and_exit_2(tmp_path):
         lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
         assert len(lines) == 1 and "Traceback" not in result.stderr
     assert not os.path.exists(os.path.join(REPO, "out"))
+
+
+@pytest.mark.parametrize("name", sorted(
+    os.path.relpath(os.path.join(d, f), REPO)
+    for d in (os.path.join(REPO, "configs"), os.path.join(REPO, "configs", "paper")) if os.path.isdir(d)
+    for f in os.listdir(d) if f.endswith(".yaml")
+))
+def test_shipped_run_configs_are_valid(name):
+    cfg = load_config(os.path.join(REPO, name))
+    assert cfg.output_dir and cfg.data.instance_dir
