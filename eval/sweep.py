@@ -310,7 +310,7 @@ def validate_sweep(sweep: SweepConfig, source: str) -> list[Subject]:
     return subjects
 
 
-def expand_runs(sweep: SweepConfig, subjects: list[Subject]) -> list[Run]:
+def expand_runs(sweep: SweepConfig, subjects: list[Subject], source: str) -> list[Run]:
     """Every (method, budget, subject, seed), each with its training config validated."""
     dataset = dataset_folder(sweep.benchmark.dir)
     runs = []
@@ -333,7 +333,8 @@ def expand_runs(sweep: SweepConfig, subjects: list[Subject]) -> list[Run]:
                     try:
                         load_config(base_config, overrides)
                     except UserError as exc:
-                        raise UserError(f"run {run.id}: {exc}") from None
+                        raise UserError(f"{source}: run {run.id} (its config: {base_config} with the sweep's "
+                                        f"overrides): {exc}") from None
                     runs.append(run)
     return runs
 
@@ -631,7 +632,7 @@ def main(argv=None) -> None:
         raise UserError(f"--gpus must be >= 0, got {args.gpus}")
     sweep = load_sweep(args.sweep, tuple(args.overrides))
     subjects = validate_sweep(sweep, args.sweep)
-    runs = expand_runs(sweep, subjects)
+    runs = expand_runs(sweep, subjects, args.sweep)
     check_finished_runs(runs, result_settings(sweep))
     devices = worker_devices(args.gpus)
     if args.dry_run:

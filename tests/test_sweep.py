@@ -1,0 +1,154 @@
+"""scripts/sweep.py on configs/sweeps/tiny.yaml over a synthetic benchmark: end to end, killed and resumed, a
+failing run recorded while the others finish, and bad sweep files refused before any work."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from eval.sweep import main
+from tests.test_eval_fixtures import prompts_file_text
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEP = REPO / "scripts" / "sweep.py"
+TINY_SWEEP = "configs/sweeps/tiny.yaml"
+# A live and an object subject (each gets its own prompt list), and one whose images cannot be read.
+SUBJECTS = {"puppy": "dog", "teddy": "toy", "broken": "toy"}
+
+
+@pytest.fixture(scope="module")
+def benchmark(tmp_path_factory) -> Path:
+    """<root>/dataset/<subject>/NN.jpg and prompts_and_classes.txt in the published layout, one prompt per list."""
+    root = tmp_path_factory.mktemp("dreambooth")
+    dataset = root / "dataset"
+    dataset.mkdir()
+    (dataset / "prompts_and_classes.txt").write_text(
+        prompts_file_text(SUBJECTS, ["a {0} {1} on the beach"], ["a {0} {1} in the snow"]))
+    rng = np.random.default_rng(0)
+    for subject in SUBJECTS:
+        (dataset / subject).mkdir()
+        for i in range(3):
+            path = dataset / subject / f"{i:02d}.jpg"
+            if subject == "broken":
+                path.write_bytes(b"not a jpeg")
+                continue
+            image = Image.new("RGB", (80, 72), tuple(int(c) for c in rng.integers(0, 256, 3)))
+            x, y = rng.integers(8, 32, 2)
+            ImageDraw.Draw(image).ellipse([x, y, x + 36, y + 30], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+            image.save(path)
+    return root
+
+
+def sweep_args(tmp_path: Path, benchmark: Path, tiny_sdxl_dir: str, *extra: str) -> list[str]:
+    """The tiny sweep (2 methods) on one subject of the synthetic benchmark: 2 runs, the fewest that show resuming."""
+    return ["--sweep", TINY_SWEEP, f"output_dir={tmp_path / 'sweep'}", f"benchmark.dir={benchmark}", "subjects=[puppy]",
+            f"scoring.tiny_encoders={tmp_path.parent / 'tiny-encoders'}", f"scoring.cache_dir={tmp_path / 'cache'}",
+            f"overrides.model.pretrained={tiny_sdxl_dir}", *extra]
+
+
+def run_sweep(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SWEEP), *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def done_markers(out: Path) -> list[Path]:
+    return sorted(out.glob("runs/*/budget-*/*/seed-*/done.json"))
+
+
+def test_sweep_survives_a_kill_resumes_and_records_failures(tmp_path, benchmark, tiny_sdxl_dir):
+    out = tmp_path / "sweep"
+    args = sweep_args(tmp_path, benchmark, tiny_sdxl_dir)
+
+    # 1. Start the sweep and kill its whole process group (the stage subprocesses too) once a run is finished.
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen([sys.executable, str(SWEEP), *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 240
+        while not done_markers(out):
+            assert first.poll() is None, f"the sweep ended before finishing a run:\n{(tmp_path / 'first.log').read_text()}"
+            assert time.time() < deadline, "no run finished in time"
+            time.sleep(0.5)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    (finished,) = done_markers(out)
+    finished_run = finished.parent
+    before = snapshot(finished_run)
+
+    # 2. Restart with a subject whose images are unreadable added: its runs fail, the others resume and finish.
+    result = run_sweep(args + ["subjects=[puppy, broken]"])
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert snapshot(finished_run) == before  # the finished run was skipped, not redone
+    good_runs = [p.parent for p in done_markers(out)]
+    assert [p.relative_to(out / "runs").as_posix() for p in good_runs] == ["lora/budget-1/puppy/seed-42",
+                                                                         "waveft/budget-1/puppy/seed-42"]
+    failed = sorted(out.glob("runs/*/budget-1/broken/seed-42/failed.json"))
+    assert len(failed) == 2
+    failure = json.loads(failed[0].read_text())
+    assert failure["stage"] == "train" and "cannot read image" in failure["error"] and Path(failure["log"]).is_file()
+    assert "2 failure(s)" in result.stderr and "broken/seed-42 at train" in result.stderr
+
+    # Every finished run went through all three stages, and its scores carry the sweep's method name.
+    for run in good_runs:
+        done = json.loads((run / "done.json").read_text())
+        metrics = json.loads((run / done["metrics"]).read_text())
+        assert metrics["run"]["method"] == done["method"] == run.parts[-4]
+        assert metrics["run"]["subject"] == run.parts[-2] and metrics["overall"]["images"] == 1
+        assert (run / "train" / "adapter" / "adapter_config.json").is_file()
+    report = (out / "report" / "report.md").read_text()
+    assert "| waveft | 1 |" in report and "| lora | 1 |" in report
+    for name in ("report.csv", "report.tex", "tradeoff.png", "metrics_vs_budget.png"):
+        assert (out / "report" / name).is_file()
+
+    # 3. The same sweep again: nothing left to do, the report is rewritten, and it succeeds.
+    before_all = {run: snapshot(run) for run in good_runs}
+    result = run_sweep(args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 of 2 runs finished" in result.stdout
+    assert {run: snapshot(run) for run in good_runs} == before_all
+
+
+def test_missing_sweep_file_is_refused_in_one_line():
+    result = run_sweep(["--sweep", "configs/sweeps/missing.yaml"])
+    assert result.returncode == 2 and result.stderr.strip() == "error: sweep file not found: configs/sweeps/missing.yaml"
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, benchmark, tiny_sdxl_dir):
+    result = run_sweep(sweep_args(tmp_path, benchmark, tiny_sdxl_dir, "--dry-run"))
+    assert result.returncode == 0, result.stderr
+    assert "2 runs" in result.stdout and "todo     lora/budget-1/puppy/seed-42" in result.stdout
+    assert "train_dreambooth_waveft.py --config configs/tiny.yaml" in result.stdout
+    assert "data.class_noun=dog" in result.stdout and "adapter.budget=1.0" in result.stdout
+    assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("methods=[{name: mine, adapter: nosuch}]", "unknown method 'nosuch'"),
+    ("subjects=[teddy, ghost, phantom]", "subjects not in the benchmark"),
+    ("base_config=configs/missing.yaml", "base config not found: configs/missing.yaml"),
+    ("colour=red", "unknown key 'colour'"),
+    ("generation.sead=[1]", "unknown key 'generation.sead'"),
+    ("methods=[{name: mine, adapter: lora, budget: 2}]", "unknown key 'methods[0].budget'"),
+    ("overrides.train.max_stepz=3", "unknown key 'train.max_stepz'"),
+    ("overrides.seed=3", "sets 'seed', which the sweep sets for each run"),
+    ("budgets=[1, 1]", "distinct budgets"),
+])
+def test_bad_sweep_is_refused_in_one_line(tmp_path, benchmark, tiny_sdxl_dir, override, message, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as exit_info:
+        main(sweep_args(tmp_path, benchmark, tiny_sdxl_dir, override))
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and len(errors) == 1
+    assert message in errors[0]
+    if "ghost" in override:
+        assert errors[0].endswith("ghost, phantom")
+    assert not (tmp_path / "sweep").exists()
