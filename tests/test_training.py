@@ -180,3 +180,30 @@ def test_diverging_loss_stops_with_a_clear_message_and_saves_nothing(tiny_sdxl_d
     error_lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
     assert len(error_lines) == 1 and "loss became nan at step 1" in error_lines[0]
     assert not (out / "adapter").exists()
+
+
+def test_prior_preservation_8bit_adam_bf16_checkpointing_and_min_snr(tiny_sdxl_dir, subject_dir, tmp_path):
+    from waveft.training import train
+
+    out = tmp_path / "run"
+    settings = ("data.prior_preservation.enabled=true", "data.prior_preservation.num_class_images=3",
+                "data.prior_preservation.generation_steps=2", "train.optimizer=adamw_8bit",
+                "train.mixed_precision=bf16", "train.gradient_checkpointing=true", "train.snr_gamma=5.0",
+                "model.prediction_type=v_prediction", "train.max_steps=2", "train.checkpointing_steps=2")
+    result = train(tiny_cfg(tiny_sdxl_dir, subject_dir, out, *settings))
+    class_images = sorted(os.listdir(out / "class_images"))
+    assert [n for n in class_images if n.endswith(".png")] == ["class_00000.png", "class_00001.png", "class_00002.png"]
+    manifest = [json.loads(l) for l in (out / "class_images" / "class_manifest.jsonl").read_text().splitlines()]
+    assert {row["prompt"] for row in manifest} == {"a ball"}
+    unet = result.unet
+    assert {p.dtype for p in unet.parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in unet.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert unet.is_gradient_checkpointing
+    optimizer_state = torch.load(out / "checkpoint-2" / "optimizer.pt", weights_only=True)["state"]
+    assert optimizer_state and all("__bnb_optimizer_quant_state__" in s for s in optimizer_state.values())
+    assert result.run_info["final_loss"] is not None and result.run_info["final_loss"] == result.run_info["final_loss"]
+
+    # Class images are kept for reuse: a second run (overwriting this one) generates none.
+    mtimes = {n: os.path.getmtime(out / "class_images" / n) for n in class_images}
+    train(tiny_cfg(tiny_sdxl_dir, subject_dir, out, *settings, "overwrite_output_dir=true"))
+    assert mtimes == {n: os.path.getmtime(out / "class_images" / n) for n in class_images}

@@ -181,21 +181,22 @@ def _log_image(accelerator, tag: str, path: str, step: int) -> None:
             tracker.log({tag: [wandb.Image(image)]}, step=step)
 
 
-def generate_class_images(cfg, components, device) -> None:
+def generate_class_images(cfg, accelerator, components) -> None:
     """Prior preservation: fill the class image folder up to num_class_images with the base model's samples."""
     missing = dreambooth_data.missing_class_image_count(cfg)
     if missing == 0:
         return
     prior = cfg.data.prior_preservation
     folder = dreambooth_data.class_image_dir(cfg)
-    pipe = in_memory_pipeline(components, components.unet, "dpmpp_2m").to(device)
+    pipe = in_memory_pipeline(components, components.unet, "dpmpp_2m").to(accelerator.device)
     existing = len(os.listdir(folder)) if os.path.isdir(folder) else 0
     seeds = range(existing, existing + missing)
     jobs = [{"file": f"class_{seed:05d}.png", "prompt": dreambooth_data.class_prompt(cfg.data), "seed": seed}
             for seed in seeds]
     settings = GenerationSettings(steps=prior.generation_steps, height=cfg.data.resolution, width=cfg.data.resolution,
                                   batch_size=prior.generation_batch_size)
-    generate_images(pipe, jobs, folder, settings, manifest_name="class_manifest.jsonl")
+    with accelerator.autocast():
+        generate_images(pipe, jobs, folder, settings, manifest_name="class_manifest.jsonl")
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------
@@ -259,7 +260,7 @@ def train(cfg: RunConfig) -> TrainResult:
 
     if cfg.data.prior_preservation.enabled:
         if main:
-            generate_class_images(cfg, components, device)
+            generate_class_images(cfg, accelerator, components)
         accelerator.wait_for_everyone()
         dataset.class_examples = dreambooth_data.class_examples(cfg)
 
