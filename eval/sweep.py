@@ -7,7 +7,6 @@ every run's training config is validated before any work starts. Each run is thr
 `CUDA_VISIBLE_DEVICES` set to the worker's GPU: the trainer, `eval.generate_benchmark` and `eval.score`.
 Then `eval.report` compares all finished runs. Layout under `output_dir`:
 
-    sweep.yaml                                    the resolved sweep, rewritten at every start
     runs/<method>/budget-<b>/<subject>/seed-<s>/
         train/          the trainer's output_dir (config.yaml, adapter/, run_info.json, checkpoint-N/)
         bench/train/    benchmark images and manifest.jsonl
@@ -15,8 +14,13 @@ Then `eval.report` compares all finished runs. Layout under `output_dir`:
         logs/           train.log, generate.log, score.log (appended by every attempt)
         done.json       written last, atomically: the run is finished and is skipped from then on
         failed.json     the last attempt's failure (stage, exit status, log); a later attempt removes it
-    report/             eval.report over every finished run (the budget-sweep table, metrics vs budget)
+        lock            held (flock) while a sweep process works on the run
+    report/             `report.dir`: eval.report over every finished run (table, metrics vs budget), sweep.yaml
+                        (the resolved sweep, rewritten at every start) and report.log
     report/budget-<b>/  eval.report over the runs at `report.comparison_budget` (the method comparison)
+
+Sweeps may share an output_dir (with their own `report.dir`): a run that two sweeps name (same method name,
+budget, subject and seed) is trained once; its config, generation and scoring settings must then agree.
 
 An interrupted run resumes: training with `train.resume=latest` (from its last checkpoint, or from scratch if
 none was written), generation skips the images it already has, scoring is redone. A failed run is recorded
@@ -24,6 +28,8 @@ and the others go on; the sweep then reports the finished runs, lists the failur
 """
 import argparse
 import dataclasses
+import fcntl
+import importlib.util
 import json
 import os
 import re
@@ -103,7 +109,7 @@ class ScoringSettings:
     # Smoke-test encoders: built here with eval.tiny_encoders if missing, used for DINO, CLIP and CMMD.
     tiny_encoders: Optional[str] = None
     clip_t_prompt: str = "without-identifier"  # one of eval.score's CLIP_T_PROMPTS
-    lpips: str = "off"  # one of eval.score's LPIPS_NETS
+    lpips: Optional[str] = None  # LPIPS diversity's network (alex, vgg, squeeze); null: not computed
     batch_size: int = 32
     device: Optional[str] = None
     cache_dir: Optional[str] = None  # real-image embedding cache
@@ -111,6 +117,7 @@ class ScoringSettings:
 
 @dataclass
 class ReportSettings:
+    dir: Optional[str] = None  # default: <output_dir>/report
     # Also report the runs at this budget alone (the paper's method comparison); null: no such report.
     comparison_budget: Optional[float] = 1.0
 
@@ -290,9 +297,16 @@ def validate_sweep(sweep: SweepConfig, source: str) -> list[Subject]:
                         "'scoring.cmmd_clip': set either")
     if s.batch_size <= 0:
         raise UserError(f"{source}: key 'scoring.batch_size' must be > 0")
-    for key, value, choices in (("clip_t_prompt", s.clip_t_prompt, CLIP_T_PROMPTS), ("lpips", s.lpips, LPIPS_NETS)):
-        if value not in choices:
-            raise UserError(f"{source}: key 'scoring.{key}' must be one of {', '.join(choices)}, got {value!r}")
+    if s.clip_t_prompt not in CLIP_T_PROMPTS:
+        raise UserError(f"{source}: key 'scoring.clip_t_prompt' must be one of {', '.join(CLIP_T_PROMPTS)}, "
+                        f"got {s.clip_t_prompt!r}")
+    if s.lpips is not None:
+        networks = [net for net in LPIPS_NETS if net != "off"]
+        if s.lpips not in networks:
+            raise UserError(f"{source}: key 'scoring.lpips' must be one of {', '.join(networks)} or null, got {s.lpips!r}")
+        if importlib.util.find_spec("lpips") is None:
+            raise UserError(f"{source}: key 'scoring.lpips' is {s.lpips!r}, which needs the lpips package "
+                            "(pip install lpips==0.1.4; it pulls torchvision); or set scoring.lpips=null")
 
     benchmark = load_benchmark(sweep.benchmark.dir)
     if sweep.subjects == "all":
@@ -393,7 +407,7 @@ def score_command(sweep: SweepConfig, run: Run) -> list[str]:
     command = [sys.executable, "-m", "eval.score", "--images", str(run.images_dir), "--real", sweep.benchmark.dir,
                "--out", str(run.metrics_dir), "--dino", encoders["dino"], "--clip", encoders["clip"],
                "--cmmd-clip", encoders["cmmd_clip"], "--clip-t-prompt", s.clip_t_prompt,
-               "--identifier", sweep.benchmark.identifier, "--lpips", s.lpips, "--batch-size", str(s.batch_size)]
+               "--identifier", sweep.benchmark.identifier, "--lpips", s.lpips or "off", "--batch-size", str(s.batch_size)]
     if s.device:
         command += ["--device", s.device]
     if s.cache_dir:
@@ -474,6 +488,19 @@ def label_run_info(run: Run) -> None:
 
 
 def execute_run(sweep: SweepConfig, run: Run, env: dict, children: Children) -> Outcome:
+    """Train (unless done), generate, score, then write done.json; the run's lock keeps other sweeps out."""
+    run.dir.mkdir(parents=True, exist_ok=True)
+    with open(run.dir / "lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when this process ends, however it ends
+        except BlockingIOError:
+            return Outcome(run.id, False, "start", "another sweep process is working on this run; run again later")
+        if run.done:  # finished by another sweep since this one started
+            return Outcome(run.id, True)
+        return _execute_locked(sweep, run, env, children)
+
+
+def _execute_locked(sweep: SweepConfig, run: Run, env: dict, children: Children) -> Outcome:
     (run.dir / FAILED).unlink(missing_ok=True)
     logs = run.dir / "logs"
     stages = [("generate", generate_command(sweep, run)), ("score", score_command(sweep, run))]
@@ -529,9 +556,13 @@ def ensure_tiny_encoders(scoring: ScoringSettings, children: Children, log: Path
         raise UserError(f"could not build the tiny encoders in {tiny}: {_error_line(log)} (log: {log})")
 
 
+def report_dir(sweep: SweepConfig) -> Path:
+    return Path(sweep.report.dir or Path(sweep.output_dir, "report"))
+
+
 def write_reports(sweep: SweepConfig, finished: list[Run], children: Children) -> list[Outcome]:
     """eval.report over every finished run, and over those at the comparison budget when others exist."""
-    out = Path(sweep.output_dir, "report")
+    out = report_dir(sweep)
     jobs = [(finished, out)]
     budget = sweep.report.comparison_budget
     at_budget = [run for run in finished if run.budget == budget]
@@ -539,7 +570,7 @@ def write_reports(sweep: SweepConfig, finished: list[Run], children: Children) -
         jobs.append((at_budget, out / f"budget-{budget:g}"))
     failures = []
     for runs, folder in jobs:
-        log = Path(sweep.output_dir, "logs", "report.log")
+        log = out / "report.log"
         status = children.run(report_command([run.metrics_dir / "metrics.json" for run in runs], folder), log,
                               subprocess_env(None))
         if status != 0:
@@ -561,7 +592,7 @@ def print_plan(sweep: SweepConfig, source: str, runs: list[Run], devices: list[O
         print(f"commands of the first pending run ({run.id}):")
         for command in (train_command(run), generate_command(sweep, run), score_command(sweep, run)):
             print("  " + shlex.join(command))
-    print(f"then: {shlex.join(report_command([Path('<each run>/metrics/metrics.json')], Path(sweep.output_dir, 'report')))}")
+    print(f"then: {shlex.join(report_command([Path('<each run>/metrics/metrics.json')], report_dir(sweep)))}")
 
 
 def _interrupt(signum, frame):
@@ -570,7 +601,7 @@ def _interrupt(signum, frame):
 
 def run_sweep(sweep: SweepConfig, runs: list[Run], devices: list[Optional[str]]) -> int:
     """Run every unfinished run on the workers, then report; returns the exit status (1 if anything failed)."""
-    write_text_atomic(Path(sweep.output_dir, "sweep.yaml"), yaml.safe_dump(dataclasses.asdict(sweep), sort_keys=False))
+    write_text_atomic(report_dir(sweep) / "sweep.yaml", yaml.safe_dump(dataclasses.asdict(sweep), sort_keys=False))
     children = Children()
     previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
     try:

@@ -152,3 +152,14 @@ def test_bad_sweep_is_refused_in_one_line(tmp_path, benchmark, tiny_sdxl_dir, ov
     if "ghost" in override:
         assert errors[0].endswith("ghost, phantom")
     assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize("sweep_file, runs", [("budget", (6 + 6 + 3) * 3), ("methods", 8 * 3), ("scaling", 5 * 3)])
+def test_paper_sweeps_validate(tmp_path, benchmark, sweep_file, runs, monkeypatch, capsys):
+    """Every run of the paper's sweeps has a valid config (here on the 3 synthetic subjects; LPIPS off, as its
+    package is not installed)."""
+    monkeypatch.chdir(REPO)
+    main(["--sweep", f"configs/sweeps/{sweep_file}.yaml", "--dry-run", f"benchmark.dir={benchmark}",
+          f"output_dir={tmp_path / 'sweep'}", "scoring.lpips=null"])
+    assert f": {runs} runs -> " in capsys.readouterr().out
+    assert not (tmp_path / "sweep").exists()
