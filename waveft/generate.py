@@ -93,15 +93,15 @@ def load_pipeline(
     if adapter_dir is not None and not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
         raise UserError(f"no adapter_config.json in adapter folder {adapter_dir}")
     torch_dtype = DTYPES[dtype]
-    kwargs = {"torch_dtype": torch_dtype}
+    kwargs = {"dtype": torch_dtype}
     try:
         if vae is not None:
-            kwargs["vae"] = AutoencoderKL.from_pretrained(vae, torch_dtype=torch_dtype)
+            kwargs["vae"] = AutoencoderKL.from_pretrained(vae, dtype=torch_dtype)
         pipe = StableDiffusionXLPipeline.from_pretrained(base_model, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"could not load the base model {base_model!r}: {str(exc).splitlines()[0]}") from None
     if adapter_dir is not None:
-        pipe.unet = merge_adapter(pipe.unet, adapter_dir).to(torch_dtype)
+        pipe.unet = merge_adapter(pipe.unet, adapter_dir)
     set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
