@@ -114,8 +114,7 @@ BUDGET_RULES = {
     "loha": BudgetRule("r", lambda r, s, c: 2 * r * (s.out_features + s.in_features),
                        explanation="two rank-r pairs, 2 r (out + in) per layer"),
     "lokr": BudgetRule("r", _lokr_layer, max_value=_lokr_largest_useful_rank, monotone=False,
-                       explanation="Kronecker factors of each layer's shape, the second (and with decompose_both the "
-                                   "first) of rank r"),
+                       explanation="Kronecker factors per layer, the second of rank r until it is full"),
     "vera": BudgetRule("r", lambda r, s, c: s.out_features + r, explanation="out + r scaling vectors per layer"),
     "fourierft": BudgetRule("n_frequency", lambda n, s, c: n, max_value=_smallest_layer,
                             explanation="n_frequency coefficients per layer"),
@@ -164,7 +163,7 @@ class BudgetPlan:
 
 
 def check_budget_settings(adapter, source: str = "config") -> None:
-    """Model-free: the method has a budget rule, and `adapter.peft` sets nothing the budget sets or cannot count."""
+    """Model-free: with a budget, `adapter.peft` sets nothing the budget sets or cannot count."""
     from waveft.adapters.methods import resolved_peft_settings
 
     if adapter.budget is None:
@@ -184,15 +183,17 @@ def check_budget_settings(adapter, source: str = "config") -> None:
             )
 
 
-def _peft_defaults(config_class) -> dict:
-    """PEFT's own default for every field of the config class that has one."""
-    defaults = {}
-    for f in dataclasses.fields(config_class):
+def settings_with_peft_defaults(adapter, source: str = "config") -> dict:
+    """The adapter's resolved PEFT settings over PEFT's own defaults: every field the counts may read."""
+    from waveft.adapters.methods import get_method, resolved_peft_settings
+
+    settings = {}
+    for f in dataclasses.fields(get_method(adapter.type, source).config_class()):
         if f.default is not dataclasses.MISSING:
-            defaults[f.name] = f.default
+            settings[f.name] = f.default
         elif f.default_factory is not dataclasses.MISSING:
-            defaults[f.name] = f.default_factory()
-    return defaults
+            settings[f.name] = f.default_factory()
+    return {**settings, **resolved_peft_settings(adapter, source)}
 
 
 def _is_neutral(value) -> bool:
@@ -206,11 +207,9 @@ def _format_reachable(rule: BudgetRule, value: int, count: int, unit: int) -> st
 def plan_budget(adapter, shapes: list[LayerShape], source: str = "config") -> BudgetPlan:
     """The setting that brings `adapter.type` nearest to `adapter.budget` on these layers, or a UserError
     naming the nearest budgets it can reach."""
-    from waveft.adapters.methods import get_method, resolved_peft_settings
-
     check_budget_settings(adapter, source)
     rule = BUDGET_RULES[adapter.type]
-    settings = {**_peft_defaults(get_method(adapter.type).config_class()), **resolved_peft_settings(adapter, source)}
+    settings = settings_with_peft_defaults(adapter, source)
     by_shape = Counter(shapes)
     unit = lora_rank_one_parameters(shapes)
     target = round(adapter.budget * unit)
