@@ -52,8 +52,9 @@ from tqdm.auto import tqdm
 from eval.encoders import DEFAULT_CLIP, DEFAULT_CMMD_CLIP, DEFAULT_DINO
 from eval.files import read_json, write_text_atomic
 from eval.generate_benchmark import PAPER_NEGATIVE_PROMPT, PAPER_SEEDS
-from eval.protocol import DEFAULT_IDENTIFIER, Subject, dataset_folder, load_benchmark, real_image_paths
+from eval.protocol import DEFAULT_IDENTIFIER, PROMPTS_FILE, Subject, dataset_folder, load_benchmark, real_image_paths
 from eval.score import CLIP_T_PROMPTS, LPIPS_NETS
+from eval.tiny_benchmark import write_tiny_benchmark
 from waveft.config import coerce_value, load_config
 from waveft.errors import UserError, cli_entry
 
@@ -74,6 +75,7 @@ SWEEP_OWNED_KEYS = ("output_dir", "overwrite_output_dir", "seed", "data.instance
 class BenchmarkSettings:
     dir: str = ""  # DreamBooth benchmark folder (holding dataset/ or prompts_and_classes.txt itself)
     identifier: str = DEFAULT_IDENTIFIER  # the rare token in "a <identifier> <class>"
+    build_tiny_if_missing: bool = False  # write eval.tiny_benchmark's synthetic benchmark to `dir` if none is there
 
 
 @dataclass
@@ -143,7 +145,10 @@ def _apply_override(tree: dict, override: str) -> None:
     dotted, sep, raw = override.partition("=")
     if not sep or not dotted.strip():
         raise UserError(f"override '{override}' must look like key.sub=value")
-    value = yaml.safe_load(raw) if raw else ""
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw  # as the trainer's overrides: what is not YAML is a string
     parts = dotted.strip().split(".")
     node, schema = tree, SweepConfig
     for index, part in enumerate(parts[:-1]):
@@ -308,6 +313,9 @@ def validate_sweep(sweep: SweepConfig, source: str) -> list[Subject]:
             raise UserError(f"{source}: key 'scoring.lpips' is {s.lpips!r}, which needs the lpips package "
                             "(pip install lpips==0.1.4; it pulls torchvision); or set scoring.lpips=null")
 
+    if sweep.benchmark.build_tiny_if_missing and not any(
+            (Path(sweep.benchmark.dir) / sub / PROMPTS_FILE).is_file() for sub in ("dataset", ".")):
+        write_tiny_benchmark(sweep.benchmark.dir)
     benchmark = load_benchmark(sweep.benchmark.dir)
     if sweep.subjects == "all":
         subjects = list(benchmark.subjects)
@@ -514,12 +522,8 @@ def _execute_locked(sweep: SweepConfig, run: Run, env: dict, children: Children)
         if status != 0:
             if children.stopping.is_set():
                 return Outcome(run.id, False, stage, "interrupted")
-            outcome = Outcome(run.id, False, stage, f"exit status {status}: {_error_line(logs / f'{stage}.log')}",
-                              logs / f"{stage}.log")
-            write_text_atomic(run.dir / FAILED, json.dumps(
-                {"stage": stage, "exit_status": status, "error": outcome.message, "log": str(outcome.log)},
-                indent=2) + "\n")
-            return outcome
+            log = logs / f"{stage}.log"
+            return record_failure(run, Outcome(run.id, False, stage, f"exit status {status}: {_error_line(log)}", log))
         if stage == "generate":
             label_run_info(run)
     metrics = read_json(run.metrics_dir / "metrics.json")
@@ -531,6 +535,12 @@ def _execute_locked(sweep: SweepConfig, run: Run, env: dict, children: Children)
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }, indent=2) + "\n")
     return Outcome(run.id, True)
+
+
+def record_failure(run: Run, outcome: Outcome) -> Outcome:
+    write_text_atomic(run.dir / FAILED, json.dumps(
+        {"stage": outcome.stage, "error": outcome.message, "log": outcome.log and str(outcome.log)}, indent=2) + "\n")
+    return outcome
 
 
 def worker_devices(gpus: Optional[int]) -> list[Optional[str]]:
@@ -616,6 +626,8 @@ def run_sweep(sweep: SweepConfig, runs: list[Run], devices: list[Optional[str]])
             device = free_devices.get()
             try:
                 return execute_run(sweep, run, subprocess_env(device), children)
+            except Exception as exc:  # one run's unexpected trouble must not end the others
+                return record_failure(run, Outcome(run.id, False, "sweep", f"{type(exc).__name__}: {exc}"))
             finally:
                 free_devices.put(device)
 

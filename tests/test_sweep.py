@@ -1,5 +1,6 @@
 """scripts/sweep.py on configs/sweeps/tiny.yaml over a synthetic benchmark: end to end, killed and resumed, a
 failing run recorded while the others finish, and bad sweep files refused before any work."""
+import fcntl
 import json
 import os
 import signal
@@ -163,3 +164,24 @@ def test_paper_sweeps_validate(tmp_path, benchmark, sweep_file, runs, monkeypatc
           f"output_dir={tmp_path / 'sweep'}", "scoring.lpips=null"])
     assert f": {runs} runs -> " in capsys.readouterr().out
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_run_another_sweep_is_working_on_is_left_alone(tmp_path, benchmark, tiny_sdxl_dir, monkeypatch):
+    from eval.sweep import Children, execute_run, expand_runs, load_sweep, subprocess_env, validate_sweep
+
+    monkeypatch.chdir(REPO)
+    sweep = load_sweep(TINY_SWEEP, tuple(sweep_args(tmp_path, benchmark, tiny_sdxl_dir)[2:]))
+    run = expand_runs(sweep, validate_sweep(sweep, TINY_SWEEP), TINY_SWEEP)[0]
+    run.dir.mkdir(parents=True)
+    with open(run.dir / "lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        outcome = execute_run(sweep, run, subprocess_env(None), Children())
+    assert not outcome.ok and "another sweep process" in outcome.message
+    assert sorted(p.name for p in run.dir.iterdir()) == ["lock"]  # nothing started, nothing recorded
+
+
+def test_tiny_sweep_writes_its_benchmark_when_missing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    main(["--sweep", TINY_SWEEP, "--dry-run", f"benchmark.dir={tmp_path / 'bench'}", f"output_dir={tmp_path / 'sweep'}"])
+    assert ": 4 runs -> " in capsys.readouterr().out  # 2 methods x its 2 subjects
+    assert (tmp_path / "bench" / "dataset" / "prompts_and_classes.txt").is_file()
