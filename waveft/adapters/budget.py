@@ -71,7 +71,7 @@ def _lokr_layer(r: int, shape: LayerShape, settings: dict) -> int:
 
 def _lokr_largest_useful_rank(shapes: list[LayerShape], settings: dict) -> int:
     """Above this rank every factor of every layer is full: the count no longer changes."""
-    return max(math.ceil(max(f[0], f[2], f[1], f[3]) / 2) for f in (_lokr_factors(s, settings) for s in shapes))
+    return max(math.ceil(max(_lokr_factors(s, settings)) / 2) for s in shapes)
 
 
 def _wara_layer(r: int, shape: LayerShape, settings: dict) -> int:
@@ -81,8 +81,22 @@ def _wara_layer(r: int, shape: LayerShape, settings: dict) -> int:
     return r * (padded_length(shape.out_features, filter_length) + padded_length(shape.in_features, filter_length))
 
 
+def _coefficients(n: int, shape: LayerShape, settings: dict) -> int:
+    return n
+
+
+def _low_rank(r: int, shape: LayerShape, settings: dict) -> int:
+    return r * (shape.out_features + shape.in_features)
+
+
 def _smallest_layer(shapes: list[LayerShape], settings: dict) -> int:
+    """Sparse coefficients per layer cannot outnumber the smallest layer's weights."""
     return min(s.out_features * s.in_features for s in shapes)
+
+
+def _shira_largest_rank(shapes: list[LayerShape], settings: dict) -> int:
+    """SHiRA's r * (out + in) sparse weights must fit in every layer."""
+    return min(s.out_features * s.in_features // (s.out_features + s.in_features) for s in shapes)
 
 
 @dataclass(frozen=True)
@@ -103,23 +117,21 @@ class BudgetRule:
 
 
 BUDGET_RULES = {
-    "waveft": BudgetRule("n_frequency", lambda n, s, c: n, max_value=_smallest_layer,
+    "waveft": BudgetRule("n_frequency", _coefficients, max_value=_smallest_layer,
                          explanation="n_frequency coefficients per layer"),
-    "shira": BudgetRule("r", lambda r, s, c: r * (s.out_features + s.in_features),
-                        max_value=lambda shapes, c: min(s.out_features * s.in_features // (s.out_features + s.in_features)
-                                                        for s in shapes),
+    "shira": BudgetRule("r", _low_rank, max_value=_shira_largest_rank,
                         explanation="r * (out + in) sparse weights per layer"),
-    "lora": BudgetRule("r", lambda r, s, c: r * (s.out_features + s.in_features),
-                       explanation="r * (out + in) per layer"),
-    "loha": BudgetRule("r", lambda r, s, c: 2 * r * (s.out_features + s.in_features),
+    "lora": BudgetRule("r", _low_rank, explanation="r * (out + in) per layer"),
+    "loha": BudgetRule("r", lambda r, shape, settings: 2 * _low_rank(r, shape, settings),
                        explanation="two rank-r pairs, 2 r (out + in) per layer"),
     "lokr": BudgetRule("r", _lokr_layer, max_value=_lokr_largest_useful_rank, monotone=False,
                        explanation="Kronecker factors per layer, the second of rank r until it is full"),
-    "vera": BudgetRule("r", lambda r, s, c: s.out_features + r, explanation="out + r scaling vectors per layer"),
-    "fourierft": BudgetRule("n_frequency", lambda n, s, c: n, max_value=_smallest_layer,
+    "vera": BudgetRule("r", lambda r, shape, settings: shape.out_features + r,
+                       explanation="out + r scaling vectors per layer"),
+    "fourierft": BudgetRule("n_frequency", _coefficients, max_value=_smallest_layer,
                             explanation="n_frequency coefficients per layer"),
-    # The budget AdaLoRA ends at: target_r singular triplets (out + in + 1) per layer on average.
-    "adalora": BudgetRule("target_r", lambda r, s, c: r * (s.out_features + s.in_features + 1),
+    # What AdaLoRA ends at: target_r singular triplets (out + in + 1) per layer on average.
+    "adalora": BudgetRule("target_r", lambda r, shape, settings: _low_rank(r, shape, settings) + r,
                           derived=lambda r: {"init_r": 2 * r},
                           explanation="target_r (out + in + 1) per layer after rank allocation, from init_r = 2 target_r"),
     "wara": BudgetRule("r", _wara_layer, explanation="r * (H + W) per layer over the padded wavelet grid"),
