@@ -19,7 +19,8 @@ from tests.test_eval_fixtures import prompts_file_text
 REPO = Path(__file__).resolve().parents[1]
 SWEEP = REPO / "scripts" / "sweep.py"
 TINY_SWEEP = "configs/sweeps/tiny.yaml"
-# A live and an object subject (each gets its own prompt list), and one whose images cannot be read.
+# puppy is the subject the tiny sweep runs; broken's images cannot be read (its runs fail); teddy makes the
+# benchmark hold an object subject too (the paper sweeps are validated on all three).
 SUBJECTS = {"puppy": "dog", "teddy": "toy", "broken": "toy"}
 
 
