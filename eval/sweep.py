@@ -65,7 +65,8 @@ FAILED = "failed.json"
 METHOD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # it names a folder
 # Run-config keys the sweep sets for each run; overrides may not set them.
 SWEEP_OWNED_KEYS = ("output_dir", "overwrite_output_dir", "seed", "data.instance_dir", "data.subject",
-                    "data.class_noun", "data.identifier", "adapter.type", "adapter.budget", "train.resume")
+                    "data.class_noun", "data.identifier", "adapter.type", "adapter.label", "adapter.budget",
+                    "train.resume")
 
 
 # ---- schema ----------------------------------------------------------------------------------------------
@@ -347,7 +348,7 @@ def expand_runs(sweep: SweepConfig, subjects: list[Subject], source: str) -> lis
                         "output_dir": str(run_dir / "train"), "seed": seed, "train.resume": "latest",
                         "data.instance_dir": str(dataset / subject.name), "data.subject": subject.name,
                         "data.class_noun": subject.class_noun, "data.identifier": sweep.benchmark.identifier,
-                        "adapter.type": method.adapter, "adapter.budget": budget,
+                        "adapter.type": method.adapter, "adapter.label": method.name, "adapter.budget": budget,
                     }
                     overrides = tuple(override_arg(k, v) for k, v in
                                       [*sweep.overrides.items(), *method.overrides.items(), *owned.items()])
@@ -486,15 +487,6 @@ def _error_line(log_path: Path) -> str:
     return (errors or lines or ["(empty log)"])[-1][-300:]
 
 
-def label_run_info(run: Run) -> None:
-    """Name the run after the sweep's method in the run_info.json that eval.score carries into metrics.json, so
-    that eval.report's rows follow the sweep (e.g. SHiRA and several WaveFT scalings share adapter type waveft)."""
-    path = run.images_dir / "run_info.json"
-    info = read_json(path)
-    info.update(method=run.method.name, adapter_type=run.method.adapter, seed=run.seed)
-    write_text_atomic(path, json.dumps(info, indent=2) + "\n")
-
-
 def execute_run(sweep: SweepConfig, run: Run, env: dict, children: Children) -> Outcome:
     """Train (unless done), generate, score, then write done.json; the run's lock keeps other sweeps out."""
     run.dir.mkdir(parents=True, exist_ok=True)
@@ -524,8 +516,6 @@ def _execute_locked(sweep: SweepConfig, run: Run, env: dict, children: Children)
                 return Outcome(run.id, False, stage, "interrupted")
             log = logs / f"{stage}.log"
             return record_failure(run, Outcome(run.id, False, stage, f"exit status {status}: {_error_line(log)}", log))
-        if stage == "generate":
-            label_run_info(run)
     metrics = read_json(run.metrics_dir / "metrics.json")
     write_text_atomic(run.dir / DONE, json.dumps({
         "metrics": str((run.metrics_dir / "metrics.json").relative_to(run.dir)),

@@ -62,6 +62,7 @@ class DataConfig:
 @dataclass
 class AdapterConfig:
     type: str = "waveft"  # a method name from waveft.adapters.methods
+    label: Optional[str] = None  # the method's name in reports, e.g. "shira" for waveft with use_idwt false
     implementation: Literal["structured", "peft"] = "structured"  # WaveFT layer: ours (no dense delta) or PEFT's
     budget: Optional[float] = None  # trainable parameters in LoRA-rank-1 units; None: use `peft` as given
     target_modules: list[str] = field(default_factory=lambda: list(SDXL_ATTENTION_PROJECTIONS))

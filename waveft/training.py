@@ -394,7 +394,9 @@ def train(cfg: RunConfig) -> TrainResult:
     # The final adapter in PEFT's format, with what a reader of the run needs beside it.
     accelerator.wait_for_everyone()
     run_info = {
-        "method": cfg.adapter.type,
+        "method": cfg.adapter.label or cfg.adapter.type,
+        "adapter_type": cfg.adapter.type,
+        "seed": cfg.seed,
         "implementation": cfg.adapter.implementation,
         "budget": cfg.adapter.budget,
         "trainable_parameters": trainable_parameters,
