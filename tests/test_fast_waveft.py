@@ -237,17 +237,40 @@ def test_unknown_wavelet_is_a_user_error():
         wavelet_filters("morl")  # continuous
 
 
+def check_transposed_forms(axis: SynthesisAxis, signal, coefficients):
+    """The feature-major forms equal the token-major ones; padding rows past `padded` are ignored/zero."""
+    rows = axis.transposed_rows
+    assert rows >= axis.padded
+    torch.testing.assert_close(axis.analyze_transposed(signal)[: axis.padded], axis.analyze(signal).T)
+    coefficients_t = torch.zeros(rows, coefficients.shape[0], dtype=coefficients.dtype)
+    coefficients_t[: axis.padded] = coefficients.T
+    expected = axis.synthesize(coefficients)
+    torch.testing.assert_close(axis.synthesize_transposed(coefficients_t), expected)
+    base = torch.randn_like(expected)
+    torch.testing.assert_close(axis.synthesize_transposed(coefficients_t, add_to=base), base + expected)
+
+
+@pytest.mark.parametrize("length", [1, 9, 16, 32, 50])
+def test_identity_axis(length):
+    axis = SynthesisAxis.identity(length)
+    signal = torch.randn(4, length, dtype=torch.float64)
+    assert axis.padded == length and axis.offset == 0
+    torch.testing.assert_close(axis.matrix(torch.float64), torch.eye(length, dtype=torch.float64))
+    check_transposed_forms(axis, signal, torch.randn(4, length, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("wavelet", ["db1", "db3", "bior2.4", "dmey"])
 def test_synthesis_axis_adjoint_and_idwt2(wavelet):
     torch.manual_seed(8)
     filters = wavelet_filters(wavelet)
-    for length in (1, 2, 7, 30):
+    for length in (1, 2, 7, 30, 32, 48):
         axis = SynthesisAxis(length, filters)
         signal = torch.randn(3, length, dtype=torch.float64)
         coefficients = torch.randn(3, axis.padded, dtype=torch.float64)
         matrix = axis.matrix(torch.float64)
         torch.testing.assert_close(axis.synthesize(coefficients), coefficients @ matrix.T)
         torch.testing.assert_close(axis.analyze(signal), signal @ matrix)
+        check_transposed_forms(axis, signal, coefficients)
     output_axis, input_axis = synthesis_axis(9, filters), synthesis_axis(14, filters)
     quadrants = torch.randn(output_axis.padded, input_axis.padded, dtype=torch.float64)
     h2, w2 = output_axis.padded // 2, input_axis.padded // 2
@@ -271,8 +294,13 @@ def test_recreated_adapter_is_not_served_from_a_stale_cache():
     torch.testing.assert_close(fast(x), reference(x), rtol=1e-5, atol=1e-6)
 
 
+def dense_tensors(tree):
+    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor) and t.layout == torch.strided]
+
+
 class LargestNewTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an operation allocates (views excluded)."""
+    """Records the largest number of elements of any dense tensor an operation allocates (views excluded;
+    a sparse tensor's memory is its dense index and value tensors)."""
 
     def __init__(self):
         super().__init__()
@@ -280,9 +308,9 @@ class LargestNewTensor(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+        inputs = {t.untyped_storage().data_ptr() for t in dense_tensors((args, kwargs))}
+        for t in dense_tensors(out):
+            if t.untyped_storage().data_ptr() not in inputs:
                 self.largest = max(self.largest, t.numel())
         return out
 

@@ -3,23 +3,28 @@
 PEFT rebuilds a delta weight `delta_W` (out x in) from an (H, W) coefficient matrix with a single-level 2-D
 inverse DWT. That transform is separable: `delta_W = R M C^T`, where `R` (out x H) and `C` (in x W) are 1-D
 synthesis operators and `M` is the coefficient matrix rearranged as described under `idwt2_columns`. Each
-column of `R` and `C` holds at most `filter_length` non-zeros, so `x @ C` and `z @ R^T` are strided 1-D
-convolutions along the feature axis: O(N * filter_length * features) for N tokens.
+column of `R` and `C` holds at most `filter_length` non-zeros, so `x @ C` and `z @ R^T` cost
+O(N * filter_length * features) for N tokens, not O(N * out * in).
 
 Pieces, for adapters built on this (WaveFT, WaRA):
 - `wavelet_filters(name)`: a PyWavelets reconstruction filter bank.
-- `SynthesisAxis`: one 1-D operator (`R` or `C`), with `synthesize` (coeffs @ S^T), `analyze` (signal @ S),
-  `matrix()` and `columns()`; `SynthesisAxis.identity(n)` for adapters without a transform.
+- `SynthesisAxis`: one 1-D operator `S` (`R` or `C`); `SynthesisAxis.identity(n)` for adapters without a
+  transform. Token-major (rows = tokens): `analyze(x) = x @ S`, `synthesize(c) = c @ S^T`.
+  Feature-major ("transposed", rows = coefficients, columns = tokens): `analyze_transposed(x) = (x @ S)^T`
+  and `synthesize_transposed(c_t, add_to) = add_to + c_t^T @ S^T`, which take and give token-major
+  activations. The transposition rides along in the transform's GEMMs, so sparse couplings between
+  coefficients can use row-wise kernels (`embedding_bag`, `sampled_addmm`) on contiguous token vectors.
 - `synthesis_axis(length, filters)`: a cached `SynthesisAxis`, shared by all layers of one shape.
 - `idwt2_columns`: where a coefficient of PEFT's (H, W) quadrant layout enters `R` and `C`.
 - `synthesize2` / `idwt2`: dense `delta_W`, for merging and for references.
 
-Coefficient order: `analyze` returns and `synthesize` takes the coefficients of one axis *interleaved*,
-column `2 j + band` for position `j` of band 0 (low-pass) or 1 (high-pass). PEFT stacks them in blocks
-(`[lo_0 .. lo_{h-1}, hi_0 .. hi_{h-1}]`); `SynthesisAxis.columns` maps block indices to interleaved columns.
-Interleaving makes the Haar transform one (N, h, 2) @ (2, 2) matmul and the others a few shifted ones.
+Coefficient order: the coefficients of one axis are *interleaved*, index `2 j + band` for position `j` of
+band 0 (low-pass) or 1 (high-pass). PEFT stacks them in blocks (`[lo_0 .. lo_{h-1}, hi_0 .. hi_{h-1}]`);
+`SynthesisAxis.columns` maps block indices to interleaved ones. Interleaving makes every transform a few
+small matmuls on (even, odd) pairs.
 """
 import functools
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,6 +32,9 @@ import pywt
 import torch
 
 from waveft.errors import UserError
+
+# Coefficient rows per GEMM in the transposed transforms (fastest measured on CPU; a multiple of 2).
+TRANSPOSED_BLOCK = 16
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,10 @@ class WaveletFilters:
         return len(self.rec_lo)
 
 
+# The identity as a two-tap "filter bank": coefficient 2 j + band reconstructs sample 2 j + band.
+_IDENTITY_BANK = WaveletFilters("identity", (1.0, 0.0), (0.0, 1.0))
+
+
 def wavelet_filters(name: str) -> WaveletFilters:
     """The reconstruction filter bank of PyWavelets' discrete wavelet `name` (e.g. 'db1', 'sym4', 'coif2')."""
     try:
@@ -54,41 +66,41 @@ def wavelet_filters(name: str) -> WaveletFilters:
 def padded_length(length: int, filter_length: int) -> int:
     """PEFT's coefficient count for a signal of `length`: `length + filter_length - 2`, rounded up to even.
 
-    `filter_length - 2` is the size the transform's boundary crop removes; it equals PEFT's
-    `WAVELET_REDUCTIONS` for every wavelet listed there.
+    `filter_length - 2` is what the transform's boundary crop removes; it equals PEFT's `WAVELET_REDUCTIONS`
+    for every wavelet listed there.
     """
     padded = length + filter_length - 2
     return padded + padded % 2
 
 
 class SynthesisAxis:
-    """The 1-D single-level inverse DWT of one axis, as PEFT's `waverec2d` applies it, plus its adjoint.
+    """The 1-D single-level inverse DWT of one axis, as PEFT's `waverec2d` applies it, and its adjoint.
 
-    As a matrix `S` (length x padded): `synthesize(c) = c @ S^T` and `analyze(x) = x @ S`, both on the
-    last axis of 2-D tensors (tokens x features). Coefficients are interleaved (module docstring).
-    `offset` is PEFT's centring offset: data index `i` sits at padded index `i + offset`.
+    As a matrix `S` (length x padded), acting on the last axis of token-major 2-D tensors (tokens x features):
+    `synthesize(c) = c @ S^T`, `analyze(x) = x @ S`. Coefficients are interleaved (module docstring).
+    `offset` is PEFT's centring offset: data index `i` sits at padded index `i + offset`. The transposed
+    forms use `transposed_rows >= padded` coefficient rows; the extra rows are zero padding.
     """
 
     def __init__(self, length: int, filters: Optional[WaveletFilters]):
         self.length = length
         self.filters = filters
-        if filters is None:
-            self.padded, self.offset = length, 0
-            return
-        if filters.length % 2:
-            raise ValueError(f"wavelet {filters.name!r} has an odd filter length {filters.length}")
-        self.padded = padded_length(length, filters.length)
+        self._bank = filters or _IDENTITY_BANK
+        taps = self._bank.length
+        if taps % 2:
+            raise ValueError(f"wavelet {self._bank.name!r} has an odd filter length {taps}")
+        self.padded = length if filters is None else padded_length(length, taps)
         self.offset = (self.padded - length) // 2
-        # waverec2d crops `filter_length - 2` from the transposed convolution's output, then PEFT centre-crops
-        # to `length`: the signal starts at index `first` of the full convolution output.
-        reconstructed = self.padded - filters.length + 2
-        first = filters.length - 2 + (reconstructed - length) // 2
-        # Work on whole (even, odd) pairs: `lead` zeros put the signal's first sample on an even index,
-        # and pair p of the aligned signal is pair p + `base` of the full output.
-        self._lead = first % 2
-        self._base = (first - self._lead) // 2
-        self._aligned_pairs = (self._lead + length + 1) // 2
-        self._mixers = {}  # (dtype, device) -> (taps, 2, 2) analysis matrices F_q[r, band] = rec_band[2 q + r]
+        # waverec2d crops `taps - 2` samples from each end of its transposed convolution, and PEFT then
+        # centre-crops to `length`, which removes nothing more: with this padding the reconstruction has
+        # `length` or `length + 1` samples. So sample i of the signal is sample i + taps - 2 of the full
+        # convolution, and full-output pair p holds samples 2 p, 2 p + 1.
+        self._first_pair = (taps - 2) // 2
+        self._pairs = (length + 1) // 2
+        self._blocks_out = math.ceil(length / TRANSPOSED_BLOCK)
+        needed = max(self.padded, TRANSPOSED_BLOCK * self._blocks_out + taps - 2)
+        self.transposed_rows = TRANSPOSED_BLOCK * math.ceil(needed / TRANSPOSED_BLOCK)
+        self._kernels = {}  # (dtype, device) -> (pair mixers, analysis block, synthesis block)
 
     @classmethod
     def identity(cls, length: int) -> "SynthesisAxis":
@@ -99,60 +111,121 @@ class SynthesisAxis:
     def is_identity(self) -> bool:
         return self.filters is None
 
-    def analyze(self, signal: torch.Tensor) -> torch.Tensor:
-        """(N, length) -> (N, padded): `signal @ S`, i.e. `x @ C` on the input side or `dy @ R` on the output side."""
-        if self.is_identity:
-            return signal
-        pairs = self._align(signal)
-        mixers = self._mixers_for(signal)
-        shifts = [q - self._base for q in range(len(mixers))]
-        return _mix_shifted_pairs(pairs, mixers, shifts, self.padded // 2).view(signal.shape[0], self.padded)
-
-    def synthesize(self, coefficients: torch.Tensor) -> torch.Tensor:
-        """(N, padded) -> (N, length): `coefficients @ S^T`, i.e. `z @ R^T` on the output side or `du @ C^T` on the input side."""
-        if self.is_identity:
-            return coefficients
-        rows = coefficients.shape[0]
-        pairs = coefficients.view(rows, self.padded // 2, 2)
-        mixers = self._mixers_for(coefficients).transpose(1, 2)
-        shifts = [self._base - q for q in range(len(mixers))]
-        aligned = _mix_shifted_pairs(pairs, mixers, shifts, self._aligned_pairs).view(rows, 2 * self._aligned_pairs)
-        return aligned[:, self._lead : self._lead + self.length]
-
-    def matrix(self, dtype=torch.float32, device=None) -> torch.Tensor:
-        """The dense operator `S`, (length x padded), interleaved columns."""
-        return self.synthesize(torch.eye(self.padded, dtype=dtype, device=device)).T
-
     def columns(self, block_index: torch.Tensor) -> torch.Tensor:
-        """Interleaved column of each coefficient given by its PEFT block index (`lo` block first, then `hi`)."""
+        """Interleaved index of each coefficient given by its PEFT block index (`lo` block first, then `hi`)."""
         if self.is_identity:
             return block_index
         half = self.padded // 2
         return torch.where(block_index < half, 2 * block_index, 2 * (block_index - half) + 1)
 
-    def _align(self, signal: torch.Tensor) -> torch.Tensor:
-        rows = signal.shape[0]
-        trailing = 2 * self._aligned_pairs - self._lead - self.length
-        if self._lead or trailing:
-            signal = torch.nn.functional.pad(signal, (self._lead, trailing))
-        return signal.reshape(rows, self._aligned_pairs, 2)
+    # ---- token-major: (tokens, features)
 
-    def _mixers_for(self, like: torch.Tensor) -> torch.Tensor:
+    def analyze(self, signal: torch.Tensor) -> torch.Tensor:
+        """(N, length) -> (N, padded): `signal @ S`, i.e. `x @ C` on the input side or `dy @ R` on the output side."""
+        if self.is_identity:
+            return signal
+        tokens = signal.shape[0]
+        if self.length % 2:
+            signal = torch.nn.functional.pad(signal, (0, 1))
+        pairs = signal.reshape(tokens, self._pairs, 2)
+        mixers = self._kernels_for(signal)[0]
+        shifts = [q - self._first_pair for q in range(len(mixers))]
+        return _mix_shifted_pairs(pairs, mixers, shifts, self.padded // 2).view(tokens, self.padded)
+
+    def synthesize(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """(N, padded) -> (N, length): `coefficients @ S^T`, i.e. `z @ R^T` on the output side or `du @ C^T` on the input side."""
+        if self.is_identity:
+            return coefficients
+        tokens = coefficients.shape[0]
+        pairs = coefficients.view(tokens, self.padded // 2, 2)
+        mixers = self._kernels_for(coefficients)[0].transpose(1, 2)
+        shifts = [self._first_pair - q for q in range(len(mixers))]
+        signal = _mix_shifted_pairs(pairs, mixers, shifts, self._pairs).view(tokens, 2 * self._pairs)
+        return signal[:, : self.length]
+
+    def matrix(self, dtype=torch.float32, device=None) -> torch.Tensor:
+        """The dense operator `S`, (length x padded), interleaved columns."""
+        return self.synthesize(torch.eye(self.padded, dtype=dtype, device=device)).T
+
+    # ---- feature-major coefficients: (transposed_rows, tokens), token-major signals
+
+    def analyze_transposed(self, signal: torch.Tensor) -> torch.Tensor:
+        """(N, length) -> (transposed_rows, N): `(signal @ S)^T`; rows past `padded` are outside the transform.
+
+        Block q of TRANSPOSED_BLOCK coefficient rows is one GEMM of the block's analysis matrix with the
+        window of the (zero-extended) signal it reads, taken in transposed form.
+        """
+        tokens = signal.shape[0]
+        taps = self._bank.length
+        width = self.transposed_rows + taps - 2  # full-convolution samples the blocks read
+        if width != self.length:
+            signal = torch.nn.functional.pad(signal, (taps - 2, width - (taps - 2) - self.length))
+        signal = signal.contiguous()
+        analysis_block = self._kernels_for(signal)[1]  # (BLOCK, BLOCK + taps - 2)
+        windows = signal.as_strided(
+            (self.transposed_rows // TRANSPOSED_BLOCK, analysis_block.shape[1], tokens),
+            (TRANSPOSED_BLOCK, 1, width),
+            signal.storage_offset(),
+        )
+        return torch.matmul(analysis_block, windows).view(self.transposed_rows, tokens)
+
+    def synthesize_transposed(self, coefficients_t: torch.Tensor, add_to: Optional[torch.Tensor] = None):
+        """(transposed_rows, N) -> (N, length): `coefficients_t^T @ S^T`, plus `add_to` (N, length) if given,
+        in one pass. Rows past `padded` must be zero.
+
+        Output block q (TRANSPOSED_BLOCK samples) is one GEMM of the coefficient rows it depends on (a
+        window of BLOCK + taps - 2 rows, read transposed) with the block's synthesis matrix.
+        """
+        rows, tokens = coefficients_t.shape
+        assert rows == self.transposed_rows, (rows, self.transposed_rows)
+        coefficients_t = coefficients_t.contiguous()
+        synthesis_block = self._kernels_for(coefficients_t)[2]  # (BLOCK + taps - 2, BLOCK)
+        windows = coefficients_t.as_strided(
+            (self._blocks_out, tokens, synthesis_block.shape[0]),
+            (TRANSPOSED_BLOCK * tokens, 1, tokens),
+            coefficients_t.storage_offset(),
+        )
+        blocks = torch.matmul(windows, synthesis_block).transpose(0, 1)  # (N, blocks, BLOCK), token-major view
+        fusable = add_to is not None and TRANSPOSED_BLOCK * self._blocks_out == self.length
+        if not fusable or (torch.is_grad_enabled() and (add_to.requires_grad or blocks.requires_grad)):
+            signal = blocks.reshape(tokens, TRANSPOSED_BLOCK * self._blocks_out)[:, : self.length]
+            return signal if add_to is None else add_to + signal
+        # One pass for the un-transposition and the addition (out= is not differentiable, hence the test above).
+        out_dtype = torch.result_type(add_to, blocks)
+        out = torch.empty(tokens, self.length, dtype=out_dtype, device=add_to.device)
+        torch.add(add_to.reshape(blocks.shape), blocks, out=out.view(blocks.shape))
+        return out
+
+    def _kernels_for(self, like: torch.Tensor):
         key = (like.dtype, like.device)
-        if key not in self._mixers:
-            taps = torch.tensor([self.filters.rec_lo, self.filters.rec_hi], dtype=torch.float64)  # (band, tap)
-            # tap t = 2 q + r  ->  F_q[r, band]
-            mixers = taps.T.reshape(-1, 2, 2)
-            self._mixers[key] = mixers.to(dtype=like.dtype, device=like.device)
-        return self._mixers[key]
+        if key not in self._kernels:
+            bank = torch.tensor([self._bank.rec_lo, self._bank.rec_hi], dtype=torch.float64)  # (band, tap)
+            taps = bank.shape[1]
+            # Token-major pair mixers: tap t = 2 q + r  ->  mixers[q][r, band].
+            mixers = bank.T.reshape(-1, 2, 2)
+            # Analysis block A[r, e] = bank[r % 2, e - 2 (r // 2)]: coefficient row r of a block from the
+            # block's window of samples e; synthesis block S[r, e] = bank[r % 2, e + taps - 2 - 2 (r // 2)]:
+            # output sample e of a block from the window's coefficient row r.
+            width = TRANSPOSED_BLOCK + taps - 2
+            analysis = torch.zeros(TRANSPOSED_BLOCK, width, dtype=torch.float64)
+            synthesis = torch.zeros(width, TRANSPOSED_BLOCK, dtype=torch.float64)
+            for r in range(TRANSPOSED_BLOCK):
+                analysis[r, 2 * (r // 2) : 2 * (r // 2) + taps] = bank[r % 2]
+            for r in range(width):
+                for e in range(TRANSPOSED_BLOCK):
+                    t = e + taps - 2 - 2 * (r // 2)
+                    if 0 <= t < taps:
+                        synthesis[r, e] = bank[r % 2, t]
+            self._kernels[key] = tuple(k.to(dtype=like.dtype, device=like.device) for k in (mixers, analysis, synthesis))
+        return self._kernels[key]
 
 
 def _mix_shifted_pairs(pairs: torch.Tensor, mixers: torch.Tensor, shifts: list, out_pairs: int) -> torch.Tensor:
     """`out[:, j] = sum_q pairs[:, j + shifts[q]] @ mixers[q]`, terms outside `pairs` being zero: (N, out_pairs, 2)."""
-    rows, in_pairs, _ = pairs.shape
+    tokens, in_pairs, _ = pairs.shape
     if len(shifts) == 1 and shifts[0] == 0 and in_pairs == out_pairs:
-        return pairs @ mixers[0]  # Haar: one small matmul, no accumulator
-    out = pairs.new_zeros(rows, out_pairs, 2)
+        return pairs @ mixers[0]  # two taps: one small matmul, no accumulator
+    out = pairs.new_zeros(tokens, out_pairs, 2)
     for mixer, shift in zip(mixers, shifts):
         start, stop = max(0, -shift), min(out_pairs, in_pairs - shift)
         if start < stop:
@@ -162,7 +235,7 @@ def _mix_shifted_pairs(pairs: torch.Tensor, mixers: torch.Tensor, shifts: list, 
 
 @functools.lru_cache(maxsize=None)
 def synthesis_axis(length: int, filters: Optional[WaveletFilters]) -> SynthesisAxis:
-    """The `SynthesisAxis` for (length, filters), shared so its filter tensors are built once per device and dtype."""
+    """The `SynthesisAxis` for (length, filters), shared so its kernels are built once per device and dtype."""
     return SynthesisAxis(length, filters)
 
 

@@ -1,14 +1,17 @@
 """WaveFT layer computing PEFT's output without building the dense `out x in` delta weight.
 
 PEFT's `WaveFTLinear` rebuilds `delta_W = scaling * IDWT2(scatter(spectrum))` on every forward and adds
-`x @ delta_W^T`. The IDWT is separable (`waveft.adapters.wavelet_ops`), so for N tokens x (N, in):
+`x @ delta_W^T`. The IDWT is separable (`waveft.adapters.wavelet_ops`: `delta_W = R M C^T`, M holding the
+spectrum at (s_k, g_k)), so for N tokens x (N, in):
 
-    u = x C                                   analysis along the input features      (N, W)
-    z[:, s] += u[:, g] * scaling * spectrum   one term per trainable coefficient      (N, H)
-    delta  = z R^T                            synthesis along the output features    (N, out)
+    u^T = (x C)^T                                analysis, feature-major         (W, N)
+    z^T[s_k] += scaling * spectrum[k] * u^T[g_k]  one term per spectrum entry     (H, N)
+    out = base(x) + z R^T                         synthesis, back to token-major  (N, out)
 
-with cost O(N (L (in + out) + n_frequency)). Backward recomputes `u` from the saved input instead of
-keeping it, so the layer saves what LoRA's `lora_A` saves: its input.
+with cost O(N (L (in + out) + n_frequency)). Keeping coefficients feature-major makes the middle step a
+row-wise `embedding_bag` (and its backward a `sampled_addmm`) over contiguous token vectors, where
+column gathers and scatters on token-major tensors would be several times slower. Backward recomputes
+`u^T` from the saved input instead of keeping it, so the layer saves what LoRA's `lora_A` saves: its input.
 """
 import warnings
 from dataclasses import dataclass
@@ -50,15 +53,28 @@ def peft_compatible_filters(name: str) -> WaveletFilters:
 
 @dataclass(frozen=True)
 class AdapterPlan:
-    """What the structured forward needs for one adapter of one layer, on one device."""
+    """What the structured forward needs for one adapter of one layer, on one device.
+
+    The spectrum couples input coefficient g_k to output coefficient s_k (`idwt2_columns`). The forward
+    sums, for each output coefficient, its weighted input coefficients (CSR order: by s, then g); the
+    backward does the reverse (CSC order: by g, then s). Both run as `embedding_bag` over feature-major
+    coefficient rows.
+    """
 
     indices: torch.Tensor  # PEFT's `waveft_indices[adapter]` it was built from: a new tensor means a new adapter
     wavelet: str
     use_idwt: bool
     output_axis: SynthesisAxis  # R
     input_axis: SynthesisAxis  # C
-    output_columns: torch.Tensor  # s: column of R (and of z) per spectrum entry
-    input_columns: torch.Tensor  # g: column of C (and of u) per spectrum entry
+    output_columns: torch.Tensor  # s_k
+    input_columns: torch.Tensor  # g_k
+    csr_order: torch.Tensor  # spectrum entries sorted by (s, g)
+    csr_rows: torch.Tensor  # (R rows + 1,) bag offsets
+    csr_columns: torch.Tensor  # g in CSR order
+    csc_order: torch.Tensor  # spectrum entries sorted by (g, s)
+    csc_columns: torch.Tensor  # (C rows + 1,) bag offsets
+    csc_rows: torch.Tensor  # s in CSC order
+    _patterns: dict  # dtype -> sparse CSR pattern of the coupling, for sampled_addmm
 
     @classmethod
     def build(cls, layer: WaveFTLinear, adapter: str, device: torch.device) -> "AdapterPlan":
@@ -69,12 +85,20 @@ class AdapterPlan:
             filters = peft_compatible_filters(wavelet)
             output_axis = synthesis_axis(layer.out_features, filters)
             input_axis = synthesis_axis(layer.in_features, filters)
-            output_columns, input_columns = idwt2_columns(rows, cols, output_axis, input_axis)
+            s, g = idwt2_columns(rows, cols, output_axis, input_axis)
         else:
             output_axis = SynthesisAxis.identity(layer.out_features)
             input_axis = SynthesisAxis.identity(layer.in_features)
-            output_columns, input_columns = rows, cols
-        return cls(indices, wavelet, use_idwt, output_axis, input_axis, output_columns, input_columns)
+            s, g = rows, cols
+        out_rows, in_rows = output_axis.transposed_rows, input_axis.transposed_rows
+        csr_order = torch.argsort(s * in_rows + g)
+        csc_order = torch.argsort(g * out_rows + s)
+        return cls(
+            indices, wavelet, use_idwt, output_axis, input_axis, s, g,
+            csr_order, _bag_offsets(s[csr_order], out_rows), g[csr_order],
+            csc_order, _bag_offsets(g[csc_order], in_rows), s[csc_order],
+            {},
+        )  # fmt: skip
 
     def matches(self, layer: WaveFTLinear, adapter: str, device: torch.device) -> bool:
         return (
@@ -84,47 +108,76 @@ class AdapterPlan:
             and self.output_columns.device == device
         )
 
+    def sampled_products(self, w_t: torch.Tensor, u_t: torch.Tensor) -> torch.Tensor:
+        """`sum_n w_t[s_k, n] * u_t[g_k, n]` for every spectrum entry k, in spectrum order."""
+        if w_t.dtype in (torch.float32, torch.float64):
+            products = torch.sparse.sampled_addmm(self._pattern(w_t.dtype), w_t, u_t.T, beta=0.0).values()
+        else:  # sampled_addmm has no half-precision kernels
+            products = torch.linalg.vecdot(w_t[self.output_columns[self.csr_order]], u_t[self.csr_columns])
+        return torch.empty_like(products).index_copy_(0, self.csr_order, products)
 
-def _gather_columns(values: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    return torch.gather(values, 1, columns.expand(values.shape[0], -1))
+    def _pattern(self, dtype) -> torch.Tensor:
+        if dtype not in self._patterns:
+            with warnings.catch_warnings():  # "sparse CSR support is in beta" and friends, once per process
+                warnings.simplefilter("ignore")
+                self._patterns[dtype] = torch.sparse_csr_tensor(
+                    self.csr_rows,
+                    self.csr_columns,
+                    torch.zeros(len(self.csr_columns), dtype=dtype, device=self.csr_rows.device),
+                    (self.output_axis.transposed_rows, self.input_axis.transposed_rows),
+                )
+        return self._patterns[dtype]
 
 
-def _scatter_add_columns(values: torch.Tensor, columns: torch.Tensor, width: int) -> torch.Tensor:
-    return values.new_zeros(values.shape[0], width).scatter_add_(1, columns.expand_as(values), values)
+def _bag_offsets(sorted_keys: torch.Tensor, bags: int) -> torch.Tensor:
+    """Start of each key's run in `sorted_keys`, plus the end: offsets for `embedding_bag(include_last_offset=True)`."""
+    return torch.searchsorted(sorted_keys, torch.arange(bags + 1, device=sorted_keys.device))
+
+
+def _weighted_bags(indices, offsets, rows, weights):
+    """`out[b] = sum_{i in bag b} weights[i] * rows[indices[i]]`: the sparse coupling, row-wise."""
+    return torch.nn.functional.embedding_bag(
+        indices, rows, offsets, mode="sum", per_sample_weights=weights, include_last_offset=True
+    )
 
 
 class StructuredWaveFTDelta(torch.autograd.Function):
-    """`x @ delta_W^T` for x (N, in), from the spectrum, never forming `delta_W`.
+    """`base_output + x @ delta_W^T` for x (N, in), from the spectrum, never forming `delta_W`.
 
-    Runs with autocast off, in the spectrum's dtype (x arrives cast to it, as in PEFT), so the scatter's
-    operands agree in dtype whatever the caller's autocast state.
+    Coefficients live feature-major (rows = coefficients, columns = tokens) between the transforms. Runs with
+    autocast off, in the spectrum's dtype (x arrives cast to it, as in PEFT).
     """
 
     @staticmethod
-    def forward(ctx, x, spectrum, scaling: float, plan: AdapterPlan):
+    def forward(ctx, base_output, x, spectrum, scaling: float, plan: AdapterPlan):
         with torch.autocast(x.device.type, enabled=False):
-            coefficients = _gather_columns(plan.input_axis.analyze(x), plan.input_columns)
-            coefficients.mul_(spectrum * scaling)
-            z = _scatter_add_columns(coefficients, plan.output_columns, plan.output_axis.padded)
-            delta = plan.output_axis.synthesize(z)
+            weights = spectrum * scaling
+            u_t = plan.input_axis.analyze_transposed(x)
+            z_t = _weighted_bags(plan.csr_columns, plan.csr_rows, u_t, weights[plan.csr_order])
+            del u_t
+            output = plan.output_axis.synthesize_transposed(z_t, add_to=base_output)
         ctx.save_for_backward(x, spectrum)
-        ctx.scaling, ctx.plan = scaling, plan
-        return delta
+        ctx.scaling, ctx.plan, ctx.base_dtype = scaling, plan, base_output.dtype
+        return output
 
     @staticmethod
-    def backward(ctx, grad_delta):
+    def backward(ctx, grad_output):
         x, spectrum = ctx.saved_tensors
         plan, scaling = ctx.plan, ctx.scaling
+        grad_base = grad_output.to(ctx.base_dtype) if ctx.needs_input_grad[0] else None
         grad_x = grad_spectrum = None
         with torch.autocast(x.device.type, enabled=False):
-            w = _gather_columns(plan.output_axis.analyze(grad_delta.to(x.dtype)), plan.output_columns)
+            w_t = plan.output_axis.analyze_transposed(grad_output.to(x.dtype))
+            if ctx.needs_input_grad[2]:
+                u_t = plan.input_axis.analyze_transposed(x)
+                grad_spectrum = plan.sampled_products(w_t, u_t).mul_(scaling)
+                del u_t
             if ctx.needs_input_grad[1]:
-                u = _gather_columns(plan.input_axis.analyze(x), plan.input_columns)
-                grad_spectrum = torch.linalg.vecdot(w, u, dim=0).mul_(scaling)
-            if ctx.needs_input_grad[0]:
-                du = _scatter_add_columns(w.mul_(spectrum * scaling), plan.input_columns, plan.input_axis.padded)
-                grad_x = plan.input_axis.synthesize(du)
-        return grad_x, grad_spectrum, None, None
+                weights = spectrum * scaling
+                du_t = _weighted_bags(plan.csc_rows, plan.csc_columns, w_t, weights[plan.csc_order])
+                del w_t
+                grad_x = plan.input_axis.synthesize_transposed(du_t)
+        return grad_base, grad_x, grad_spectrum, None, None
 
 
 class FastWaveFTLinear(WaveFTLinear):
@@ -148,9 +201,8 @@ class FastWaveFTLinear(WaveFTLinear):
             for active_adapter in self.active_adapters:
                 if active_adapter not in self.waveft_spectrum.keys():
                     continue
-                spectrum = self.waveft_spectrum[active_adapter]
-                x = self._cast_input_dtype(x, spectrum.dtype)
-                result = result + self._structured_delta(active_adapter, x)
+                x = self._cast_input_dtype(x, self.waveft_spectrum[active_adapter].dtype)
+                result = self._add_structured_delta(active_adapter, result, x)
 
         return result.to(previous_dtype)
 
@@ -161,12 +213,17 @@ class FastWaveFTLinear(WaveFTLinear):
         coefficients = coefficients.index_put((plan.output_columns, plan.input_columns), spectrum)
         return synthesize2(coefficients, plan.output_axis, plan.input_axis) * self.waveft_scaling[adapter]
 
-    def _structured_delta(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
+    def _add_structured_delta(self, adapter: str, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`result + x @ delta_W^T` as PEFT's forward computes it, with the structured delta."""
         plan = self._plan(adapter, x.device)
-        delta = StructuredWaveFTDelta.apply(
-            x.reshape(-1, self.in_features), self.waveft_spectrum[adapter], self.waveft_scaling[adapter], plan
+        output = StructuredWaveFTDelta.apply(
+            result.reshape(-1, self.out_features),
+            x.reshape(-1, self.in_features),
+            self.waveft_spectrum[adapter],
+            self.waveft_scaling[adapter],
+            plan,
         )
-        return delta.reshape(*x.shape[:-1], self.out_features)
+        return output.reshape(*result.shape[:-1], self.out_features)
 
     def _plan(self, adapter: str, device: torch.device) -> AdapterPlan:
         plans = self.__dict__.setdefault("_fast_waveft_plans", {})
