@@ -9,7 +9,7 @@ from waveft.adapters.attach import attach_adapter, target_layers
 from waveft.adapters.budget import (
     BUDGET_RULES,
     LayerShape,
-    budget_run_info,
+    adapted_layers_budget,
     lora_rank_one_parameters,
     plan_budget,
     settings_with_peft_defaults,
@@ -116,7 +116,7 @@ def test_counts_match_the_parameters_peft_creates_on_sdxl(sdxl_shapes, method, p
 def test_attached_adapter_holds_what_the_budget_planned(method, budget):
     adapter = AdapterConfig(type=method, budget=budget)
     layers = attach_adapter(tiny_unet(), adapter, total_steps=10)
-    info = budget_run_info(adapter, layers)
+    info = adapted_layers_budget(adapter, layers).run_info()
     trainable = sum(layer.trainable_parameters for layer in layers)
     unit = lora_rank_one_parameters([LayerShape(l.out_features, l.in_features) for l in layers])
     assert info["budget_target_parameters"] == round(budget * unit)

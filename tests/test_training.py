@@ -207,3 +207,14 @@ def test_prior_preservation_8bit_adam_bf16_checkpointing_and_min_snr(tiny_sdxl_d
     mtimes = {n: os.path.getmtime(out / "class_images" / n) for n in class_images}
     train(tiny_cfg(tiny_sdxl_dir, subject_dir, out, *settings, "overwrite_output_dir=true"))
     assert mtimes == {n: os.path.getmtime(out / "class_images" / n) for n in class_images}
+
+
+def test_adalora_run_resumes_from_its_checkpoint(tiny_sdxl_dir, subject_dir, tmp_path):
+    """AdaLoRA's saved state omits its rank buffers on purpose; resuming must still accept it."""
+    from waveft.training import train
+
+    out = tmp_path / "run"
+    settings = ("adapter.type=adalora", "adapter.peft={}", "train.checkpointing_steps=2", "train.resume=latest")
+    train(tiny_cfg(tiny_sdxl_dir, subject_dir, out, "train.max_steps=2", *settings))
+    resumed = train(tiny_cfg(tiny_sdxl_dir, subject_dir, out, "train.max_steps=3", *settings))
+    assert resumed.run_info["steps"] == 3 and resumed.run_info["method"] == "adalora"

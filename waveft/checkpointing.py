@@ -75,16 +75,17 @@ def save_adapter(unet, path: str, adapter_name: str = "default", metadata: dict 
 
 def load_adapter_weights(unet, path: str, adapter_name: str = "default") -> None:
     """Load saved adapter weights into an adapter already attached to `unet`; any key mismatch is an error."""
-    from peft import set_peft_model_state_dict
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
     state = load_file(os.path.join(path, ADAPTER_WEIGHTS_NAME))
     state = {key.removeprefix(PEFT_MODEL_PREFIX): value for key, value in state.items()}
-    result = set_peft_model_state_dict(unet, state, adapter_name=adapter_name)
-    unexpected = list(getattr(result, "unexpected_keys", []) or [])
-    missing = [k for k in getattr(result, "missing_keys", []) or [] if adapter_name in k]
-    if unexpected or missing:
+    # What PEFT saves for this adapter (AdaLoRA, for one, never saves its `ranknum` buffers).
+    expected = set(get_peft_model_state_dict(unet, adapter_name=adapter_name))
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
         raise RuntimeError(f"adapter at {path} does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    set_peft_model_state_dict(unet, state, adapter_name=adapter_name)
 
 
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:

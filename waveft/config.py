@@ -267,7 +267,7 @@ def validate(cfg: RunConfig, source: str) -> None:
         _positive(cfg.adapter.budget, "adapter.budget", source)
     from waveft.adapters.methods import validate_adapter_settings
 
-    validate_adapter_settings(cfg.adapter, source)
+    validate_adapter_settings(cfg.adapter, source, total_steps=cfg.train.max_steps)
 
 
 def config_to_dict(cfg: RunConfig) -> dict:

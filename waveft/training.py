@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from waveft import data as dreambooth_data
 from waveft.adapters.attach import attach_adapter, format_adapter_table
+from waveft.adapters.budget import adapted_layers_budget
 from waveft.adapters.methods import get_method
 from waveft.checkpointing import (
     atomic_write_json,
@@ -221,11 +222,15 @@ def build_optimizer(cfg: RunConfig, params):
 
 def train(cfg: RunConfig) -> TrainResult:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import compute_snr
 
     check_output_dir(cfg)
+    # accelerate keeps one process-wide state; a second train() in this process (a test, a notebook, a sweep)
+    # may ask for another mixed precision. The distributed (partial) state is kept.
+    AcceleratorState._reset_state()
     if cfg.train.report_to == "wandb":
         os.environ.setdefault("WANDB_MODE", "offline" if "WANDB_API_KEY" not in os.environ else "online")
     accelerator = Accelerator(
@@ -277,7 +282,10 @@ def train(cfg: RunConfig) -> TrainResult:
         unet.to(dtype=weight_dtype)
     layers = attach_adapter(unet, cfg.adapter, total_steps=cfg.train.max_steps)
     trainable_parameters = sum(layer.trainable_parameters for layer in layers)
+    budget = adapted_layers_budget(cfg.adapter, layers)
     say(format_adapter_table(layers))
+    if budget is not None:
+        say(budget.describe())
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -410,6 +418,7 @@ def train(cfg: RunConfig) -> TrainResult:
         "steps": state["global_step"],
         "final_loss": state["loss"],
         "train_seconds": round(time.time() - started, 2),
+        **(budget.run_info() if budget is not None else {}),
     }
     if main:
         save_adapter(accelerator.unwrap_model(unet), os.path.join(cfg.output_dir, "adapter"), metadata=run_info)

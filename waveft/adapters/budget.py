@@ -271,9 +271,8 @@ def _bracket(count: Callable[[int], int], target: int, max_value: Optional[int],
     return (low or None), high
 
 
-def budget_run_info(adapter, layers) -> dict:
-    """What a run stores about its budget (empty without one): the settings it chose, the target and reached
-    parameter counts and their relative error. `layers` have `out_features` and `in_features` (the adapted layers)."""
+def adapted_layers_budget(adapter, layers) -> Optional[BudgetPlan]:
+    """The budget plan of a run (None without a budget). `layers` have `out_features` and `in_features`."""
     if adapter.budget is None:
-        return {}
-    return plan_budget(adapter, [LayerShape(l.out_features, l.in_features) for l in layers]).run_info()
+        return None
+    return plan_budget(adapter, [LayerShape(l.out_features, l.in_features) for l in layers])

@@ -70,6 +70,8 @@ class AdaLoraRankSchedule:
             _, rank_pattern = self.allocator.update_and_allocate(model, global_step)
             self.rank_pattern = rank_pattern or self.rank_pattern
         elif global_step == final_step:
+            if not self.allocator.exp_avg_ipt:  # resumed right before the final allocation: score this step
+                self.allocator.update_ipt(model)
             _, self.rank_pattern = self.allocator.update_and_allocate(model, global_step, force_mask=True)
             self.allocator.reset_ipt()
         else:
