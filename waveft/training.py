@@ -132,6 +132,10 @@ def validation_settings(cfg: RunConfig, dtype: str) -> GenerationSettings:
     )
 
 
+def compute_dtype_name(cfg: RunConfig) -> str:
+    return "fp32" if cfg.train.mixed_precision == "no" else cfg.train.mixed_precision
+
+
 def in_memory_pipeline(components, unet, scheduler_name: str):
     from diffusers import StableDiffusionXLPipeline
 
@@ -151,7 +155,7 @@ def in_memory_pipeline(components, unet, scheduler_name: str):
     return pipe
 
 
-def run_validation(cfg, accelerator, components, unet, step: int, weight_dtype_name: str) -> str:
+def run_validation(cfg, accelerator, components, unet, step: int) -> str:
     """Sample the validation prompts x seeds with the adapter as it is now; save a grid and log it."""
     out_dir = os.path.join(cfg.output_dir, "validation", f"step-{step:06d}")
     for encoder in (components.text_encoder, components.text_encoder_2):
@@ -159,7 +163,7 @@ def run_validation(cfg, accelerator, components, unet, step: int, weight_dtype_n
     pipe = in_memory_pipeline(components, accelerator.unwrap_model(unet), cfg.validation.scheduler)
     jobs = prompt_seed_jobs(validation_prompts(cfg), cfg.validation.seeds, step=step)
     with accelerator.autocast():
-        rows = generate_images(pipe, jobs, out_dir, validation_settings(cfg, weight_dtype_name), progress=False)
+        rows = generate_images(pipe, jobs, out_dir, validation_settings(cfg, compute_dtype_name(cfg)), progress=False)
     for encoder in (components.text_encoder, components.text_encoder_2):
         encoder.to("cpu")
     grid = os.path.join(out_dir, "grid.png")
@@ -201,6 +205,19 @@ def generate_class_images(cfg, accelerator, components) -> None:
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------
+
+
+def batches_from(dataloader, dataset, state: dict, accelerator):
+    """Batches epoch after epoch, from where `state` says (a resumed run skips the batches it already used)."""
+    while True:
+        dataloader.set_epoch(state["epoch"])
+        dataset.set_epoch(state["epoch"])
+        used = state["batches_in_epoch"]
+        for batch in accelerator.skip_first_batches(dataloader, used) if used else dataloader:
+            state["batches_in_epoch"] += 1
+            yield batch
+        state["epoch"] += 1
+        state["batches_in_epoch"] = 0
 
 
 def micro_batch_generator(seed: int, process_index: int, micro_step: int, device) -> torch.Generator:
@@ -319,85 +336,77 @@ def train(cfg: RunConfig) -> TrainResult:
     unet.train()
 
     with progress:  # closed on errors too, so an error message starts on its own line
-        while state["global_step"] < cfg.train.max_steps:
-            dataloader.set_epoch(state["epoch"])
-            dataset.set_epoch(state["epoch"])
-            batches = accelerator.skip_first_batches(dataloader, state["batches_in_epoch"]) if state["batches_in_epoch"] else dataloader
-            for batch in batches:
-                g = micro_batch_generator(cfg.seed, accelerator.process_index, state["micro_step"], "cpu")
-                state["micro_step"] += 1
-                state["batches_in_epoch"] += 1
-                with accelerator.accumulate(unet):
-                    # 1. Images to latents (the VAE runs in its own dtype, fp32 by default).
-                    with torch.no_grad():
-                        pixels = batch["pixels"].to(device, dtype=vae.dtype)
-                        latents = vae.encode(pixels).latent_dist.sample(generator=g)
-                        latents = (latents * vae.config.scaling_factor).to(weight_dtype)
-                    # 2. Noise them at a random timestep.
-                    noise = torch.randn(latents.shape, generator=g).to(device, weight_dtype)
-                    if cfg.train.noise_offset:
-                        noise += cfg.train.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=g).to(noise)
-                    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g)
-                    timesteps = timesteps.to(device)
-                    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-                    # 3. Predict the noise (or velocity) with the adapted UNet.
-                    text = [prompt_embeds[p] for p in batch["prompts"]]
-                    model_pred = unet(
-                        noisy_latents,
-                        timesteps,
-                        encoder_hidden_states=torch.stack([t[0] for t in text]),
-                        added_cond_kwargs={
-                            "text_embeds": torch.stack([t[1] for t in text]),
-                            "time_ids": batch["time_ids"].to(device, weight_dtype),
-                        },
-                    ).sample
-                    target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
-                    # 4. MSE per sample, optionally Min-SNR weighted; prior preservation on the class half.
-                    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                    if cfg.train.snr_gamma is not None:
-                        snr = compute_snr(noise_scheduler, timesteps)
-                        clipped = torch.clamp(snr, max=cfg.train.snr_gamma)
-                        per_sample = per_sample * (clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1))
-                    n = batch["num_instance"]
-                    loss = per_sample[:n].mean()
-                    if per_sample.shape[0] > n:
-                        loss = loss + cfg.data.prior_preservation.loss_weight * per_sample[n:].mean()
-                    if not torch.isfinite(loss):
-                        last = list_checkpoints(cfg.output_dir)
-                        raise TrainingDiverged(
-                            f"loss became {loss.item()} at step {state['global_step'] + 1}; nothing was saved past "
-                            f"{last[-1][1] if last else 'the start'}. Lower train.learning_rate or check the data"
-                        )
-                    # 5. Backward, clip, step.
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.train.max_grad_norm is not None:
-                        accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
-                    optimizer.step()
-                    if step_hook is not None and accelerator.sync_gradients:
-                        step_hook(accelerator.unwrap_model(unet), state["global_step"] + 1)
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+        for batch in batches_from(dataloader, dataset, state, accelerator):
+            if state["global_step"] >= cfg.train.max_steps:
+                break
+            g = micro_batch_generator(cfg.seed, accelerator.process_index, state["micro_step"], "cpu")
+            state["micro_step"] += 1
+            with accelerator.accumulate(unet):
+                # 1. Images to latents (the VAE runs in its own dtype, fp32 by default).
+                with torch.no_grad():
+                    pixels = batch["pixels"].to(device, dtype=vae.dtype)
+                    latents = vae.encode(pixels).latent_dist.sample(generator=g)
+                    latents = (latents * vae.config.scaling_factor).to(weight_dtype)
+                # 2. Noise them at a random timestep.
+                noise = torch.randn(latents.shape, generator=g).to(device, weight_dtype)
+                if cfg.train.noise_offset:
+                    noise += cfg.train.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=g).to(noise)
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g)
+                timesteps = timesteps.to(device)
+                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+                # 3. Predict the noise (or velocity) with the adapted UNet.
+                text = [prompt_embeds[p] for p in batch["prompts"]]
+                model_pred = unet(
+                    noisy_latents,
+                    timesteps,
+                    encoder_hidden_states=torch.stack([t[0] for t in text]),
+                    added_cond_kwargs={
+                        "text_embeds": torch.stack([t[1] for t in text]),
+                        "time_ids": batch["time_ids"].to(device, weight_dtype),
+                    },
+                ).sample
+                target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+                # 4. MSE per sample, optionally Min-SNR weighted; prior preservation on the class half.
+                per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                if cfg.train.snr_gamma is not None:
+                    snr = compute_snr(noise_scheduler, timesteps)
+                    clipped = torch.clamp(snr, max=cfg.train.snr_gamma)
+                    per_sample = per_sample * (clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1))
+                n = batch["num_instance"]
+                loss = per_sample[:n].mean()
+                if per_sample.shape[0] > n:
+                    loss = loss + cfg.data.prior_preservation.loss_weight * per_sample[n:].mean()
+                if not torch.isfinite(loss):
+                    last = list_checkpoints(cfg.output_dir)
+                    raise TrainingDiverged(
+                        f"loss became {loss.item()} at step {state['global_step'] + 1}; nothing was saved past "
+                        f"{last[-1][1] if last else 'the start'}. Lower train.learning_rate or check the data"
+                    )
+                # 5. Backward, clip, step.
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.train.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
+                optimizer.step()
+                if step_hook is not None and accelerator.sync_gradients:
+                    step_hook(accelerator.unwrap_model(unet), state["global_step"] + 1)
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
 
-                if not accelerator.sync_gradients:
-                    continue
-                # One optimizer step done: count, log, checkpoint, validate.
-                state["global_step"] += 1
-                state["loss"] = accelerator.gather(loss.detach()).mean().item()
-                progress.update(1)
-                progress.set_postfix(loss=f"{state['loss']:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
-                if state["global_step"] % cfg.train.log_every == 0:
-                    accelerator.log({"loss": state["loss"], "lr": lr_scheduler.get_last_lr()[0]}, step=state["global_step"])
-                step = state["global_step"]
-                if main and cfg.train.checkpointing_steps and step % cfg.train.checkpointing_steps == 0:
-                    save_checkpoint(cfg.output_dir, step, accelerator.unwrap_model(unet), optimizer, lr_scheduler, state,
-                                    cfg.train.checkpoints_total_limit)
-                if main and cfg.validation.every_steps and step % cfg.validation.every_steps == 0:
-                    run_validation(cfg, accelerator, components, unet, step, cfg.train.mixed_precision.replace("no", "fp32"))
-                if step >= cfg.train.max_steps:
-                    break
-            else:
-                state["epoch"] += 1
-                state["batches_in_epoch"] = 0
+            if not accelerator.sync_gradients:
+                continue
+            # One optimizer step done: count, log, checkpoint, validate.
+            state["global_step"] = step = state["global_step"] + 1
+            state["loss"] = accelerator.gather(loss.detach()).mean().item()
+            lr = lr_scheduler.get_last_lr()[0]
+            progress.update(1)
+            progress.set_postfix(loss=f"{state['loss']:.4f}", lr=f"{lr:.2e}")
+            if step % cfg.train.log_every == 0:
+                accelerator.log({"loss": state["loss"], "lr": lr}, step=step)
+            if main and cfg.train.checkpointing_steps and step % cfg.train.checkpointing_steps == 0:
+                save_checkpoint(cfg.output_dir, step, accelerator.unwrap_model(unet), optimizer, lr_scheduler, state,
+                                cfg.train.checkpoints_total_limit)
+            if main and cfg.validation.every_steps and step % cfg.validation.every_steps == 0:
+                run_validation(cfg, accelerator, components, unet, step)
 
     # The final adapter in PEFT's format, with what a reader of the run needs beside it.
     accelerator.wait_for_everyone()
@@ -434,7 +443,7 @@ def train(cfg: RunConfig) -> TrainResult:
 def final_samples(cfg: RunConfig) -> str:
     """Reload the saved adapter the way users will (merged into a fresh pipeline) and sample the prompts."""
     out_dir = os.path.join(cfg.output_dir, "samples")
-    dtype = "fp32" if cfg.train.mixed_precision == "no" else cfg.train.mixed_precision
+    dtype = compute_dtype_name(cfg)
     pipe = load_pipeline(cfg.model.pretrained, os.path.join(cfg.output_dir, "adapter"), cfg.model.vae,
                          dtype=dtype if torch.cuda.is_available() else "fp32", scheduler=cfg.validation.scheduler)
     rows = generate_images(pipe, prompt_seed_jobs(validation_prompts(cfg), cfg.validation.seeds), out_dir,
