@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from eval.files import write_atomic
 from waveft.errors import UserError
+from waveft.files import write_atomic
 
 DEFAULT_DINO = "facebook/dino-vits16"
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"

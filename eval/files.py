@@ -1,37 +1,11 @@
-"""Small file helpers shared by the eval CLIs: atomic writes and the generation manifest."""
+"""File helpers shared by the eval CLIs: JSON and the generation manifest (atomic writes: waveft.files)."""
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from waveft.errors import UserError
+from waveft.generate import MANIFEST_NAME as MANIFEST
 
-MANIFEST = "manifest.jsonl"
 MANIFEST_KEYS = ("file", "subject", "prompt", "prompt_index", "seed")
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)  # reading the umask means setting it; this puts it back
-
-
-def write_atomic(path: str | Path, write) -> None:
-    """Call `write(file_object)` on a temp file beside `path`, then move it over `path`: readers (and an
-    earlier complete file) never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes the file private; give it the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
-
-
 def read_json(path: str | Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import yaml
 
-from eval.files import MANIFEST, read_json, write_text_atomic
+from eval.files import MANIFEST, read_json
 from eval.protocol import fill_prompt, load_benchmark
 from waveft.errors import UserError, cli_entry
+from waveft.files import write_text_atomic
 
 # The negative prompt as the paper's protocol gives it; the source quotes it ending in "...", so this is the
 # part that is known.

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.files import read_json, write_atomic, write_text_atomic
-from eval.tables import (METRICS, SMOKE_TEST_BANNER, csv_text, format_mean_se, is_missing, latex_table,
-                         markdown_table)
+from eval.files import read_json
+from eval.tables import METRICS, SMOKE_TEST_BANNER, csv_text, format_mean_se, is_missing, latex_table, markdown_table
 from waveft.errors import UserError, cli_entry
+from waveft.files import write_atomic, write_text_atomic
 
 METRICS_FILE = "metrics.json"
 

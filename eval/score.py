@@ -20,14 +20,31 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from eval.encoders import (DEFAULT_CLIP, DEFAULT_CMMD_CLIP, DEFAULT_DINO, ClipEncoder, DinoEncoder, EmbeddingCache,
-                           default_cache_dir, load_rgb)
-from eval.files import MANIFEST, read_json, read_manifest, write_text_atomic
-from eval.metrics import (CMMD_SCALE, CMMD_SIGMA, LpipsDistance, clip_t_scores, cmmd, dino_diversity,
-                          mean_pairwise_cosine, mean_pairwise_distance)
+from eval.encoders import (
+    DEFAULT_CLIP,
+    DEFAULT_CMMD_CLIP,
+    DEFAULT_DINO,
+    ClipEncoder,
+    DinoEncoder,
+    EmbeddingCache,
+    default_cache_dir,
+    load_rgb,
+)
+from eval.files import MANIFEST, read_json, read_manifest
+from eval.metrics import (
+    CMMD_SCALE,
+    CMMD_SIGMA,
+    LpipsDistance,
+    clip_t_scores,
+    cmmd,
+    dino_diversity,
+    mean_pairwise_cosine,
+    mean_pairwise_distance,
+)
 from eval.protocol import DEFAULT_IDENTIFIER, PROMPTS_FILE, load_benchmark, real_image_paths, remove_identifier
 from eval.tables import METRICS, SMOKE_TEST_BANNER, csv_text, format_metric, json_text, markdown_table
 from waveft.errors import UserError, cli_entry
+from waveft.files import write_text_atomic
 
 RUN_INFO = "run_info.json"
 CLIP_T_PROMPTS = ("without-identifier", "as-generated")

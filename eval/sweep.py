@@ -50,13 +50,14 @@ import yaml
 from tqdm.auto import tqdm
 
 from eval.encoders import DEFAULT_CLIP, DEFAULT_CMMD_CLIP, DEFAULT_DINO
-from eval.files import read_json, write_text_atomic
+from eval.files import read_json
 from eval.generate_benchmark import PAPER_NEGATIVE_PROMPT, PAPER_SEEDS
 from eval.protocol import DEFAULT_IDENTIFIER, PROMPTS_FILE, Subject, dataset_folder, load_benchmark, real_image_paths
 from eval.score import CLIP_T_PROMPTS, LPIPS_NETS
 from eval.tiny_benchmark import write_tiny_benchmark
-from waveft.config import coerce_value, load_config
+from waveft.config import coerce_value, load_config, read_yaml_mapping
 from waveft.errors import UserError, cli_entry
+from waveft.files import write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "train_dreambooth_waveft.py"
@@ -172,15 +173,7 @@ def _field_type(schema, name: str):
 
 def load_sweep(path: str, overrides: tuple[str, ...] = ()) -> SweepConfig:
     """Read, override and type-check a sweep file; unknown keys are refused by name."""
-    if not os.path.isfile(path):
-        raise UserError(f"sweep file not found: {path}")
-    try:
-        with open(path) as f:
-            tree = yaml.safe_load(f) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(tree, dict):
-        raise UserError(f"{path}: the sweep file must be a mapping")
+    tree = read_yaml_mapping(path, "sweep file")
     for override in overrides:
         _apply_override(tree, override)
     return coerce_value(tree, SweepConfig, "", path)

@@ -7,13 +7,12 @@ test the plumbing, not the images, and each folder carries a SMOKE_TEST_ENCODER.
 table label them as smoke-test numbers.
 """
 import argparse
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from eval.encoders import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, SMOKE_TEST_MARKER
+from waveft.files import atomic_directory
 from waveft.tiny import tiny_text_encoder_config, write_tiny_clip_tokenizer
 
 TINY_SEED = 0
@@ -56,14 +55,8 @@ def write_tiny_encoders(folder: str | Path) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name, write in (("dino", write_tiny_dino), ("clip", write_tiny_clip)):
-        staging = Path(tempfile.mkdtemp(prefix=f".tiny-{name}-", dir=folder))
-        try:
-            write(staging)
-            shutil.rmtree(folder / name, ignore_errors=True)
-            staging.replace(folder / name)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        with atomic_directory(folder / name) as staging:
+            write(Path(staging))
 
 
 def main(argv=None) -> None:

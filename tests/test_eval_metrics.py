@@ -8,8 +8,15 @@ import pytest
 from PIL import Image
 
 from eval.encoders import ClipEncoder, DinoEncoder, EmbeddingCache, center_crop, load_rgb, resize_short_side
-from eval.metrics import (LpipsDistance, clip_t_scores, cmmd, cosine_distance, dino_diversity, mean_pairwise_cosine,
-                          mean_pairwise_distance)
+from eval.metrics import (
+    LpipsDistance,
+    clip_t_scores,
+    cmmd,
+    cosine_distance,
+    dino_diversity,
+    mean_pairwise_cosine,
+    mean_pairwise_distance,
+)
 from eval.tiny_encoders import write_tiny_encoders
 from waveft.errors import UserError
 

@@ -3,8 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from eval.protocol import (fill_prompt, load_benchmark, parse_prompts_and_classes, real_image_paths,
-                           remove_identifier)
+from eval.protocol import fill_prompt, load_benchmark, parse_prompts_and_classes, real_image_paths, remove_identifier
 from tests.test_eval_fixtures import LIVE_TEMPLATES, OBJECT_TEMPLATES, SUBJECTS, prompts_file_text, write_benchmark
 from waveft.errors import UserError
 

@@ -164,7 +164,7 @@ def test_trainer_cli_refuses_an_unknown_method_in_one_line():
 
 
 def test_trainer_end_to_end_with_wara_at_a_budget(tiny_sdxl_dir, subject_dir, tmp_path):
-    from waveft.adapters.budget import lora_rank_one_parameters, LayerShape
+    from waveft.adapters.budget import LayerShape, lora_rank_one_parameters
     from waveft.generate import merge_adapter
     from waveft.training import train
 

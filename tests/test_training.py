@@ -98,7 +98,7 @@ def instance_loss(unet, tiny_sdxl_dir, subject_dir, cfg):
 
 
 def test_short_run_learns_and_saved_adapter_reloads_in_stock_peft(tiny_sdxl_dir, subject_dir, tmp_path):
-    from peft import PeftModel, set_peft_model_state_dict, WaveFTConfig
+    from peft import PeftModel, WaveFTConfig, set_peft_model_state_dict
     from safetensors.torch import load_file
 
     cfg = tiny_cfg(tiny_sdxl_dir, subject_dir, tmp_path / "run", "train.max_steps=30", "train.learning_rate=3e-3",

@@ -1,61 +1,17 @@
-"""Atomic writes, the adapter's PEFT-format files, and resumable training checkpoints.
-
-Everything is written into a temporary sibling and moved into place with `os.replace`, so an interrupted save
-leaves the previous file or folder intact, never a half-written one.
-"""
+"""The adapter's PEFT-format files and resumable training checkpoints, each written atomically."""
 import json
 import os
 import re
 import shutil
-import tempfile
-from contextlib import contextmanager
 
 import torch
+
+from waveft.files import atomic_directory
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 # PeftModel.save_pretrained writes keys under this prefix; writing the same keys keeps files interchangeable.
 PEFT_MODEL_PREFIX = "base_model.model."
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_write_json(path: str, data) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
-
-
-@contextmanager
-def atomic_directory(path: str):
-    """Yield a temporary folder; on success it replaces `path` whole, on failure it is removed."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    try:
-        yield staging
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-            os.replace(path, os.path.join(old, "x"))
-            os.replace(staging, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def save_adapter(unet, path: str, adapter_name: str = "default", metadata: dict | None = None) -> None:

@@ -205,17 +205,23 @@ def _apply_override(tree: dict, override: str) -> None:
     node[parts[-1]] = value
 
 
+def read_yaml_mapping(path: str, what: str = "config file") -> dict:
+    """The mapping a YAML file holds (an empty file: {}), or a UserError naming the file."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} not found: {path}")
+    try:
+        with open(path) as f:
+            tree = yaml.safe_load(f) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"{path}: the {what} must be a mapping")
+    return tree
+
+
 def load_config(path: Optional[str], overrides: tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML config (or none: all defaults), apply `key.sub=value` overrides, type-check and validate."""
-    tree: dict = {}
-    if path is not None:
-        if not os.path.isfile(path):
-            raise UserError(f"config file not found: {path}")
-        try:
-            with open(path) as f:
-                tree = yaml.safe_load(f) or {}
-        except yaml.YAMLError as exc:
-            raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    tree = read_yaml_mapping(path) if path is not None else {}
     for override in overrides:
         _apply_override(tree, override)
     source = path or "config"
@@ -275,6 +281,6 @@ def config_to_dict(cfg: RunConfig) -> dict:
 
 
 def save_config(cfg: RunConfig, path: str) -> None:
-    from waveft.checkpointing import atomic_write_text
+    from waveft.files import write_text_atomic
 
-    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -175,7 +175,7 @@ def write_synthetic_subject(folder: str, num_images: int = 4, size: int = 96, se
 
 
 def ensure_instance_images(data_cfg) -> None:
-    from waveft.checkpointing import atomic_directory
+    from waveft.files import atomic_directory
 
     if data_cfg.synthetic_if_missing and not os.path.isdir(data_cfg.instance_dir):
         with atomic_directory(data_cfg.instance_dir) as staging:

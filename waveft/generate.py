@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from waveft.checkpointing import atomic_write_text
 from waveft.errors import UserError, cli_entry
+from waveft.files import write_text_atomic
 from waveft.models import DTYPES
 
 MANIFEST_NAME = "manifest.jsonl"
@@ -121,7 +121,7 @@ def read_manifest(path: str) -> dict[str, dict]:
 
 
 def write_manifest(path: str, rows: dict[str, dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows.values()))
+    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows.values()))
 
 
 def _save_png(image: Image.Image, path: str) -> None:

@@ -28,7 +28,7 @@ def _load(what: str, source: str, loader):
 
 def load_sdxl(model_cfg) -> SDXLComponents:
     """Every component frozen, in fp32 except the VAE, which takes `model.vae_dtype`."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     if model_cfg.build_tiny_if_missing:

@@ -9,9 +9,10 @@ import argparse
 import json
 import os
 import shutil
-import tempfile
 
 import torch
+
+from waveft.files import atomic_directory
 
 TINY_SEED = 0
 CLIP_SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
@@ -91,7 +92,7 @@ def tiny_unet_config() -> dict:
 
 
 def build_tiny_sdxl(path: str) -> None:
-    """Write the tiny SDXL pipeline folder at `path` (atomically: built in a temp folder, then moved)."""
+    """Write the tiny SDXL pipeline folder at `path`, replacing it whole."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -119,10 +120,7 @@ def build_tiny_sdxl(path: str) -> None:
         timestep_spacing="leading",
         prediction_type="epsilon",
     )
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".tiny-sdxl-", dir=parent)
-    try:
+    with atomic_directory(path) as staging:
         write_tiny_clip_tokenizer(os.path.join(staging, "tokenizer_src"))
         tokenizer = CLIPTokenizer.from_pretrained(os.path.join(staging, "tokenizer_src"))
         shutil.rmtree(os.path.join(staging, "tokenizer_src"))
@@ -136,12 +134,6 @@ def build_tiny_sdxl(path: str) -> None:
             scheduler=scheduler,
         )
         pipe.save_pretrained(staging)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def ensure_tiny_sdxl(path: str) -> None:

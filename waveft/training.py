@@ -18,7 +18,6 @@ from waveft.adapters.attach import attach_adapter, format_adapter_table
 from waveft.adapters.budget import adapted_layers_budget
 from waveft.adapters.methods import get_method
 from waveft.checkpointing import (
-    atomic_write_json,
     list_checkpoints,
     load_checkpoint,
     save_adapter,
@@ -26,6 +25,7 @@ from waveft.checkpointing import (
 )
 from waveft.config import RunConfig, config_to_dict, save_config
 from waveft.errors import UserError
+from waveft.files import write_json_atomic
 from waveft.generate import GenerationSettings, generate_images, load_pipeline, prompt_seed_jobs, save_grid
 from waveft.models import DTYPES, load_sdxl
 
@@ -431,7 +431,7 @@ def train(cfg: RunConfig) -> TrainResult:
     }
     if main:
         save_adapter(accelerator.unwrap_model(unet), os.path.join(cfg.output_dir, "adapter"), metadata=run_info)
-        atomic_write_json(os.path.join(cfg.output_dir, "run_info.json"), run_info)
+        write_json_atomic(os.path.join(cfg.output_dir, "run_info.json"), run_info)
         if cfg.validation.final:
             run_info["samples"] = final_samples(cfg)
             _log_image(accelerator, "samples", run_info["samples"], state["global_step"])

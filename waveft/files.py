@@ -1,0 +1,56 @@
+"""Atomic writes: a file or folder is built beside its destination and moved over it only once complete,
+so readers (and an earlier complete version) never see a half-written one, whatever interrupts the write."""
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # reading the umask means setting it; this puts it back
+
+
+def write_atomic(path: str | Path, write) -> None:
+    """Call `write(binary_file)` on a temp file beside `path`, flush it to disk, then move it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes the file private; give it the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_json_atomic(path: str | Path, data) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+@contextmanager
+def atomic_directory(path: str | Path):
+    """Yield a temporary folder beside `path`; on success it replaces `path` whole, on failure it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        yield staging
+        if path.exists():
+            old = tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent)
+            os.replace(path, os.path.join(old, "previous"))
+            os.replace(staging, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
