@@ -1,2 +1,8 @@
 """WaveFT personalization of Stable Diffusion XL: trainer, adapters, generation."""
-from waveft.adapters.fast_waveft import enable_fast_waveft  # noqa: F401
+import logging
+
+# bitsandbytes' CPU backend warns at import (diffusers imports it) that its optional 4-bit kernels are missing;
+# this project uses only its 8-bit AdamW.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+from waveft.adapters.fast_waveft import enable_fast_waveft  # noqa: E402, F401
