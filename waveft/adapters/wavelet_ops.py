@@ -26,7 +26,6 @@ small matmuls on (even, odd) pairs.
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import pywt
 import torch
@@ -82,7 +81,7 @@ class SynthesisAxis:
     forms use `transposed_rows >= padded` coefficient rows; the extra rows are zero padding.
     """
 
-    def __init__(self, length: int, filters: Optional[WaveletFilters]):
+    def __init__(self, length: int, filters: WaveletFilters | None):
         self.length = length
         self.filters = filters
         self._bank = filters or _IDENTITY_BANK
@@ -169,7 +168,7 @@ class SynthesisAxis:
         )
         return torch.matmul(analysis_block, windows).view(self.transposed_rows, tokens)
 
-    def synthesize_transposed(self, coefficients_t: torch.Tensor, add_to: Optional[torch.Tensor] = None):
+    def synthesize_transposed(self, coefficients_t: torch.Tensor, add_to: torch.Tensor | None = None):
         """(transposed_rows, N) -> (N, length): `coefficients_t^T @ S^T`, plus `add_to` (N, length) if given,
         in one pass. Rows past `padded` must be zero.
 
@@ -233,8 +232,8 @@ def _mix_shifted_pairs(pairs: torch.Tensor, mixers: torch.Tensor, shifts: list, 
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def synthesis_axis(length: int, filters: Optional[WaveletFilters]) -> SynthesisAxis:
+@functools.cache
+def synthesis_axis(length: int, filters: WaveletFilters | None) -> SynthesisAxis:
     """The `SynthesisAxis` for (length, filters), shared so its kernels are built once per device and dtype."""
     return SynthesisAxis(length, filters)
 

@@ -199,7 +199,7 @@ class FastWaveFTLinear(WaveFTLinear):
         else:
             result = self.base_layer(x, *args, **kwargs)
             for active_adapter in self.active_adapters:
-                if active_adapter not in self.waveft_spectrum.keys():
+                if active_adapter not in self.waveft_spectrum:
                     continue
                 x = self._cast_input_dtype(x, self.waveft_spectrum[active_adapter].dtype)
                 result = self._add_structured_delta(active_adapter, result, x)

@@ -1,0 +1,445 @@
+"""Training cost of LoRA rank 1, PEFT's WaveFT and the structured WaveFT at the same trainable-parameter budget.
+
+    python scripts/bench_adapters.py [--quick] [--out BENCHMARKS.md]
+
+(a) every distinct SDXL attention projection (to_q/to_k/to_v/to_out.0, taken from the real SDXL UNet config
+    on the meta device) at 1024-px token counts: forward + backward of one layer;
+(b) one training step (forward, backward, AdamW) of an SDXL-shaped UNet: real channel widths and attention
+    shapes, depth and resolution reduced for a CPU; with CUDA also the full SDXL UNet at 1024 px in bf16.
+
+Variants: frozen base, LoRA r=1, PEFT WaveFT and structured WaveFT with n_frequency = in + out per layer (the
+LoRA r=1 budget). Times are medians over interleaved repeats. Peak memory is the peak of bytes held by tensors
+allocated during the step (CPU: a dispatch-mode tracker of tensor storages; CUDA: max_memory_allocated).
+"""
+import argparse
+import copy
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from waveft.adapters.fast_waveft import enable_fast_waveft  # noqa: E402
+
+# stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (nothing can be downloaded here).
+SDXL_UNET_CONFIG = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    use_linear_projection=True,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    norm_num_groups=32,
+    act_fn="silu",
+)
+TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_TOKENS = 77
+VARIANTS = ["base", "lora_r1", "peft_waveft", "fast_waveft"]
+VARIANT_TITLES = {
+    "base": "frozen base",
+    "lora_r1": "LoRA r1",
+    "peft_waveft": "PEFT WaveFT",
+    "fast_waveft": "structured WaveFT",
+}
+
+
+def _dense_tensors(tree) -> list:
+    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor) and t.layout == torch.strided]
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """Peak bytes of tensor storages allocated while active (views and in-place results are not new storage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._tracked = set()
+
+    def _release(self, key, nbytes):
+        self._tracked.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in _dense_tensors((args, kwargs))}
+        for tensor in _dense_tensors(out):  # a sparse tensor's memory is its dense index and value tensors
+            storage = tensor.untyped_storage()
+            key = storage.data_ptr()
+            if key == 0 or key in inputs or key in self._tracked:
+                continue
+            self._tracked.add(key)
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._release, key, storage.nbytes())
+        return out
+
+
+def target_module_names(model) -> list:
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and (name.split(".")[-1] in ("to_q", "to_k", "to_v") or name.endswith(".to_out.0"))
+    ]
+
+
+def add_adapter(model, variant: str):
+    """Put `variant` on every attention projection of `model` at the LoRA r=1 budget; returns the trainable params."""
+    from peft import LoraConfig, WaveFTConfig, inject_adapter_in_model
+
+    model.requires_grad_(False)
+    if variant == "base":
+        return []
+    names = target_module_names(model)
+    if variant == "lora_r1":
+        config = LoraConfig(r=1, lora_alpha=1, target_modules=TARGET_MODULES)
+    else:
+        budget = {}
+        for name in names:
+            layer = model.get_submodule(name)
+            budget[name] = layer.in_features + layer.out_features
+        config = WaveFTConfig(n_frequency=2592, n_frequency_pattern=budget, target_modules=TARGET_MODULES)
+    inject_adapter_in_model(config, model)
+    if variant == "fast_waveft":
+        enable_fast_waveft(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in trainable:
+            p.data = p.data.float()  # as get_peft_model(autocast_adapter_dtype=True) does
+            if variant != "lora_r1":
+                p.normal_(0, 1e-3)  # nonzero spectra; LoRA's B stays zero as initialised
+    return trainable
+
+
+@dataclass
+class Measurement:
+    seconds: float
+    peak_bytes: int
+
+
+CLOCKS = {
+    "wall": time.perf_counter,
+    # CPU time of the calling thread: with --threads 1 all of torch's CPU work runs on it, and time spent
+    # descheduled by other tenants of the machine is not counted.
+    "thread": time.thread_time,
+}
+
+
+def interleaved_medians(steps: dict, warmup: int, repeats: int, synchronize, clock) -> dict:
+    """Median time of each step function, repeats interleaved across variants so drift hits all alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            synchronize()
+            start = clock()
+            step()
+            synchronize()
+            times[name].append(clock() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def peak_memory(step, device: torch.device) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        baseline = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - baseline
+    with PeakTensorMemory() as tracker:
+        step()
+    return tracker.peak
+
+
+def synchronizer(device: torch.device):
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+# ---------------------------------------------------------------- (a) one attention projection per SDXL shape
+
+
+@dataclass(frozen=True)
+class ProjectionShape:
+    tokens: int
+    in_features: int
+    out_features: int
+    count: int  # how many of SDXL's 560 projections have it
+
+    @property
+    def label(self) -> str:
+        return f"{self.tokens} x {self.in_features} -> {self.out_features} (x{self.count})"
+
+
+def sdxl_projection_shapes(latent_size: int = 128) -> list:
+    """Distinct (tokens, in, out) of SDXL's attention projections at 1024 px (latent 128 x 128)."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(SDXL_UNET_CONFIG)
+    levels = len(SDXL_UNET_CONFIG["block_out_channels"])
+    counts = {}
+    for name in target_module_names(unet):
+        layer = unet.get_submodule(name)
+        block, index = name.split(".")[:2]
+        if block == "down_blocks":
+            level = int(index)
+        elif block == "up_blocks":
+            level = levels - 1 - int(index)
+        else:  # mid_block
+            level = levels - 1
+        cross = ".attn2." in name and name.split(".")[-1] in ("to_k", "to_v")
+        tokens = TEXT_TOKENS if cross else (latent_size // 2**level) ** 2
+        key = (tokens, layer.in_features, layer.out_features)
+        counts[key] = counts.get(key, 0) + 1
+    assert sum(counts.values()) == 560, counts
+    return [ProjectionShape(*key, count) for key, count in sorted(counts.items(), key=lambda kv: -kv[1])]
+
+
+class OneProjection(torch.nn.Module):
+    def __init__(self, in_features, out_features):
+        super().__init__()
+        self.to_q = torch.nn.Linear(in_features, out_features)
+
+
+def bench_projection(shape: ProjectionShape, device, dtype, warmup, repeats, clock) -> dict:
+    torch.manual_seed(0)
+    base = OneProjection(shape.in_features, shape.out_features).to(device, dtype)
+    models = {}
+    for variant in VARIANTS:
+        models[variant] = copy.deepcopy(base)
+        add_adapter(models[variant], variant)
+    x = torch.randn(shape.tokens, shape.in_features, device=device, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(shape.tokens, shape.out_features, device=device, dtype=dtype)
+
+    def step_of(model):
+        def step():
+            model.to_q(x).backward(grad_out)
+            x.grad = None
+            model.zero_grad(set_to_none=True)
+
+        return step
+
+    steps = {variant: step_of(model) for variant, model in models.items()}
+    seconds = interleaved_medians(steps, warmup, repeats, synchronizer(device), clock)
+    return {v: Measurement(seconds[v], peak_memory(steps[v], device)) for v in VARIANTS}
+
+
+# ---------------------------------------------------------------- (b) one UNet training step
+
+
+REDUCED_UNET = dict(layers_per_block=1, transformer_layers_per_block=(1, 2, 4))
+
+
+def unet_config(reduced: bool, latent_size: int) -> dict:
+    return dict(SDXL_UNET_CONFIG, sample_size=latent_size, **(REDUCED_UNET if reduced else {}))
+
+
+def sharing_frozen_weights(model):
+    """A deep copy of `model` whose parameters and buffers are `model`'s own: variants differ only in adapters."""
+    memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, memo)
+
+
+def bench_unet_step(config, device, dtype, warmup, repeats, clock, gradient_checkpointing=False):
+    """One training step per variant, the variants interleaved; returns ({variant: Measurement}, trainable counts)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    base = UNet2DConditionModel.from_config(config).to(device, dtype).requires_grad_(False)
+    size = config["sample_size"]
+    inputs = dict(
+        timestep=torch.tensor([500], device=device),
+        encoder_hidden_states=torch.randn(1, TEXT_TOKENS, 2048, device=device, dtype=dtype),
+        added_cond_kwargs=dict(
+            text_embeds=torch.randn(1, 1280, device=device, dtype=dtype),
+            time_ids=torch.tensor([[size * 8, size * 8, 0, 0, size * 8, size * 8]], device=device, dtype=dtype),
+        ),
+    )
+    latents = torch.randn(1, 4, size, size, device=device, dtype=dtype)
+    target = torch.randn(1, 4, size, size, device=device, dtype=dtype)
+
+    def step_of(variant):
+        unet = sharing_frozen_weights(base)
+        trainable = add_adapter(unet, variant)
+        if gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        sample = latents.clone().requires_grad_(not trainable)  # frozen base: backward to the input latents
+        optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=1e-4) if trainable else None
+
+        def step():
+            loss = torch.nn.functional.mse_loss(unet(sample, **inputs).sample.float(), target.float())
+            loss.backward()
+            if optimizer:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            sample.grad = None
+
+        return step, sum(p.numel() for p in trainable)
+
+    steps, trainable_counts = {}, {}
+    for variant in VARIANTS:
+        steps[variant], trainable_counts[variant] = step_of(variant)
+    seconds = interleaved_medians(steps, warmup, repeats, synchronizer(device), clock)
+    return {v: Measurement(seconds[v], peak_memory(steps[v], device)) for v in VARIANTS}, trainable_counts
+
+
+# ---------------------------------------------------------------- report
+
+
+def machine_description(device, load_at_start) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    parts = [f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"]
+    if device.type == "cuda":
+        parts.append(f"GPU {torch.cuda.get_device_name()}")
+    parts.append(f"date {datetime.datetime.now().isoformat(timespec='minutes')}")
+    if load_at_start is not None:
+        parts.append(
+            f"1-minute load average {load_at_start[0]:.1f} at the start and {os.getloadavg()[0]:.1f} at the end"
+            " (other jobs shared the machine when it is above the thread count)"
+        )
+    return ", ".join(parts)
+
+
+def ratio(a, b) -> str:
+    return f"{a / b:.2f}" if b else "-"
+
+
+def table(title: str, rows: list) -> str:
+    """rows: (label, {variant: Measurement}). One line per (row, variant) with ratios to LoRA and PEFT WaveFT."""
+    lines = [
+        f"### {title}",
+        "",
+        "| case | variant | time (ms) | peak memory (MiB) | time / LoRA | memory / LoRA | time / PEFT WaveFT | memory / PEFT WaveFT |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, measured in rows:
+        lora, peft = measured["lora_r1"], measured["peft_waveft"]
+        for variant in VARIANTS:
+            m = measured[variant]
+            lines.append(
+                f"| {label} | {VARIANT_TITLES[variant]} | {m.seconds * 1e3:.1f} | {m.peak_bytes / 2**20:.1f} | "
+                f"{ratio(m.seconds, lora.seconds)} | {ratio(m.peak_bytes, lora.peak_bytes)} | "
+                f"{ratio(m.seconds, peft.seconds)} | {ratio(m.peak_bytes, peft.peak_bytes)} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def targets_summary(shape_total: dict, step: dict) -> str:
+    fast, lora = step["fast_waveft"], step["lora_r1"]
+    checks = [
+        ("training step time <= 1.10x LoRA r1 (goal 1.05x)", fast.seconds / lora.seconds, 1.10),
+        ("training step peak memory <= 1.05x LoRA r1", fast.peak_bytes / lora.peak_bytes, 1.05),
+        (
+            "SDXL projection set: >= 2x faster than PEFT WaveFT",
+            shape_total["peft_waveft"] / shape_total["fast_waveft"],
+            None,
+        ),
+    ]
+    lines = ["### Targets", "", "| target | measured | met |", "|---|---:|---|"]
+    for name, value, limit in checks:
+        met = value <= limit if limit is not None else value >= 2.0
+        lines.append(f"| {name} | {value:.2f}x | {'yes' if met else '**no**'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="few repeats and a small UNet: a smoke run")
+    parser.add_argument("--out", help="write the Markdown report here too")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall: elapsed time; thread: CPU time of the main thread, for --threads 1 on a shared machine",
+    )
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.clock == "thread" and (device.type == "cuda" or torch.get_num_threads() != 1):
+        parser.error("--clock thread measures only the main thread: use it with --threads 1 on CPU")
+    clock = CLOCKS[args.clock]
+    load_at_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    warmup, repeats = (1, 3) if args.quick else (3, 15)
+
+    projection_rows, shape_total = [], {v: 0.0 for v in VARIANTS}
+    for shape in sdxl_projection_shapes():
+        measured = bench_projection(shape, device, dtype, warmup, repeats, clock)
+        projection_rows.append((shape.label, measured))
+        for variant in VARIANTS:
+            shape_total[variant] += shape.count * measured[variant].seconds
+        print(f"projection {shape.label}: " + ", ".join(f"{v} {m.seconds * 1e3:.1f} ms" for v, m in measured.items()))
+    largest = {v: max(m[v].peak_bytes for _, m in projection_rows) for v in VARIANTS}
+    projection_rows.append(
+        ("all 560 SDXL projections (time: sum; memory: largest)", {v: Measurement(shape_total[v], largest[v]) for v in VARIANTS})
+    )
+
+    latent = 16 if args.quick else 48
+    step_repeats = 2 if args.quick else 5
+    step, counts = bench_unet_step(unet_config(True, latent), device, dtype, 1, step_repeats, clock)
+    label = f"SDXL UNet, latent {latent}x{latent}, " + ", ".join(f"{k} {v}" for k, v in REDUCED_UNET.items())
+    step_rows = [(label, step)]
+    print(f"UNet step ({label}): " + ", ".join(f"{v} {m.seconds:.2f} s" for v, m in step.items()))
+    if device.type == "cuda":
+        full, _ = bench_unet_step(unet_config(False, 128), device, dtype, 2, 5, clock, gradient_checkpointing=True)
+        step_rows.append(("full SDXL UNet, 1024 px (latent 128x128), bf16, gradient checkpointing", full))
+        step = full
+
+    clock_name = "CPU time of the main thread" if args.clock == "thread" else "wall clock"
+    report = [
+        "## Adapter training cost: LoRA r1 vs PEFT WaveFT vs structured WaveFT",
+        "",
+        f"Machine: {machine_description(device, load_at_start)}.",
+        f"Command: `python {' '.join(sys.argv)}`.",
+        "",
+        "Same trainable-parameter budget: LoRA rank 1 and WaveFT with n_frequency = in + out on every",
+        f"to_q/to_k/to_v/to_out.0 (wavelet db1, use_idwt=True). {dtype} weights, fp32 adapter parameters.",
+        f"Times ({clock_name}): medians of interleaved repeats ({repeats} per projection, {step_repeats} per UNet",
+        "step) after warm-up runs. Peak memory: bytes of tensors allocated during the step, at their peak.",
+        "",
+        table("(a) One attention projection, forward + backward, 1024-px SDXL token counts", projection_rows),
+        table("(b) One UNet training step (forward, backward, AdamW)", step_rows),
+        "Trainable parameters in (b): "
+        + ", ".join(f"{VARIANT_TITLES[v]} {n:,}" for v, n in counts.items() if v != "base")
+        + ". Frozen base: backward to the input latents, no optimizer.\n",
+        targets_summary(shape_total, step),
+    ]
+    text = "\n".join(report)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
