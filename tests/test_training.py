@@ -218,3 +218,15 @@ def test_adalora_run_resumes_from_its_checkpoint(tiny_sdxl_dir, subject_dir, tmp
     train(tiny_cfg(tiny_sdxl_dir, subject_dir, out, "train.max_steps=2", *settings))
     resumed = train(tiny_cfg(tiny_sdxl_dir, subject_dir, out, "train.max_steps=3", *settings))
     assert resumed.run_info["steps"] == 3 and resumed.run_info["method"] == "adalora"
+
+
+def test_adapter_that_does_not_fit_stops_the_cli_before_anything_is_written(tiny_sdxl_dir, subject_dir, tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "train_dreambooth_waveft.py", "--config", "configs/tiny.yaml", f"output_dir={out}",
+         f"model.pretrained={tiny_sdxl_dir}", f"data.instance_dir={subject_dir}", "adapter.peft.n_frequency=5000"],
+        cwd=REPO, capture_output=True, text=True,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: adapter.peft.n_frequency=5000 is out of range")
+    assert not out.exists()

@@ -194,6 +194,7 @@ def generate_class_images(cfg, accelerator, components) -> None:
     prior = cfg.data.prior_preservation
     folder = dreambooth_data.class_image_dir(cfg)
     pipe = in_memory_pipeline(components, components.unet, "dpmpp_2m").to(accelerator.device)
+    components.unet.disable_adapters()  # class images come from the base model
     existing = len(os.listdir(folder)) if os.path.isdir(folder) else 0
     seeds = range(existing, existing + missing)
     jobs = [{"file": f"class_{seed:05d}.png", "prompt": dreambooth_data.class_prompt(cfg.data), "seed": seed}
@@ -202,6 +203,7 @@ def generate_class_images(cfg, accelerator, components) -> None:
                                   batch_size=prior.generation_batch_size)
     with accelerator.autocast():
         generate_images(pipe, jobs, folder, settings, manifest_name="class_manifest.jsonl")
+    components.unet.enable_adapters()
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------
@@ -263,19 +265,29 @@ def train(cfg: RunConfig) -> TrainResult:
     weight_dtype = DTYPES[cfg.train.mixed_precision]
     device = accelerator.device
 
-    # Data and models, checked before any work is written.
+    # Data, models and adapter, all checked before anything is written.
     if main:
         dreambooth_data.ensure_instance_images(cfg.data)
     accelerator.wait_for_everyone()
     dataset = dreambooth_data.DreamBoothDataset(cfg.data, cfg.seed)
     components = load_sdxl(cfg.model)
+    # The adapter, checked against the model: frozen base weights in the compute dtype, trainable ones in fp32.
+    unet = components.unet
+    if unet.dtype != weight_dtype:
+        unet.to(dtype=weight_dtype)
+    layers = attach_adapter(unet, cfg.adapter, total_steps=cfg.train.max_steps)
+    trainable_parameters = sum(layer.trainable_parameters for layer in layers)
+    budget = adapted_layers_budget(cfg.adapter, layers)
+    say(format_adapter_table(layers))
+    if budget is not None:
+        say(budget.describe())
     resume_from = find_resume_checkpoint(cfg)
     if main:
         if cfg.overwrite_output_dir and cfg.train.resume is None:
             for _, old in list_checkpoints(cfg.output_dir):
                 shutil.rmtree(old)
         save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
-    components.unet.to(device)
+    unet.to(device)
     components.vae.to(device)
     for encoder in (components.text_encoder, components.text_encoder_2):
         encoder.to(device, dtype=weight_dtype)
@@ -293,16 +305,6 @@ def train(cfg: RunConfig) -> TrainResult:
     for encoder in (components.text_encoder, components.text_encoder_2):
         encoder.to("cpu")  # only validation needs them again
 
-    # The adapter: frozen base weights in the compute dtype, trainable weights in fp32.
-    unet = components.unet
-    if unet.dtype != weight_dtype:
-        unet.to(dtype=weight_dtype)
-    layers = attach_adapter(unet, cfg.adapter, total_steps=cfg.train.max_steps)
-    trainable_parameters = sum(layer.trainable_parameters for layer in layers)
-    budget = adapted_layers_budget(cfg.adapter, layers)
-    say(format_adapter_table(layers))
-    if budget is not None:
-        say(budget.describe())
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     params = [p for p in unet.parameters() if p.requires_grad]
