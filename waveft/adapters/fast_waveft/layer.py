@@ -13,6 +13,7 @@ row-wise `embedding_bag` (and its backward a `sampled_addmm`) over contiguous to
 column gathers and scatters on token-major tensors would be several times slower. Backward recomputes
 `u^T` from the saved input instead of keeping it, so the layer saves what LoRA's `lora_A` saves: its input.
 """
+import contextlib
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -141,6 +142,13 @@ def _weighted_bags(indices, offsets, rows, weights):
     )
 
 
+def _autocast_off(device_type: str):
+    # Entering a disabling autocast context costs more than this layer's small ops: only when needed.
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class StructuredWaveFTDelta(torch.autograd.Function):
     """`base_output + x @ delta_W^T` for x (N, in), from the spectrum, never forming `delta_W`.
 
@@ -150,7 +158,7 @@ class StructuredWaveFTDelta(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, base_output, x, spectrum, scaling: float, plan: AdapterPlan):
-        with torch.autocast(x.device.type, enabled=False):
+        with _autocast_off(x.device.type):
             weights = spectrum * scaling
             u_t = plan.input_axis.analyze_transposed(x)
             z_t = _weighted_bags(plan.csr_columns, plan.csr_rows, u_t, weights[plan.csr_order])
@@ -166,7 +174,7 @@ class StructuredWaveFTDelta(torch.autograd.Function):
         plan, scaling = ctx.plan, ctx.scaling
         grad_base = grad_output.to(ctx.base_dtype) if ctx.needs_input_grad[0] else None
         grad_x = grad_spectrum = None
-        with torch.autocast(x.device.type, enabled=False):
+        with _autocast_off(x.device.type):
             w_t = plan.output_axis.analyze_transposed(grad_output.to(x.dtype))
             if ctx.needs_input_grad[2]:
                 u_t = plan.input_axis.analyze_transposed(x)
