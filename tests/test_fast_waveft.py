@@ -143,6 +143,20 @@ def test_half_precision_base(base_dtype, spectrum_dtype):
     assert fast.waveft_spectrum["default"].grad.dtype == spectrum_dtype
 
 
+def test_under_autocast():
+    torch.manual_seed(14)
+    reference = peft_layer(32, 48, wavelet_family="db1", n_frequency=80)
+    fast = fast_copy(reference)
+    x = torch.randn(6, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref, y = reference(x), fast(x)
+        y.float().square().sum().backward()
+    assert y.dtype == y_ref.dtype
+    scale = y_ref.abs().max().item()
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2 * scale)
+    assert fast.waveft_spectrum["default"].grad.dtype == torch.float32
+
+
 def test_saved_adapters_are_interchangeable(tmp_path):
     class TwoLayers(torch.nn.Module):
         def __init__(self):
