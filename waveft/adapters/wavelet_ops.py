@@ -78,7 +78,8 @@ class SynthesisAxis:
     As a matrix `S` (length x padded), acting on the last axis of token-major 2-D tensors (tokens x features):
     `synthesize(c) = c @ S^T`, `analyze(x) = x @ S`. Coefficients are interleaved (module docstring).
     `offset` is PEFT's centring offset: data index `i` sits at padded index `i + offset`. The transposed
-    forms use `transposed_rows >= padded` coefficient rows; the extra rows are zero padding.
+    forms use `transposed_rows >= padded` coefficient rows (whole GEMM blocks): `analyze_transposed` fills
+    the extra rows with values outside the transform, to be ignored; `synthesize_transposed` needs them zero.
     """
 
     def __init__(self, length: int, filters: WaveletFilters | None):
@@ -136,7 +137,7 @@ class SynthesisAxis:
         if self.is_identity:
             return coefficients
         tokens = coefficients.shape[0]
-        pairs = coefficients.view(tokens, self.padded // 2, 2)
+        pairs = coefficients.reshape(tokens, self.padded // 2, 2)
         mixers = self._kernels_for(coefficients)[0].transpose(1, 2)
         shifts = [self._first_pair - q for q in range(len(mixers))]
         signal = _mix_shifted_pairs(pairs, mixers, shifts, self._pairs).view(tokens, 2 * self._pairs)
@@ -149,7 +150,7 @@ class SynthesisAxis:
     # ---- feature-major coefficients: (transposed_rows, tokens), token-major signals
 
     def analyze_transposed(self, signal: torch.Tensor) -> torch.Tensor:
-        """(N, length) -> (transposed_rows, N): `(signal @ S)^T`; rows past `padded` are outside the transform.
+        """(N, length) -> (transposed_rows, N): `(signal @ S)^T`; ignore the rows past `padded`.
 
         Block q of TRANSPOSED_BLOCK coefficient rows is one GEMM of the block's analysis matrix with the
         window of the (zero-extended) signal it reads, taken in transposed form.
