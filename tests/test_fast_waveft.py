@@ -91,6 +91,25 @@ def test_matches_peft_without_idwt(shape):
     assert_same_training_step(reference, fast_copy(reference), torch.randn(7, shape[1]))
 
 
+@pytest.mark.parametrize("use_idwt", [True, False])
+def test_empty_batch(use_idwt):
+    reference = peft_layer(16, 24, wavelet_family="db2", use_idwt=use_idwt)
+    assert_same_training_step(reference, fast_copy(reference), torch.randn(0, 24))
+
+
+def test_transformers_conv1d_base_layer():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(15)
+    base = Conv1D(20, 12).requires_grad_(False)  # weight stored (in, out): fan_in_fan_out
+    reference = WaveFTLinear(base, "default", config=waveft_config(wavelet_family="db3", fan_in_fan_out=True), n_frequency=40)
+    fast = fast_copy(reference)
+    assert_same_training_step(reference, fast, torch.randn(3, 12))
+    for layer in (reference, fast):
+        layer.merge()
+    torch.testing.assert_close(fast.base_layer.weight, reference.base_layer.weight, rtol=1e-5, atol=1e-6)
+
+
 def test_several_adapters_active_sets_and_disable():
     torch.manual_seed(2)
     reference = peft_layer(24, 20, wavelet_family="db1")

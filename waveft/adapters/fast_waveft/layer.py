@@ -137,6 +137,8 @@ def _bag_offsets(sorted_keys: torch.Tensor, bags: int) -> torch.Tensor:
 
 def _weighted_bags(indices, offsets, rows, weights):
     """`out[b] = sum_{i in bag b} weights[i] * rows[indices[i]]`: the sparse coupling, row-wise."""
+    if rows.shape[1] == 0:  # no tokens, which embedding_bag rejects
+        return rows.new_zeros(len(offsets) - 1, 0)
     return torch.nn.functional.embedding_bag(
         indices, rows, offsets, mode="sum", per_sample_weights=weights, include_last_offset=True
     )
