@@ -339,7 +339,8 @@ def table(title: str, rows: list) -> str:
     lines = [
         f"### {title}",
         "",
-        "| case | variant | time (ms) | peak memory (MiB) | time / LoRA | memory / LoRA | time / PEFT WaveFT | memory / PEFT WaveFT |",
+        "| case | variant | time (ms) | peak memory (MiB) | time / LoRA | memory / LoRA "
+        "| time / PEFT WaveFT | memory / PEFT WaveFT |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for label, measured in rows:
@@ -402,9 +403,8 @@ def main():
             shape_total[variant] += shape.count * measured[variant].seconds
         print(f"projection {shape.label}: " + ", ".join(f"{v} {m.seconds * 1e3:.1f} ms" for v, m in measured.items()))
     largest = {v: max(m[v].peak_bytes for _, m in projection_rows) for v in VARIANTS}
-    projection_rows.append(
-        ("all 560 SDXL projections (time: sum; memory: largest)", {v: Measurement(shape_total[v], largest[v]) for v in VARIANTS})
-    )
+    set_total = {v: Measurement(shape_total[v], largest[v]) for v in VARIANTS}
+    projection_rows.append(("all 560 SDXL projections (time: sum; memory: largest)", set_total))
 
     latent = 16 if args.quick else 48
     step_repeats = 2 if args.quick else 7

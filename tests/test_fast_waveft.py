@@ -102,7 +102,8 @@ def test_transformers_conv1d_base_layer():
 
     torch.manual_seed(15)
     base = Conv1D(20, 12).requires_grad_(False)  # weight stored (in, out): fan_in_fan_out
-    reference = WaveFTLinear(base, "default", config=waveft_config(wavelet_family="db3", fan_in_fan_out=True), n_frequency=40)
+    config = waveft_config(wavelet_family="db3", fan_in_fan_out=True)
+    reference = WaveFTLinear(base, "default", config=config, n_frequency=40)
     fast = fast_copy(reference)
     assert_same_training_step(reference, fast, torch.randn(3, 12))
     for layer in (reference, fast):
@@ -252,7 +253,8 @@ def test_wavelets_stock_peft_cannot_run(wavelet):
     with pytest.warns(UserWarning, match=f"{wavelet}.*stock PEFT cannot run it"):
         y = fast(x)
     expected = dense_reference(fast)
-    np.testing.assert_allclose(y.detach().numpy(), (fast.base_layer(x) + x @ torch.from_numpy(expected).float().T).detach().numpy(), rtol=1e-4, atol=1e-5)
+    dense = fast.base_layer(x) + x @ torch.from_numpy(expected).float().T
+    np.testing.assert_allclose(y.detach().numpy(), dense.detach().numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(fast.get_delta_weight("default").detach().numpy(), expected, rtol=1e-4, atol=1e-6)
 
 

@@ -133,7 +133,7 @@ class SynthesisAxis:
         return _mix_shifted_pairs(pairs, mixers, shifts, self.padded // 2).view(tokens, self.padded)
 
     def synthesize(self, coefficients: torch.Tensor) -> torch.Tensor:
-        """(N, padded) -> (N, length): `coefficients @ S^T`, i.e. `z @ R^T` on the output side or `du @ C^T` on the input side."""
+        """(N, padded) -> (N, length): `coefficients @ S^T`, i.e. `z @ R^T` (output side) or `du @ C^T` (input side)."""
         if self.is_identity:
             return coefficients
         tokens = coefficients.shape[0]
@@ -216,7 +216,8 @@ class SynthesisAxis:
                     t = e + taps - 2 - 2 * (r // 2)
                     if 0 <= t < taps:
                         synthesis[r, e] = bank[r % 2, t]
-            self._kernels[key] = tuple(k.to(dtype=like.dtype, device=like.device) for k in (mixers, analysis, synthesis))
+            kernels = (mixers, analysis, synthesis)
+            self._kernels[key] = tuple(k.to(dtype=like.dtype, device=like.device) for k in kernels)
         return self._kernels[key]
 
 
