@@ -15,16 +15,18 @@ TINY_OBJECT_PROMPTS = ("a {0} {1} in the jungle", "a {0} {1} on the beach", "a r
 TINY_LIVE_PROMPTS = ("a {0} {1} in the snow", "a {0} {1} wearing a santa hat", "a {0} {1} on a cobblestone street")
 
 
-def prompts_file_text(subjects: dict[str, str], object_prompts, live_prompts) -> str:
-    """The layout of google/dreambooth's dataset/prompts_and_classes.txt."""
+def prompts_file_text(subjects: dict[str, str], object_templates, live_templates) -> str:
+    """The layout of google/dreambooth's dataset/prompts_and_classes.txt, blank lines included."""
 
-    def prompt_list(title, templates):
-        rows = "\n".join(f"'{t}'.format(unique_token, class_token)," for t in templates)
-        return f"{title}\n\nprompt_list = [\n{rows}\n]\n"
+    def prompt_list(templates):
+        lines = [f"'{t}'.format(unique_token, class_token)," for t in templates]
+        lines[-1] = lines[-1].rstrip(",")  # the published lists end without a trailing comma
+        return ["prompt_list = ["] + lines + ["]"]
 
-    classes = "\n".join(f"{name},{noun}" for name, noun in subjects.items())
-    return (f"Classes\n\nsubject_name,class\n{classes}\n\nPrompts\n\n"
-            f"{prompt_list('Object Prompts', object_prompts)}\n{prompt_list('Live Subject Prompts', live_prompts)}")
+    lines = ["Classes", "", "subject_name,class"] + [f"{s},{c}" for s, c in subjects.items()]
+    lines += ["", "Prompts", "", "Object Prompts", ""] + prompt_list(object_templates)
+    lines += ["", "Live Subject Prompts", ""] + prompt_list(live_templates)
+    return "\n".join(lines) + "\n"
 
 
 def write_tiny_benchmark(root: str) -> None:

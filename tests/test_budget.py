@@ -5,6 +5,7 @@ from collections import Counter
 import pytest
 import torch
 
+from tests.conftest import tiny_unet
 from waveft.adapters.attach import attach_adapter, target_layers
 from waveft.adapters.budget import (
     BUDGET_RULES,
@@ -46,15 +47,6 @@ def sdxl_unet_on_meta():
 def sdxl_shapes() -> list[LayerShape]:
     layers = target_layers(sdxl_unet_on_meta(), SDXL_ATTENTION_PROJECTIONS)
     return [LayerShape(m.out_features, m.in_features) for m in layers.values()]
-
-
-def tiny_unet():
-    from diffusers import UNet2DConditionModel
-
-    from waveft.tiny import tiny_unet_config
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(**tiny_unet_config())
 
 
 def test_sdxl_has_560_attention_projections_and_lora_rank_one_holds_1451520(sdxl_shapes):

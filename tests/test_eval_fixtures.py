@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from eval import tiny_benchmark
+
 OBJECT_TEMPLATES = ["a {0} {1} in the jungle", "a {0} {1} on the beach", "a red {0} {1}"]
 LIVE_TEMPLATES = ["a {0} {1} in the jungle", "a {0} {1} wearing a red hat", "a cube shaped {0} {1}"]
 SUBJECTS = {"backpack": "backpack", "dog": "dog", "cat2": "cat", "bear_plushie": "stuffed animal"}
@@ -13,17 +15,7 @@ SUBJECTS = {"backpack": "backpack", "dog": "dog", "cat2": "cat", "bear_plushie":
 
 def prompts_file_text(subjects: dict[str, str] = SUBJECTS, object_templates=OBJECT_TEMPLATES,
                       live_templates=LIVE_TEMPLATES) -> str:
-    """The layout of google/dreambooth's dataset/prompts_and_classes.txt, blank lines included."""
-
-    def prompt_list(templates):
-        lines = [f"'{t}'.format(unique_token, class_token)," for t in templates]
-        lines[-1] = lines[-1].rstrip(",")  # the published lists end without a trailing comma
-        return ["prompt_list = ["] + lines + ["]"]
-
-    lines = ["Classes", "", "subject_name,class"] + [f"{s},{c}" for s, c in subjects.items()]
-    lines += ["", "Prompts", "", "Object Prompts", ""] + prompt_list(object_templates)
-    lines += ["", "Live Subject Prompts", ""] + prompt_list(live_templates)
-    return "\n".join(lines) + "\n"
+    return tiny_benchmark.prompts_file_text(subjects, object_templates, live_templates)
 
 
 def random_image(rng: np.random.Generator, height: int = 48, width: int = 56) -> Image.Image:

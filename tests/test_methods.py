@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_unet, unet_output
 from waveft.adapters.attach import attach_adapter
 from waveft.adapters.fast_waveft import enable_fast_waveft
 from waveft.adapters.methods import METHODS
@@ -30,24 +30,6 @@ CASES = {
     "adalora": AdapterConfig(type="adalora", peft={"tinit": 1, "tfinal": 1}),
     "wara": AdapterConfig(type="wara", peft={"wavelet_family": "db2", "scaling": 4.0}),
 }
-
-
-def tiny_unet():
-    from diffusers import UNet2DConditionModel
-
-    from waveft.tiny import tiny_unet_config
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(**tiny_unet_config()).requires_grad_(False)
-
-
-def unet_output(unet):
-    g = torch.Generator().manual_seed(0)
-    sample = torch.randn(1, 4, 8, 8, generator=g)
-    hidden = torch.randn(1, 7, 64, generator=g)
-    added = {"text_embeds": torch.randn(1, 32, generator=g), "time_ids": torch.randn(1, 6, generator=g)}
-    with torch.no_grad():
-        return unet(sample, torch.tensor([500]), hidden, added_cond_kwargs=added).sample
 
 
 def train_a_few_steps(unet, adapter):

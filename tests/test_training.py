@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, unet_output
 from waveft.config import load_config
 from waveft.errors import UserError
 
@@ -28,15 +28,6 @@ def tiny_cfg(tiny_sdxl_dir, subject_dir, output_dir, *overrides):
             *overrides,
         ),
     )
-
-
-def unet_output(unet, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    sample = torch.randn(2, 4, 8, 8, generator=g)
-    hidden = torch.randn(2, 77, 64, generator=g)
-    added = {"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2)}
-    with torch.no_grad():
-        return unet(sample, torch.tensor([10, 500]), hidden, added_cond_kwargs=added).sample
 
 
 def fresh_unet(tiny_sdxl_dir):

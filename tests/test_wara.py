@@ -7,6 +7,7 @@ import pytest
 import pywt
 import torch
 
+from tests.conftest import tiny_unet, unet_output
 from waveft.adapters.wara import WaraConfig, WaraLinear
 from waveft.config import AdapterConfig
 from waveft.errors import UserError
@@ -117,23 +118,6 @@ def test_bad_settings_are_refused_naming_the_key():
 
 
 # ---- on the tiny SDXL UNet through PEFT ----------------------------------------------------------------------
-
-
-def tiny_unet():
-    from diffusers import UNet2DConditionModel
-
-    from waveft.tiny import tiny_unet_config
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(**tiny_unet_config()).requires_grad_(False)
-
-
-def unet_output(unet):
-    g = torch.Generator().manual_seed(0)
-    sample = torch.randn(2, 4, 8, 8, generator=g)
-    hidden = torch.randn(2, 7, 64, generator=g)
-    added = {"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.randn(2, 6, generator=g)}
-    return unet(sample, torch.tensor([10, 500]), hidden, added_cond_kwargs=added).sample
 
 
 def test_wara_attaches_trains_saves_and_reloads_through_peft(tmp_path):
