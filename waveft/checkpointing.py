@@ -27,6 +27,35 @@ def save_adapter(unet, path: str, adapter_name: str = "default", metadata: dict 
         if metadata is not None:
             with open(os.path.join(staging, "waveft_run.json"), "w") as f:
                 json.dump(metadata, f, indent=2)
+            with open(os.path.join(staging, "README.md"), "w") as f:
+                f.write(model_card(metadata))
+
+
+def model_card(run: dict) -> str:
+    """A Hub-style model card: what the adapter is, what it was trained on, and how to load it."""
+    return f"""---
+base_model: {run["base_model"]}
+library_name: peft
+tags: [stable-diffusion-xl, dreambooth, {run["method"]}, waveft-sdxl]
+instance_prompt: "{run["instance_prompt"]}"
+---
+
+# {run["method"]} DreamBooth adapter for SDXL: {run["subject"]}
+
+- method: `{run["adapter_type"]}` ({run["trainable_parameters"]:,} trainable parameters on {run["adapted_layers"]} layers)
+- trained for {run["steps"]} steps on the subject `{run["subject"]}`; instance prompt `{run["instance_prompt"]}`
+- files: PEFT's `adapter_config.json` + `adapter_model.safetensors`; `waveft_run.json` holds the run's details
+
+```python
+import torch
+from diffusers import StableDiffusionXLPipeline
+from peft import PeftModel
+
+pipe = StableDiffusionXLPipeline.from_pretrained("{run["base_model"]}", torch_dtype=torch.bfloat16)
+pipe.unet = PeftModel.from_pretrained(pipe.unet, "path/to/this/folder").merge_and_unload()
+image = pipe("{run["instance_prompt"]} on the beach").images[0]
+```
+"""
 
 
 def load_adapter_weights(unet, path: str, adapter_name: str = "default") -> None:
