@@ -1,4 +1,5 @@
 """Load SDXL's components (UNet, VAE, both text encoders and tokenizers, noise scheduler) from a Hub id or folder."""
+import os
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,9 @@ def load_sdxl(model_cfg) -> SDXLComponents:
 
         ensure_tiny_sdxl(model_cfg.pretrained)
     base = model_cfg.pretrained
+    looks_like_path = base.startswith(("/", ".", "~")) or base.count("/") > 1
+    if looks_like_path and not os.path.isdir(base):
+        raise UserError(f"model.pretrained: folder not found: {base} (give a local diffusers folder or a Hub id)")
     common = dict(revision=model_cfg.revision)
     weights = dict(common, variant=model_cfg.variant)
     components = SDXLComponents(
