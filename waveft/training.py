@@ -4,6 +4,7 @@ Randomness is keyed by position: data order by (seed, epoch), crops by (seed, ep
 micro-batch's noise and timesteps by (seed, process, micro-batch number). A run resumed from a checkpoint
 therefore sees exactly what the uninterrupted run would have.
 """
+import importlib.util
 import os
 import shutil
 import time
@@ -251,6 +252,8 @@ def train(cfg: RunConfig) -> TrainResult:
     # may ask for another mixed precision. The distributed (partial) state is kept.
     AcceleratorState._reset_state()
     if cfg.train.report_to == "wandb":
+        if importlib.util.find_spec("wandb") is None:
+            raise UserError("train.report_to=wandb needs the wandb package: pip install wandb (or use tensorboard)")
         os.environ.setdefault("WANDB_MODE", "offline" if "WANDB_API_KEY" not in os.environ else "online")
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
