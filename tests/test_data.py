@@ -92,3 +92,23 @@ def test_missing_empty_and_unreadable_instance_data(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     with pytest.raises(UserError, match="cannot read image .*broken.png"):
         DreamBoothDataset(_cfg(tmp_path), seed=0)
+
+
+def test_prior_preservation_walks_through_every_class_image(tmp_path):
+    from waveft.data import Example
+
+    instance_dir = tmp_path / "instance"
+    instance_dir.mkdir()
+    for name in ["a.png", "b.png"]:
+        Image.new("RGB", (40, 40)).save(instance_dir / name)
+    class_examples = []  # 5 class images, 2 instance images: each epoch sees 2 of them
+    for i in range(5):
+        path = tmp_path / f"class_{i}.png"
+        Image.new("RGB", (40, 40), (i, i, i)).save(path)
+        class_examples.append(Example(str(path), "a ball"))
+    dataset = DreamBoothDataset(_cfg(instance_dir), seed=0, class_examples=class_examples)
+    used = set()
+    for epoch in range(3):
+        dataset.set_epoch(epoch)
+        used |= {dataset[i]["class"]["pixels"][0, 0, 0].item() for i in range(len(dataset))}
+    assert len(used) == 5

@@ -6,7 +6,7 @@ import shutil
 
 import torch
 
-from waveft.files import atomic_directory
+from waveft.files import atomic_directory, give_usual_permissions
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -24,6 +24,7 @@ def save_adapter(unet, path: str, adapter_name: str = "default", metadata: dict 
     with atomic_directory(path) as staging:
         unet.peft_config[adapter_name].save_pretrained(staging)
         save_file(state, os.path.join(staging, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+        give_usual_permissions(os.path.join(staging, ADAPTER_WEIGHTS_NAME))
         if metadata is not None:
             with open(os.path.join(staging, "waveft_run.json"), "w") as f:
                 json.dump(metadata, f, indent=2)
@@ -85,13 +86,17 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def save_checkpoint(output_dir: str, step: int, unet, optimizer, lr_scheduler, state: dict, total_limit) -> str:
-    """Adapter + optimizer + LR schedule + loop state, written atomically, then prune past `total_limit`."""
+def save_checkpoint(output_dir: str, step: int, unet, optimizer, lr_scheduler, scaler, state: dict,
+                    total_limit) -> str:
+    """Adapter + optimizer + LR schedule (+ fp16 loss scaler) + loop state, written atomically, then prune past
+    `total_limit`."""
     path = os.path.join(output_dir, f"checkpoint-{step}")
     with atomic_directory(path) as staging:
         save_adapter(unet, os.path.join(staging, "adapter"))
         torch.save(optimizer.state_dict(), os.path.join(staging, "optimizer.pt"))
         torch.save(lr_scheduler.state_dict(), os.path.join(staging, "scheduler.pt"))
+        if scaler is not None:
+            torch.save(scaler.state_dict(), os.path.join(staging, "scaler.pt"))
         with open(os.path.join(staging, "training_state.json"), "w") as f:
             json.dump(state, f, indent=2)
     if total_limit is not None:
@@ -100,9 +105,15 @@ def save_checkpoint(output_dir: str, step: int, unet, optimizer, lr_scheduler, s
     return path
 
 
-def load_checkpoint(path: str, unet, optimizer, lr_scheduler) -> dict:
+def load_checkpoint(path: str, unet, optimizer, lr_scheduler, scaler) -> dict:
+    # map_location: every process would otherwise load the saving process's GPU tensors onto that GPU.
+    def load(name):
+        return torch.load(os.path.join(path, name), map_location="cpu", weights_only=True)
+
     load_adapter_weights(unet, os.path.join(path, "adapter"))
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
-    lr_scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
+    optimizer.load_state_dict(load("optimizer.pt"))
+    lr_scheduler.load_state_dict(load("scheduler.pt"))
+    if scaler is not None and os.path.isfile(os.path.join(path, "scaler.pt")):
+        scaler.load_state_dict(load("scaler.pt"))
     with open(os.path.join(path, "training_state.json")) as f:
         return json.load(f)

@@ -117,7 +117,9 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         rng = random.Random(f"{self.seed}-{self.epoch}-{index}")
         item = {"instance": self._load(self.instances[index % len(self.instances)], rng)}
         if self.class_examples:
-            item["class"] = self._load(self.class_examples[index % len(self.class_examples)], rng)
+            # Walk through all class images over the epochs, not only the first len(self) of them.
+            class_index = (self.epoch * len(self) + index) % len(self.class_examples)
+            item["class"] = self._load(self.class_examples[class_index], rng)
         return item
 
 

@@ -11,6 +11,11 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # reading the umask means setting it; this puts it back
 
 
+def give_usual_permissions(path: str | Path) -> None:
+    """mkstemp, mkdtemp and safetensors create private files and folders; give them what the umask allows."""
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_UMASK)
+
+
 def write_atomic(path: str | Path, write) -> None:
     """Call `write(binary_file)` on a temp file beside `path`, flush it to disk, then move it over `path`."""
     path = Path(path)
@@ -21,7 +26,7 @@ def write_atomic(path: str | Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes the file private; give it the usual permissions
+        give_usual_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -42,6 +47,7 @@ def atomic_directory(path: str | Path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    give_usual_permissions(staging)
     try:
         yield staging
         if path.exists():

@@ -125,9 +125,26 @@ def write_manifest(path: str, rows: dict[str, dict]) -> None:
 
 
 def _save_png(image: Image.Image, path: str) -> None:
-    tmp = path + ".tmp.png"
-    image.save(tmp)
+    tmp = path + ".tmp"  # not an image extension: a leftover is never taken for an image
+    image.save(tmp, format="PNG")
     os.replace(tmp, path)
+
+
+def decode_outside_autocast(pipe, latents: torch.Tensor) -> list[Image.Image]:
+    """The pipeline's own VAE decode, with autocast off and in the VAE's dtype. Under fp16 autocast (training's
+    mixed precision) the SDXL VAE would otherwise run in fp16 and overflow into black images."""
+    vae = pipe.vae
+    with torch.autocast(latents.device.type, enabled=False):
+        latents = latents.to(vae.dtype)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+            std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+            latents = latents * std / vae.config.scaling_factor + mean
+        else:
+            latents = latents / vae.config.scaling_factor
+        pixels = vae.decode(latents, return_dict=False)[0]
+    return pipe.image_processor.postprocess(pixels, output_type="pil")
 
 
 def generate_images(pipe, jobs: list[dict], out_dir: str, settings: GenerationSettings, progress: bool = True,
@@ -143,6 +160,7 @@ def generate_images(pipe, jobs: list[dict], out_dir: str, settings: GenerationSe
     todo = [j for j in jobs if not (j["file"] in rows and os.path.isfile(os.path.join(out_dir, j["file"])))]
     settings_row = dataclasses.asdict(settings)
     batches = [todo[i : i + settings.batch_size] for i in range(0, len(todo), settings.batch_size)]
+    under_autocast = torch.is_autocast_enabled(pipe.device.type)
     for batch in tqdm(batches, desc="generating", disable=not progress, unit="batch"):
         generators = [torch.Generator(device="cpu").manual_seed(int(job["seed"])) for job in batch]
         with torch.no_grad():
@@ -154,7 +172,10 @@ def generate_images(pipe, jobs: list[dict], out_dir: str, settings: GenerationSe
                 height=settings.height,
                 width=settings.width,
                 generator=generators,
+                output_type="latent" if under_autocast else "pil",
             ).images
+            if under_autocast:
+                images = decode_outside_autocast(pipe, images)
         for job, image in zip(batch, images):
             path = os.path.join(out_dir, job["file"])
             os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -104,8 +104,8 @@ def encode_prompts(components, prompts: list[str], mode: str, device) -> tuple[t
             prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
         ).input_ids.to(device)
         output = encoder(ids, output_hidden_states=True)
-        use_last = mode == "paper" and index == 0  # the paper's training quirk
-        hidden_states.append(output.hidden_states[-1] if use_last else output.hidden_states[-2])
+        use_last = mode == "paper" and index == 0  # the paper's training quirk: encoder 1's last_hidden_state
+        hidden_states.append(output.last_hidden_state if use_last else output.hidden_states[-2])
         pooled = output[0]  # text_encoder_2's projected pooled embedding (kept from the last encoder)
     return torch.cat(hidden_states, dim=-1), pooled
 
@@ -196,7 +196,7 @@ def generate_class_images(cfg, accelerator, components) -> None:
     folder = dreambooth_data.class_image_dir(cfg)
     pipe = in_memory_pipeline(components, components.unet, "dpmpp_2m").to(accelerator.device)
     components.unet.disable_adapters()  # class images come from the base model
-    existing = len(os.listdir(folder)) if os.path.isdir(folder) else 0
+    existing = prior.num_class_images - missing
     seeds = range(existing, existing + missing)
     jobs = [{"file": f"class_{seed:05d}.png", "prompt": dreambooth_data.class_prompt(cfg.data), "seed": seed}
             for seed in seeds]
@@ -287,8 +287,11 @@ def train(cfg: RunConfig) -> TrainResult:
     resume_from = find_resume_checkpoint(cfg)
     if main:
         if cfg.overwrite_output_dir and cfg.train.resume is None:
+            # The replaced run's checkpoints and images would otherwise be resumed from or kept as done.
             for _, old in list_checkpoints(cfg.output_dir):
                 shutil.rmtree(old)
+            for images in ("samples", "validation"):
+                shutil.rmtree(os.path.join(cfg.output_dir, images), ignore_errors=True)
         save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
     unet.to(device)
     components.vae.to(device)
@@ -329,7 +332,8 @@ def train(cfg: RunConfig) -> TrainResult:
 
     state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "micro_step": 0, "loss": None}
     if resume_from is not None:
-        state = load_checkpoint(resume_from, accelerator.unwrap_model(unet), optimizer, lr_scheduler)
+        state = load_checkpoint(resume_from, accelerator.unwrap_model(unet), optimizer, lr_scheduler,
+                                accelerator.scaler)
         say(f"resumed from {resume_from} at step {state['global_step']}")
     noise_scheduler = components.noise_scheduler
     vae = components.vae
@@ -381,10 +385,12 @@ def train(cfg: RunConfig) -> TrainResult:
                 loss = per_sample[:n].mean()
                 if per_sample.shape[0] > n:
                     loss = loss + cfg.data.prior_preservation.loss_weight * per_sample[n:].mean()
-                if not torch.isfinite(loss):
+                # Decided by all processes together, so that none is left waiting in the next all-reduce.
+                if not accelerator.gather(torch.isfinite(loss).reshape(1)).all():
                     last = list_checkpoints(cfg.output_dir)
                     raise TrainingDiverged(
-                        f"loss became {loss.item()} at step {state['global_step'] + 1}; nothing was saved past "
+                        f"loss became {loss.item() if not torch.isfinite(loss) else 'non-finite on another process'} "
+                        f"at step {state['global_step'] + 1}; nothing was saved past "
                         f"{last[-1][1] if last else 'the start'}. Lower train.learning_rate or check the data"
                     )
                 # 5. Backward, clip, step.
@@ -408,8 +414,8 @@ def train(cfg: RunConfig) -> TrainResult:
             if step % cfg.train.log_every == 0:
                 accelerator.log({"loss": state["loss"], "lr": lr}, step=step)
             if main and cfg.train.checkpointing_steps and step % cfg.train.checkpointing_steps == 0:
-                save_checkpoint(cfg.output_dir, step, accelerator.unwrap_model(unet), optimizer, lr_scheduler, state,
-                                cfg.train.checkpoints_total_limit)
+                save_checkpoint(cfg.output_dir, step, accelerator.unwrap_model(unet), optimizer, lr_scheduler,
+                                accelerator.scaler, state, cfg.train.checkpoints_total_limit)
             if main and cfg.validation.every_steps and step % cfg.validation.every_steps == 0:
                 run_validation(cfg, accelerator, components, unet, step)
 
@@ -434,23 +440,34 @@ def train(cfg: RunConfig) -> TrainResult:
         "train_seconds": round(time.time() - started, 2),
         **(budget.run_info() if budget is not None else {}),
     }
+    trained_unet = accelerator.unwrap_model(unet)
+    # Training state leaves the accelerator, so that the sampling pipeline below has its memory.
+    accelerator.free_memory()
+    del optimizer, lr_scheduler, unet
+    trained_unet.to("cpu")
+    vae.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     if main:
-        save_adapter(accelerator.unwrap_model(unet), os.path.join(cfg.output_dir, "adapter"), metadata=run_info)
+        save_adapter(trained_unet, os.path.join(cfg.output_dir, "adapter"), metadata=run_info)
         write_json_atomic(os.path.join(cfg.output_dir, "run_info.json"), run_info)
         if cfg.validation.final:
             run_info["samples"] = final_samples(cfg)
             _log_image(accelerator, "samples", run_info["samples"], state["global_step"])
     accelerator.end_training()
     say(f"adapter saved to {os.path.join(cfg.output_dir, 'adapter')} ({trainable_parameters:,} trainable parameters)")
-    return TrainResult(run_info, accelerator.unwrap_model(unet))
+    return TrainResult(run_info, trained_unet)
 
 
 def final_samples(cfg: RunConfig) -> str:
     """Reload the saved adapter the way users will (merged into a fresh pipeline) and sample the prompts."""
     out_dir = os.path.join(cfg.output_dir, "samples")
+    shutil.rmtree(out_dir, ignore_errors=True)  # samples of an earlier adapter (a resumed run) must not be kept
     dtype = compute_dtype_name(cfg)
     pipe = load_pipeline(cfg.model.pretrained, os.path.join(cfg.output_dir, "adapter"), cfg.model.vae,
                          dtype=dtype if torch.cuda.is_available() else "fp32", scheduler=cfg.validation.scheduler)
+    if cfg.model.prediction_type is not None:  # the training override, which the base model's files lack
+        pipe.scheduler.register_to_config(prediction_type=cfg.model.prediction_type)
     rows = generate_images(pipe, prompt_seed_jobs(validation_prompts(cfg), cfg.validation.seeds), out_dir,
                            validation_settings(cfg, dtype), progress=False)
     grid = os.path.join(out_dir, "grid.png")
