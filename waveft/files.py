@@ -50,6 +50,7 @@ def atomic_directory(path: str | Path):
     give_usual_permissions(staging)
     try:
         yield staging
+        _sync_tree(staging)
         if path.exists():
             old = tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent)
             os.replace(path, os.path.join(old, "previous"))
@@ -60,3 +61,15 @@ def atomic_directory(path: str | Path):
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _sync_tree(folder: str) -> None:
+    """Flush every file of `folder` to disk before it is renamed into place, so that after a power loss a
+    folder that has its final name is complete."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
