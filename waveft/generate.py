@@ -18,7 +18,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from waveft.errors import UserError, cli_entry
-from waveft.files import write_text_atomic
+from waveft.files import write_atomic, write_text_atomic
 from waveft.models import DTYPES
 
 MANIFEST_NAME = "manifest.jsonl"
@@ -125,9 +125,7 @@ def write_manifest(path: str, rows: dict[str, dict]) -> None:
 
 
 def _save_png(image: Image.Image, path: str) -> None:
-    tmp = path + ".tmp"  # not an image extension: a leftover is never taken for an image
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: image.save(f, format="PNG"))
 
 
 def decode_outside_autocast(pipe, latents: torch.Tensor) -> list[Image.Image]:

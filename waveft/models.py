@@ -19,6 +19,11 @@ class SDXLComponents:
     tokenizer_2: object
     noise_scheduler: object
 
+    def text_encoders_to(self, device, dtype=None) -> None:
+        """Both text encoders move together: to the accelerator to encode, back to the CPU when idle."""
+        for encoder in (self.text_encoder, self.text_encoder_2):
+            encoder.to(device, dtype=dtype)
+
 
 def _load(what: str, source: str, loader):
     try:

@@ -24,7 +24,7 @@ from waveft.checkpointing import (
     save_adapter,
     save_checkpoint,
 )
-from waveft.config import RunConfig, config_to_dict, save_config
+from waveft.config import RunConfig, config_to_dict, read_yaml_mapping, save_config
 from waveft.errors import UserError
 from waveft.files import write_json_atomic
 from waveft.generate import GenerationSettings, generate_images, load_pipeline, prompt_seed_jobs, save_grid
@@ -58,8 +58,6 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 def check_output_dir(cfg: RunConfig) -> None:
     """Refuse to write into a folder that holds a run, unless resuming that same run or told to overwrite."""
-    import yaml
-
     saved_config = os.path.join(cfg.output_dir, "config.yaml")
     if not os.path.isfile(saved_config) or cfg.overwrite_output_dir:
         return
@@ -68,8 +66,7 @@ def check_output_dir(cfg: RunConfig) -> None:
             f"output_dir {cfg.output_dir} already holds a run; set train.resume=latest to continue it "
             f"or overwrite_output_dir=true to replace it"
         )
-    with open(saved_config) as f:
-        previous = _flatten(yaml.safe_load(f))
+    previous = _flatten(read_yaml_mapping(saved_config))
     current = _flatten(config_to_dict(cfg))
     for key in sorted(set(previous) | set(current)):
         if key not in SETTINGS_THAT_MAY_CHANGE_ON_RESUME and previous.get(key) != current.get(key):
@@ -159,14 +156,12 @@ def in_memory_pipeline(components, unet, scheduler_name: str):
 def run_validation(cfg, accelerator, components, unet, step: int) -> str:
     """Sample the validation prompts x seeds with the adapter as it is now; save a grid and log it."""
     out_dir = os.path.join(cfg.output_dir, "validation", f"step-{step:06d}")
-    for encoder in (components.text_encoder, components.text_encoder_2):
-        encoder.to(accelerator.device)
+    components.text_encoders_to(accelerator.device)
     pipe = in_memory_pipeline(components, accelerator.unwrap_model(unet), cfg.validation.scheduler)
     jobs = prompt_seed_jobs(validation_prompts(cfg), cfg.validation.seeds, step=step)
     with accelerator.autocast():
         rows = generate_images(pipe, jobs, out_dir, validation_settings(cfg, compute_dtype_name(cfg)), progress=False)
-    for encoder in (components.text_encoder, components.text_encoder_2):
-        encoder.to("cpu")
+    components.text_encoders_to("cpu")
     grid = os.path.join(out_dir, "grid.png")
     save_grid([os.path.join(out_dir, r["file"]) for r in rows], grid, len(cfg.validation.seeds))
     _log_image(accelerator, "validation", grid, step)
@@ -223,8 +218,9 @@ def batches_from(dataloader, dataset, state: dict, accelerator):
         state["batches_in_epoch"] = 0
 
 
-def micro_batch_generator(seed: int, process_index: int, micro_step: int, device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + process_index * 7_919 + micro_step) % 2**63)
+def micro_batch_generator(seed: int, process_index: int, micro_step: int) -> torch.Generator:
+    """A CPU generator for one micro-batch's draws; CPU draws are the same on every device."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + process_index * 7_919 + micro_step) % 2**63)
 
 
 def build_optimizer(cfg: RunConfig, params):
@@ -295,8 +291,7 @@ def train(cfg: RunConfig) -> TrainResult:
         save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
     unet.to(device)
     components.vae.to(device)
-    for encoder in (components.text_encoder, components.text_encoder_2):
-        encoder.to(device, dtype=weight_dtype)
+    components.text_encoders_to(device, dtype=weight_dtype)
 
     if cfg.data.prior_preservation.enabled:
         if main:
@@ -308,8 +303,7 @@ def train(cfg: RunConfig) -> TrainResult:
     prompts = sorted({e.prompt for e in dataset.instances} | {e.prompt for e in dataset.class_examples or []})
     embeds, pooled = encode_prompts(components, prompts, cfg.model.text_hidden_states, device)
     prompt_embeds = {p: (embeds[i], pooled[i]) for i, p in enumerate(prompts)}
-    for encoder in (components.text_encoder, components.text_encoder_2):
-        encoder.to("cpu")  # only validation needs them again
+    components.text_encoders_to("cpu")  # only validation needs them again
 
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -348,7 +342,7 @@ def train(cfg: RunConfig) -> TrainResult:
         for batch in batches_from(dataloader, dataset, state, accelerator):
             if state["global_step"] >= cfg.train.max_steps:
                 break
-            g = micro_batch_generator(cfg.seed, accelerator.process_index, state["micro_step"], "cpu")
+            g = micro_batch_generator(cfg.seed, accelerator.process_index, state["micro_step"])
             state["micro_step"] += 1
             with accelerator.accumulate(unet):
                 # 1. Images to latents (the VAE runs in its own dtype, fp32 by default).
