@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from waveft.adapters.fast_waveft import enable_fast_waveft  # noqa: E402
+from waveft.adapters.structured_waveft import enable_structured_waveft  # noqa: E402
 
 # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (nothing can be downloaded here).
 SDXL_UNET_CONFIG = dict(
@@ -53,12 +53,12 @@ SDXL_UNET_CONFIG = dict(
 )
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TOKENS = 77
-VARIANTS = ["base", "lora_r1", "peft_waveft", "fast_waveft"]
+VARIANTS = ["base", "lora_r1", "peft_waveft", "structured_waveft"]
 VARIANT_TITLES = {
     "base": "frozen base",
     "lora_r1": "LoRA r1",
     "peft_waveft": "PEFT WaveFT",
-    "fast_waveft": "structured WaveFT",
+    "structured_waveft": "structured WaveFT",
 }
 
 
@@ -119,8 +119,8 @@ def add_adapter(model, variant: str):
             budget[name] = layer.in_features + layer.out_features
         config = WaveFTConfig(n_frequency=2592, n_frequency_pattern=budget, target_modules=TARGET_MODULES)
     inject_adapter_in_model(config, model)
-    if variant == "fast_waveft":
-        enable_fast_waveft(model)
+    if variant == "structured_waveft":
+        enable_structured_waveft(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
         for p in trainable:
@@ -356,13 +356,13 @@ def table(title: str, rows: list) -> str:
 
 
 def targets_summary(shape_total: dict, step: dict) -> str:
-    fast, lora = step["fast_waveft"], step["lora_r1"]
+    structured, lora = step["structured_waveft"], step["lora_r1"]
     checks = [
-        ("training step time <= 1.10x LoRA r1 (goal 1.05x)", fast.seconds / lora.seconds, 1.10),
-        ("training step peak memory <= 1.05x LoRA r1", fast.peak_bytes / lora.peak_bytes, 1.05),
+        ("training step time <= 1.10x LoRA r1 (goal 1.05x)", structured.seconds / lora.seconds, 1.10),
+        ("training step peak memory <= 1.05x LoRA r1", structured.peak_bytes / lora.peak_bytes, 1.05),
         (
             "SDXL projection set: >= 2x faster than PEFT WaveFT",
-            shape_total["peft_waveft"] / shape_total["fast_waveft"],
+            shape_total["peft_waveft"] / shape_total["structured_waveft"],
             None,
         ),
     ]

@@ -9,8 +9,8 @@ import torch
 
 from tests.conftest import REPO, tiny_unet, unet_output
 from waveft.adapters.attach import attach_adapter
-from waveft.adapters.fast_waveft import enable_fast_waveft
 from waveft.adapters.methods import METHODS
+from waveft.adapters.structured_waveft import enable_structured_waveft
 from waveft.checkpointing import save_adapter
 from waveft.config import AdapterConfig, load_config
 from waveft.errors import UserError
@@ -80,7 +80,7 @@ def test_method_trains_saves_and_reloads_with_identical_outputs(case, tmp_path):
     save_adapter(unet, str(tmp_path / "adapter"))
     reloaded = PeftModel.from_pretrained(tiny_unet(), str(tmp_path / "adapter"))
     if adapter.type == "waveft" and adapter.implementation == "structured":
-        enable_fast_waveft(reloaded)  # as the project loads it; stock PEFT's dense layer differs by rounding
+        enable_structured_waveft(reloaded)  # as the project loads it; stock PEFT's dense layer differs by rounding
     torch.testing.assert_close(unet_output(reloaded.base_model.model), trained, rtol=0, atol=0)
 
     fresh = tiny_unet()

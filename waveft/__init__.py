@@ -5,4 +5,4 @@ import logging
 # this project uses only its 8-bit AdamW.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-from waveft.adapters.fast_waveft import enable_fast_waveft  # noqa: E402, F401
+from waveft.adapters.structured_waveft import enable_structured_waveft  # noqa: E402, F401

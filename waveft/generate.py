@@ -71,11 +71,11 @@ def merge_adapter(unet, adapter_dir: str):
     from peft import PeftModel
 
     import waveft.adapters.wara  # noqa: F401  (registers WaRA with PEFT, so its adapters load)
-    from waveft.adapters.fast_waveft import enable_fast_waveft
+    from waveft.adapters.structured_waveft import enable_structured_waveft
 
     peft_model = PeftModel.from_pretrained(unet, adapter_dir)
     # Our WaveFT layer also merges wavelets that stock PEFT's layer cannot run.
-    enable_fast_waveft(peft_model)
+    enable_structured_waveft(peft_model)
     return peft_model.merge_and_unload()
 
 

@@ -113,9 +113,9 @@ def attach_adapter(unet, adapter, adapter_name: str = "default", total_steps: Op
     except ValueError as exc:
         raise UserError(f"adapter '{adapter.type}' could not be attached: {str(exc).splitlines()[0]}") from None
     if adapter.type == "waveft" and adapter.implementation == "structured":
-        from waveft.adapters.fast_waveft import enable_fast_waveft
+        from waveft.adapters.structured_waveft import enable_structured_waveft
 
-        enable_fast_waveft(unet)
+        enable_structured_waveft(unet)
     # Under fp16/bf16 the optimizer must step fp32 master weights ("Attempting to unscale FP16 gradients").
     for param in unet.parameters():
         if param.requires_grad:

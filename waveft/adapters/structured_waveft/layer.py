@@ -190,10 +190,10 @@ class StructuredWaveFTDelta(torch.autograd.Function):
         return grad_base, grad_x, grad_spectrum, None, None
 
 
-class FastWaveFTLinear(WaveFTLinear):
+class StructuredWaveFTLinear(WaveFTLinear):
     """PEFT's `WaveFTLinear` with the structured forward: same parameters, state dict, config and results.
 
-    Made by switching `__class__` of existing layers (`enable_fast_waveft`); merging still builds the dense
+    Made by switching `__class__` of existing layers (`enable_structured_waveft`); merging still builds the dense
     delta, once.
     """
 
@@ -236,7 +236,7 @@ class FastWaveFTLinear(WaveFTLinear):
         return output.reshape(*result.shape[:-1], self.out_features)
 
     def _plan(self, adapter: str, device: torch.device) -> AdapterPlan:
-        plans = self.__dict__.setdefault("_fast_waveft_plans", {})
+        plans = self.__dict__.setdefault("_structured_waveft_plans", {})
         plan = plans.get(adapter)
         if plan is None or not plan.matches(self, adapter, device):
             plan = plans[adapter] = AdapterPlan.build(self, adapter, device)

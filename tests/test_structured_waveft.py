@@ -14,9 +14,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from tests.conftest import tiny_unet, unet_output
-from waveft import enable_fast_waveft
-from waveft.adapters.fast_waveft import disable_fast_waveft
-from waveft.adapters.fast_waveft.layer import FastWaveFTLinear
+from waveft import enable_structured_waveft
+from waveft.adapters.structured_waveft import disable_structured_waveft
+from waveft.adapters.structured_waveft.layer import StructuredWaveFTLinear
 from waveft.adapters.wavelet_ops import (
     SynthesisAxis,
     idwt2,
@@ -43,10 +43,10 @@ def peft_layer(out_features, in_features, dtype=torch.float32, **config) -> Wave
     return WaveFTLinear(base, "default", config=cfg, n_frequency=n_frequency)
 
 
-def fast_copy(layer: WaveFTLinear) -> WaveFTLinear:
-    fast = copy.deepcopy(layer)
-    fast.__class__ = FastWaveFTLinear
-    return fast
+def structured_copy(layer: WaveFTLinear) -> WaveFTLinear:
+    structured = copy.deepcopy(layer)
+    structured.__class__ = StructuredWaveFTLinear
+    return structured
 
 
 def forward_backward(layer, x, grad_out):
@@ -58,10 +58,10 @@ def forward_backward(layer, x, grad_out):
     return y.detach(), x.grad, {name: p.grad for name, p in layer.waveft_spectrum.items()}
 
 
-def assert_same_training_step(reference, fast, x, rtol=1e-5, atol=1e-6):
+def assert_same_training_step(reference, structured, x, rtol=1e-5, atol=1e-6):
     grad_out = torch.randn(*x.shape[:-1], reference.out_features, dtype=x.dtype)
     y_ref, dx_ref, ds_ref = forward_backward(reference, x, grad_out)
-    y, dx, ds = forward_backward(fast, x, grad_out)
+    y, dx, ds = forward_backward(structured, x, grad_out)
     torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
     torch.testing.assert_close(dx, dx_ref, rtol=rtol, atol=atol)
     assert ds.keys() == ds_ref.keys()
@@ -78,10 +78,10 @@ def test_matches_peft_for_every_wavelet_peft_runs(wavelet):
     torch.manual_seed(0)
     for out_features, in_features in SHAPES:
         reference = peft_layer(out_features, in_features, wavelet_family=wavelet)
-        fast = fast_copy(reference)
-        assert_same_training_step(reference, fast, torch.randn(3, 5, in_features))
+        structured = structured_copy(reference)
+        assert_same_training_step(reference, structured, torch.randn(3, 5, in_features))
         torch.testing.assert_close(
-            fast.get_delta_weight("default"), reference.get_delta_weight("default"), rtol=1e-5, atol=1e-6
+            structured.get_delta_weight("default"), reference.get_delta_weight("default"), rtol=1e-5, atol=1e-6
         )
 
 
@@ -89,13 +89,13 @@ def test_matches_peft_for_every_wavelet_peft_runs(wavelet):
 def test_matches_peft_without_idwt(shape):
     torch.manual_seed(1)
     reference = peft_layer(*shape, use_idwt=False)
-    assert_same_training_step(reference, fast_copy(reference), torch.randn(7, shape[1]))
+    assert_same_training_step(reference, structured_copy(reference), torch.randn(7, shape[1]))
 
 
 @pytest.mark.parametrize("use_idwt", [True, False])
 def test_empty_batch(use_idwt):
     reference = peft_layer(16, 24, wavelet_family="db2", use_idwt=use_idwt)
-    assert_same_training_step(reference, fast_copy(reference), torch.randn(0, 24))
+    assert_same_training_step(reference, structured_copy(reference), torch.randn(0, 24))
 
 
 def test_transformers_conv1d_base_layer():
@@ -105,11 +105,11 @@ def test_transformers_conv1d_base_layer():
     base = Conv1D(20, 12).requires_grad_(False)  # weight stored (in, out): fan_in_fan_out
     config = waveft_config(wavelet_family="db3", fan_in_fan_out=True)
     reference = WaveFTLinear(base, "default", config=config, n_frequency=40)
-    fast = fast_copy(reference)
-    assert_same_training_step(reference, fast, torch.randn(3, 12))
-    for layer in (reference, fast):
+    structured = structured_copy(reference)
+    assert_same_training_step(reference, structured, torch.randn(3, 12))
+    for layer in (reference, structured):
         layer.merge()
-    torch.testing.assert_close(fast.base_layer.weight, reference.base_layer.weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(structured.base_layer.weight, reference.base_layer.weight, rtol=1e-5, atol=1e-6)
 
 
 def test_several_adapters_active_sets_and_disable():
@@ -117,16 +117,16 @@ def test_several_adapters_active_sets_and_disable():
     reference = peft_layer(24, 20, wavelet_family="db1")
     reference.update_layer("wide", 90, waveft_config(wavelet_family="db4", random_loc_seed=5, scaling=2.0))
     reference.update_layer("plain", 30, waveft_config(use_idwt=False, random_loc_seed=9))
-    fast = fast_copy(reference)
+    structured = structured_copy(reference)
     x = torch.randn(6, 20)
     for active in (["default"], ["default", "wide"], ["wide", "plain"], ["default", "wide", "plain"]):
-        for layer in (reference, fast):
+        for layer in (reference, structured):
             layer.set_adapter(active)
-        assert_same_training_step(reference, fast, x)
-    for layer in (reference, fast):
+        assert_same_training_step(reference, structured, x)
+    for layer in (reference, structured):
         layer.enable_adapters(False)
-    torch.testing.assert_close(fast(x), reference(x))
-    torch.testing.assert_close(fast(x), reference.base_layer(x))
+    torch.testing.assert_close(structured(x), reference(x))
+    torch.testing.assert_close(structured(x), reference.base_layer(x))
 
 
 def test_merge_and_unmerge():
@@ -134,17 +134,17 @@ def test_merge_and_unmerge():
     reference = peft_layer(18, 26, wavelet_family="sym3")
     reference.update_layer("other", 50, waveft_config(wavelet_family="db1", random_loc_seed=1))
     reference.set_adapter(["default", "other"])
-    fast = fast_copy(reference)
+    structured = structured_copy(reference)
     x = torch.randn(4, 26)
-    unmerged = fast(x)
-    original_weight = fast.base_layer.weight.clone()
-    for layer in (reference, fast):
+    unmerged = structured(x)
+    original_weight = structured.base_layer.weight.clone()
+    for layer in (reference, structured):
         layer.merge()
-    torch.testing.assert_close(fast.base_layer.weight, reference.base_layer.weight, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(fast(x), unmerged, rtol=1e-5, atol=1e-5)
-    fast.unmerge()
-    torch.testing.assert_close(fast.base_layer.weight, original_weight, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(fast(x), unmerged)
+    torch.testing.assert_close(structured.base_layer.weight, reference.base_layer.weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(structured(x), unmerged, rtol=1e-5, atol=1e-5)
+    structured.unmerge()
+    torch.testing.assert_close(structured.base_layer.weight, original_weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(structured(x), unmerged)
 
 
 @pytest.mark.parametrize("spectrum_dtype", [torch.float32, torch.bfloat16])
@@ -154,28 +154,28 @@ def test_half_precision_base(base_dtype, spectrum_dtype):
     reference = peft_layer(40, 48, dtype=base_dtype, wavelet_family="db2", n_frequency=88)
     # PEFT creates the spectrum in the base dtype; get_peft_model(autocast_adapter_dtype=True) makes it fp32.
     reference.waveft_spectrum["default"] = torch.nn.Parameter(reference.waveft_spectrum["default"].to(spectrum_dtype))
-    fast = fast_copy(reference)
+    structured = structured_copy(reference)
     x = torch.randn(5, 48, dtype=base_dtype)
-    y_ref, y = reference(x), fast(x)
+    y_ref, y = reference(x), structured(x)
     assert y.dtype == y_ref.dtype == base_dtype
     scale = y_ref.abs().max().item()
     torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2 * scale)
     y.float().square().sum().backward()
-    assert fast.waveft_spectrum["default"].grad.dtype == spectrum_dtype
+    assert structured.waveft_spectrum["default"].grad.dtype == spectrum_dtype
 
 
 def test_under_autocast():
     torch.manual_seed(14)
     reference = peft_layer(32, 48, wavelet_family="db1", n_frequency=80)
-    fast = fast_copy(reference)
+    structured = structured_copy(reference)
     x = torch.randn(6, 48)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y_ref, y = reference(x), fast(x)
+        y_ref, y = reference(x), structured(x)
         y.float().square().sum().backward()
     assert y.dtype == y_ref.dtype
     scale = y_ref.abs().max().item()
     torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2 * scale)
-    assert fast.waveft_spectrum["default"].grad.dtype == torch.float32
+    assert structured.waveft_spectrum["default"].grad.dtype == torch.float32
 
 
 def test_saved_adapters_are_interchangeable(tmp_path):
@@ -202,19 +202,19 @@ def test_saved_adapters_are_interchangeable(tmp_path):
             model(x).square().mean().backward()
             optimizer.step()
 
-    for trained_fast in (True, False):
+    for trained_structured in (True, False):
         model = get_peft_model(base_model(), copy.deepcopy(config))
-        if trained_fast:
-            assert enable_fast_waveft(model) == 2
+        if trained_structured:
+            assert enable_structured_waveft(model) == 2
         train(model)
         expected = model(x).detach()
         keys = set(get_peft_model_state_dict(model))
-        path = tmp_path / f"fast-{trained_fast}"
+        path = tmp_path / f"structured-{trained_structured}"
         model.save_pretrained(path)
 
         loaded = PeftModel.from_pretrained(base_model(), path)
-        if not trained_fast:
-            assert enable_fast_waveft(loaded) == 2
+        if not trained_structured:
+            assert enable_structured_waveft(loaded) == 2
         assert set(get_peft_model_state_dict(loaded)) == keys
         torch.testing.assert_close(loaded(x), expected, rtol=1e-5, atol=1e-6)
 
@@ -249,14 +249,14 @@ def test_dense_reference_agrees_with_peft():
 def test_wavelets_stock_peft_cannot_run(wavelet):
     torch.manual_seed(7)
     reference = peft_layer(37, 50, wavelet_family=wavelet, n_frequency=120)
-    fast = fast_copy(reference)
+    structured = structured_copy(reference)
     x = torch.randn(4, 50, dtype=torch.float32)
     with pytest.warns(UserWarning, match=f"{wavelet}.*stock PEFT cannot run it"):
-        y = fast(x)
-    expected = dense_reference(fast)
-    dense = fast.base_layer(x) + x @ torch.from_numpy(expected).float().T
+        y = structured(x)
+    expected = dense_reference(structured)
+    dense = structured.base_layer(x) + x @ torch.from_numpy(expected).float().T
     np.testing.assert_allclose(y.detach().numpy(), dense.detach().numpy(), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(fast.get_delta_weight("default").detach().numpy(), expected, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(structured.get_delta_weight("default").detach().numpy(), expected, rtol=1e-4, atol=1e-6)
 
 
 def test_padding_rule_agrees_with_peft_table():
@@ -321,13 +321,13 @@ def test_synthesis_axis_adjoint_and_idwt2(wavelet):
 def test_recreated_adapter_is_not_served_from_a_stale_cache():
     torch.manual_seed(9)
     reference = peft_layer(16, 24, wavelet_family="db2")
-    fast = fast_copy(reference)
+    structured = structured_copy(reference)
     x = torch.randn(3, 24)
-    fast(x)
-    for layer in (reference, fast):
+    structured(x)
+    for layer in (reference, structured):
         torch.manual_seed(10)
         layer.update_layer("default", 60, waveft_config(wavelet_family="sym4", random_loc_seed=123))
-    torch.testing.assert_close(fast(x), reference(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(structured(x), reference(x), rtol=1e-5, atol=1e-6)
 
 
 def dense_tensors(tree):
@@ -355,7 +355,7 @@ def test_training_step_never_allocates_an_out_by_in_tensor():
     torch.manual_seed(11)
     size, tokens = 256, 8  # out * in = 65536 dwarfs every activation (8 x 256)
     layer = peft_layer(size, size, wavelet_family="db2", n_frequency=2 * size)
-    for module, must_stay_small in ((fast_copy(layer), True), (layer, False)):
+    for module, must_stay_small in ((structured_copy(layer), True), (layer, False)):
         x = torch.randn(tokens, size, requires_grad=True)
         with LargestNewTensor() as recorder:
             module(x).square().sum().backward()
@@ -371,10 +371,10 @@ def test_enable_on_a_diffusers_unet_keeps_its_output():
                 module.waveft_spectrum["default"].normal_(0, 0.05)
         expected = unet_output(unet)
         layers = sum(isinstance(m, WaveFTLinear) for m in unet.modules())
-        assert layers > 0 and enable_fast_waveft(unet) == layers
-        assert all(type(m) is FastWaveFTLinear for m in unet.modules() if isinstance(m, WaveFTLinear))
+        assert layers > 0 and enable_structured_waveft(unet) == layers
+        assert all(type(m) is StructuredWaveFTLinear for m in unet.modules() if isinstance(m, WaveFTLinear))
         torch.testing.assert_close(unet_output(unet), expected, rtol=1e-5, atol=1e-5)
-        assert disable_fast_waveft(unet) == layers
+        assert disable_structured_waveft(unet) == layers
         torch.testing.assert_close(unet_output(unet), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -382,7 +382,7 @@ def test_import_of_waveft_does_not_import_peft():
     import subprocess
     import sys
 
-    code = "import sys, waveft; assert callable(waveft.enable_fast_waveft); print('peft' in sys.modules)"
+    code = "import sys, waveft; assert callable(waveft.enable_structured_waveft); print('peft' in sys.modules)"
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo)
     assert result.stdout.strip() == "False"
@@ -390,9 +390,9 @@ def test_import_of_waveft_does_not_import_peft():
 
 def test_warning_is_emitted_once_per_wavelet():
     torch.manual_seed(13)
-    fast = fast_copy(peft_layer(10, 12, wavelet_family="db20"))
+    structured = structured_copy(peft_layer(10, 12, wavelet_family="db20"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         for _ in range(3):
-            fast(torch.randn(2, 12))
+            structured(torch.randn(2, 12))
     assert sum("stock PEFT cannot run" in str(w.message) for w in caught) == 1

@@ -5,7 +5,7 @@ PEFT (and through it transformers) is imported on the first call, not with this 
 """
 
 
-def enable_fast_waveft(model) -> int:
+def enable_structured_waveft(model) -> int:
     """Make every PEFT `WaveFTLinear` of `model` (a diffusers UNet with adapters added through
     `add_adapter(WaveFTConfig(...))`, a `peft.PeftModel`, any `torch.nn.Module`) compute its delta without
     the dense matrix.
@@ -16,27 +16,27 @@ def enable_fast_waveft(model) -> int:
     """
     from peft.tuners.waveft.layer import WaveFTLinear
 
-    from waveft.adapters.fast_waveft.layer import FastWaveFTLinear
+    from waveft.adapters.structured_waveft.layer import StructuredWaveFTLinear
 
     count = 0
     for module in model.modules():
         if type(module) is WaveFTLinear:
-            module.__class__ = FastWaveFTLinear
-        if type(module) is FastWaveFTLinear:
+            module.__class__ = StructuredWaveFTLinear
+        if type(module) is StructuredWaveFTLinear:
             count += 1
     return count
 
 
-def disable_fast_waveft(model) -> int:
+def disable_structured_waveft(model) -> int:
     """Give every structured WaveFT layer of `model` back PEFT's own forward. Returns how many were switched."""
     from peft.tuners.waveft.layer import WaveFTLinear
 
-    from waveft.adapters.fast_waveft.layer import FastWaveFTLinear
+    from waveft.adapters.structured_waveft.layer import StructuredWaveFTLinear
 
     count = 0
     for module in model.modules():
-        if type(module) is FastWaveFTLinear:
+        if type(module) is StructuredWaveFTLinear:
             module.__class__ = WaveFTLinear
-            module.__dict__.pop("_fast_waveft_plans", None)
+            module.__dict__.pop("_structured_waveft_plans", None)
             count += 1
     return count
