@@ -55,9 +55,10 @@ from eval.generate_benchmark import PAPER_NEGATIVE_PROMPT, PAPER_SEEDS
 from eval.protocol import DEFAULT_IDENTIFIER, PROMPTS_FILE, Subject, dataset_folder, load_benchmark, real_image_paths
 from eval.score import CLIP_T_PROMPTS, LPIPS_NETS
 from eval.tiny_benchmark import write_tiny_benchmark
-from waveft.config import coerce_value, load_config, read_yaml_mapping
+from waveft.config import load_config
 from waveft.errors import UserError, cli_entry
 from waveft.files import write_text_atomic
+from waveft.schema import coerce_value, read_yaml_mapping
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "train_dreambooth_waveft.py"

@@ -7,14 +7,8 @@ import torch
 
 from tests.conftest import tiny_unet
 from waveft.adapters.attach import attach_adapter, target_layers
-from waveft.adapters.budget import (
-    BUDGET_RULES,
-    LayerShape,
-    adapted_layers_budget,
-    lora_rank_one_parameters,
-    plan_budget,
-    settings_with_peft_defaults,
-)
+from waveft.adapters.budget import LayerShape, lora_rank_one_parameters
+from waveft.adapters.methods import METHODS, plan_budget, settings_with_peft_defaults
 from waveft.config import SDXL_ATTENTION_PROJECTIONS, AdapterConfig, load_config
 from waveft.errors import UserError
 
@@ -92,11 +86,11 @@ def test_budget_gives_exact_counts_on_sdxl(sdxl_shapes, method, budget, peft, se
 def test_counts_match_the_parameters_peft_creates_on_sdxl(sdxl_shapes, method, peft):
     """The count of each setting is PEFT's own: attach to SDXL on the meta device and count."""
     adapter = AdapterConfig(type=method, peft=peft)
-    layers = attach_adapter(sdxl_unet_on_meta(), adapter)
-    rule = BUDGET_RULES[method]
+    layers = attach_adapter(sdxl_unet_on_meta(), adapter).layers
+    size = METHODS[method].size
     settings = settings_with_peft_defaults(adapter)
-    assert sum(layer.trainable_parameters for layer in layers) == rule.parameters(
-        settings[rule.key], Counter(sdxl_shapes), settings
+    assert sum(layer.trainable_parameters for layer in layers) == size.parameters(
+        settings[size.key], Counter(sdxl_shapes), settings
     )
 
 
@@ -107,8 +101,9 @@ def test_counts_match_the_parameters_peft_creates_on_sdxl(sdxl_shapes, method, p
 )
 def test_attached_adapter_holds_what_the_budget_planned(method, budget):
     adapter = AdapterConfig(type=method, budget=budget)
-    layers = attach_adapter(tiny_unet(), adapter, total_steps=10)
-    info = adapted_layers_budget(adapter, layers).run_info()
+    attached = attach_adapter(tiny_unet(), adapter, total_steps=10)
+    layers = attached.layers
+    info = attached.budget.run_info()
     trainable = sum(layer.trainable_parameters for layer in layers)
     unit = lora_rank_one_parameters([LayerShape(l.out_features, l.in_features) for l in layers])
     assert info["budget_target_parameters"] == round(budget * unit)
@@ -149,7 +144,7 @@ def test_budget_and_its_setting_together_are_refused_before_loading_models():
 
 def test_budget_overrides_the_default_setting_and_is_exact_on_the_tiny_unet():
     unet = tiny_unet()
-    layers = attach_adapter(unet, AdapterConfig(type="waveft", budget=0.5))
+    layers = attach_adapter(unet, AdapterConfig(type="waveft", budget=0.5)).layers
     unit = lora_rank_one_parameters([LayerShape(l.out_features, l.in_features) for l in layers])
     assert unet.peft_config["default"].n_frequency == unit // 2 // len(layers)
     assert sum(l.trainable_parameters for l in layers) == unit // 2

@@ -68,7 +68,7 @@ def test_method_trains_saves_and_reloads_with_identical_outputs(case, tmp_path):
     adapter = CASES[case]
     unet = tiny_unet()
     base_output = unet_output(unet)
-    layers = attach_adapter(unet, adapter, total_steps=STEPS)
+    layers = attach_adapter(unet, adapter, total_steps=STEPS).layers
     assert len(layers) == 64 and all(layer.trainable_parameters > 0 for layer in layers)
     assert all(p.dtype == torch.float32 for p in unet.parameters() if p.requires_grad)
     train_a_few_steps(unet, adapter)

@@ -42,7 +42,7 @@ def test_adapters_go_exactly_on_attention_projections(tiny_sdxl_dir):
     cfg = load_config(None, ("output_dir=x", "data.instance_dir=y", "adapter.peft.n_frequency=50"))
     unet = fresh_unet(tiny_sdxl_dir)
     expected = sorted(n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(TARGETS))
-    layers = attach_adapter(unet, cfg.adapter)
+    layers = attach_adapter(unet, cfg.adapter).layers
     assert sorted(layer.name for layer in layers) == expected and len(expected) == 64
     trainable = {n: p.numel() for n, p in unet.named_parameters() if p.requires_grad}
     assert all("waveft_spectrum" in n for n in trainable) and sum(trainable.values()) == 64 * 50

@@ -130,7 +130,7 @@ def test_wara_attaches_trains_saves_and_reloads_through_peft(tmp_path):
     unet = tiny_unet()
     with torch.no_grad():
         base_output = unet_output(unet)
-    layers = attach_adapter(unet, adapter)
+    layers = attach_adapter(unet, adapter).layers
     assert len(layers) == 64
     # db2 pads each axis by 2: r * (H + W) per layer
     assert all(layer.trainable_parameters == 2 * (layer.out_features + 2 + layer.in_features + 2) for layer in layers)

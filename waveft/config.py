@@ -4,15 +4,15 @@ Every setting a run depends on lives here, with its default. `load_config` repor
 `UserError` naming the file and the dotted key.
 """
 import dataclasses
-import os
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 import yaml
 
+from waveft.adapters.methods import validate_adapter_settings
 from waveft.errors import UserError
+from waveft.files import write_text_atomic
+from waveft.schema import apply_override, coerce_value, read_yaml_extending
 
 SDXL_ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -121,111 +121,14 @@ class RunConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
 
-# ---- parsing ---------------------------------------------------------------------------------------------
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def coerce_value(value: Any, tp, key: str, source: str) -> Any:
-    """Check `value` against the annotation `tp`; ints are accepted for floats. Raise naming the key."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return coerce_value(value, arg, key, source)
-            except UserError:
-                pass
-        raise UserError(f"{source}: key '{key}' must be {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            choices = ", ".join(repr(c) for c in typing.get_args(tp))
-            raise UserError(f"{source}: key '{key}' must be one of {choices}, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise UserError(f"{source}: key '{key}' must be a list, got {value!r}")
-        (item_tp,) = typing.get_args(tp)
-        return [coerce_value(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key, source)
-    if tp is dict:
-        if not isinstance(value, dict):
-            raise UserError(f"{source}: key '{key}' must be a mapping, got {value!r}")
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if tp is bool and not isinstance(value, bool) or tp is int and isinstance(value, bool):
-        raise UserError(f"{source}: key '{key}' must be {_type_name(tp)}, got {value!r}")
-    if not isinstance(value, tp):
-        raise UserError(f"{source}: key '{key}' must be {_type_name(tp)}, got {value!r}")
-    return value
-
-
-def _build(cls, values: Any, prefix: str, source: str):
-    if not isinstance(values, dict):
-        raise UserError(f"{source}: key '{prefix or '<root>'}' must be a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    for name in values:
-        if name not in known:
-            raise UserError(f"{source}: unknown key '{prefix + '.' if prefix else ''}{name}'")
-    kwargs = {
-        name: coerce_value(value, hints[name], f"{prefix}.{name}" if prefix else name, source)
-        for name, value in values.items()
-    }
-    return cls(**kwargs)
-
-
-def _apply_override(tree: dict, override: str) -> None:
-    if "=" not in override:
-        raise UserError(f"override '{override}' must look like key.sub=value")
-    dotted, raw = override.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    node = tree
-    parts = dotted.strip().split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise UserError(f"override '{override}': '{part}' is not a section")
-    node[parts[-1]] = value
-
-
-def read_yaml_mapping(path: str, what: str = "config file") -> dict:
-    """The mapping a YAML file holds (an empty file: {}), or a UserError naming the file."""
-    if not os.path.isfile(path):
-        raise UserError(f"{what} not found: {path}")
-    try:
-        with open(path) as f:
-            tree = yaml.safe_load(f) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(tree, dict):
-        raise UserError(f"{path}: the {what} must be a mapping")
-    return tree
-
-
 def load_config(path: Optional[str], overrides: tuple[str, ...] = ()) -> RunConfig:
-    """Read a YAML config (or none: all defaults), apply `key.sub=value` overrides, type-check and validate."""
-    tree = read_yaml_mapping(path) if path is not None else {}
+    """Read a YAML config (or none: all defaults) with the file it `extends`, apply `key.sub=value` overrides,
+    type-check and validate."""
+    tree = read_yaml_extending(path) if path is not None else {}
     for override in overrides:
-        _apply_override(tree, override)
+        apply_override(tree, override)
     source = path or "config"
-    cfg = _build(RunConfig, tree, "", source)
+    cfg = coerce_value(tree, RunConfig, "", source)
     validate(cfg, source)
     return cfg
 
@@ -271,8 +174,6 @@ def validate(cfg: RunConfig, source: str) -> None:
         raise UserError(f"{source}: key 'adapter.target_modules' must name at least one module")
     if cfg.adapter.budget is not None:
         _positive(cfg.adapter.budget, "adapter.budget", source)
-    from waveft.adapters.methods import validate_adapter_settings
-
     validate_adapter_settings(cfg.adapter, source, total_steps=cfg.train.max_steps)
 
 
@@ -281,6 +182,4 @@ def config_to_dict(cfg: RunConfig) -> dict:
 
 
 def save_config(cfg: RunConfig, path: str) -> None:
-    from waveft.files import write_text_atomic
-
     write_text_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -15,20 +15,19 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from waveft import data as dreambooth_data
-from waveft.adapters.attach import attach_adapter, format_adapter_table
-from waveft.adapters.budget import adapted_layers_budget
-from waveft.adapters.methods import get_method
+from waveft.adapters.attach import attach_adapter
 from waveft.checkpointing import (
     list_checkpoints,
     load_checkpoint,
     save_adapter,
     save_checkpoint,
 )
-from waveft.config import RunConfig, config_to_dict, read_yaml_mapping, save_config
+from waveft.config import RunConfig, config_to_dict, save_config
 from waveft.errors import UserError
 from waveft.files import write_json_atomic
 from waveft.generate import GenerationSettings, generate_images, load_pipeline, prompt_seed_jobs, save_grid
 from waveft.models import DTYPES, load_sdxl
+from waveft.schema import read_yaml_mapping
 
 SETTINGS_THAT_MAY_CHANGE_ON_RESUME = {"output_dir", "train.resume", "train.max_steps", "overwrite_output_dir"}
 
@@ -274,12 +273,8 @@ def train(cfg: RunConfig) -> TrainResult:
     unet = components.unet
     if unet.dtype != weight_dtype:
         unet.to(dtype=weight_dtype)
-    layers = attach_adapter(unet, cfg.adapter, total_steps=cfg.train.max_steps)
-    trainable_parameters = sum(layer.trainable_parameters for layer in layers)
-    budget = adapted_layers_budget(cfg.adapter, layers)
-    say(format_adapter_table(layers))
-    if budget is not None:
-        say(budget.describe())
+    attached = attach_adapter(unet, cfg.adapter, total_steps=cfg.train.max_steps)
+    say(attached.describe())
     resume_from = find_resume_checkpoint(cfg)
     if main:
         if cfg.overwrite_output_dir and cfg.train.resume is None:
@@ -331,7 +326,7 @@ def train(cfg: RunConfig) -> TrainResult:
         say(f"resumed from {resume_from} at step {state['global_step']}")
     noise_scheduler = components.noise_scheduler
     vae = components.vae
-    step_hook = get_method(cfg.adapter.type).step_hook
+    step_hook = attached.method.step_hook
     prediction_type = noise_scheduler.config.prediction_type
     progress = tqdm(total=cfg.train.max_steps, initial=state["global_step"], desc="training",
                     disable=not accelerator.is_local_main_process)
@@ -421,8 +416,8 @@ def train(cfg: RunConfig) -> TrainResult:
         "seed": cfg.seed,
         "implementation": cfg.adapter.implementation,
         "budget": cfg.adapter.budget,
-        "trainable_parameters": trainable_parameters,
-        "adapted_layers": len(layers),
+        "trainable_parameters": attached.trainable_parameters,
+        "adapted_layers": len(attached.layers),
         "subject": cfg.data.subject or os.path.basename(os.path.normpath(cfg.data.instance_dir)),
         "class_noun": cfg.data.class_noun,
         "identifier": cfg.data.identifier,
@@ -432,7 +427,7 @@ def train(cfg: RunConfig) -> TrainResult:
         "steps": state["global_step"],
         "final_loss": state["loss"],
         "train_seconds": round(time.time() - started, 2),
-        **(budget.run_info() if budget is not None else {}),
+        **(attached.budget.run_info() if attached.budget is not None else {}),
     }
     trained_unet = accelerator.unwrap_model(unet)
     # Training state leaves the accelerator, so that the sampling pipeline below has its memory.
@@ -449,7 +444,7 @@ def train(cfg: RunConfig) -> TrainResult:
             run_info["samples"] = final_samples(cfg)
             _log_image(accelerator, "samples", run_info["samples"], state["global_step"])
     accelerator.end_training()
-    say(f"adapter saved to {os.path.join(cfg.output_dir, 'adapter')} ({trainable_parameters:,} trainable parameters)")
+    say(f"adapter saved to {os.path.join(cfg.output_dir, 'adapter')} ({attached.trainable_parameters:,} trainable parameters)")
     return TrainResult(run_info, trained_unet)
 
 

@@ -1,15 +1,12 @@
 """Attach the configured adapter to a UNet through diffusers' PEFT integration, after checking it fits the model."""
-import logging
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from waveft.adapters.budget import LayerShape, plan_budget
-from waveft.adapters.methods import build_peft_config
+from waveft.adapters.budget import BudgetPlan, LayerShape
+from waveft.adapters.methods import Method, build_peft_config, get_method, plan_budget, with_budget
 from waveft.errors import UserError
-
-logger = logging.getLogger(__name__)
 
 
 def module_matches(name: str, target: str) -> bool:
@@ -32,23 +29,6 @@ def target_layers(model: torch.nn.Module, target_modules: list[str]) -> dict[str
                 )
             found[name] = module
     return found
-
-
-def _check_waveft_fits(peft_config, layers: dict) -> None:
-    """PEFT refuses n_frequency > out*in without naming the layer; name it before injecting."""
-    from peft.utils.other import get_pattern_key
-
-    if peft_config.proportional_parameters:
-        return
-    patterns = list(peft_config.n_frequency_pattern)
-    for name, layer in layers.items():
-        n = peft_config.n_frequency_pattern.get(get_pattern_key(patterns, name), peft_config.n_frequency)
-        capacity = layer.out_features * layer.in_features
-        if not 0 < n <= capacity:
-            raise UserError(
-                f"adapter.peft.n_frequency={n} is out of range for layer {name} "
-                f"({layer.out_features}x{layer.in_features} holds 1..{capacity})"
-            )
 
 
 @dataclass
@@ -93,34 +73,54 @@ def inject_adapter(unet, peft_config, adapter_name: str = "default") -> None:
     unet.set_adapter(adapter_name)
 
 
-def attach_adapter(unet, adapter, adapter_name: str = "default", total_steps: Optional[int] = None) -> list[AdaptedLayer]:
-    """Add the adapter to `unet` (frozen beforehand), keep its trainable weights in fp32, return its layers.
+@dataclass
+class AttachedAdapter:
+    """What `attach_adapter` planned and did: the one resolution of a run's adapter settings."""
+
+    method: Method
+    adapter: object  # the AdapterConfig as attached: the budget's settings are in its `peft`
+    budget: Optional[BudgetPlan]  # None without adapter.budget
+    layers: list[AdaptedLayer]
+
+    @property
+    def trainable_parameters(self) -> int:
+        return sum(layer.trainable_parameters for layer in self.layers)
+
+    def describe(self) -> str:
+        """The per-shape table of trainable parameters, and how the budget was met."""
+        lines = [format_adapter_table(self.layers)]
+        if self.budget is not None:
+            lines.append(self.budget.describe())
+        return "\n".join(lines)
+
+
+def attach_adapter(unet, adapter, adapter_name: str = "default", total_steps: Optional[int] = None) -> AttachedAdapter:
+    """Add the adapter to `unet` (frozen beforehand), keep its trainable weights in fp32, return what it attached.
 
     With `adapter.budget`, the method's size setting comes from the budget and these layers' shapes.
     `total_steps` is the run's optimizer step count, needed by methods with a schedule (AdaLoRA).
     """
+    method = get_method(adapter.type)
     layers = target_layers(unet, adapter.target_modules)
+    plan = None
     if adapter.budget is not None:
         plan = plan_budget(adapter, [LayerShape(m.out_features, m.in_features) for m in layers.values()])
-        logger.info(plan.describe())
-        adapter = plan.apply(adapter)
+        adapter = with_budget(adapter, plan)
     peft_config = build_peft_config(adapter, total_steps=total_steps)
-    if adapter.type == "waveft":
-        _check_waveft_fits(peft_config, layers)
+    if method.check_layers is not None:
+        method.check_layers(peft_config, layers)
     unet.requires_grad_(False)
     try:
         inject_adapter(unet, peft_config, adapter_name)
     except ValueError as exc:
         raise UserError(f"adapter '{adapter.type}' could not be attached: {str(exc).splitlines()[0]}") from None
-    if adapter.type == "waveft" and adapter.implementation == "structured":
-        from waveft.adapters.structured_waveft import enable_structured_waveft
-
-        enable_structured_waveft(unet)
+    if method.after_attach is not None:
+        method.after_attach(unet, adapter)
     # Under fp16/bf16 the optimizer must step fp32 master weights ("Attempting to unscale FP16 gradients").
     for param in unet.parameters():
         if param.requires_grad:
             param.data = param.data.float()
-    return adapted_layers(unet)
+    return AttachedAdapter(method, adapter, plan, adapted_layers(unet))
 
 
 def format_adapter_table(rows: list[AdaptedLayer]) -> str:

@@ -1,18 +1,31 @@
-"""Adapter methods selectable by `adapter.type`: which PEFT config each one builds, with this project's defaults.
+"""Adapter methods selectable by `adapter.type`, each declared once, and the resolution of an adapter section.
 
-`adapter.peft` holds fields of the method's PEFT config class; every field is exposed, type-checked against
-PEFT's own annotations, and unknown keys are refused by name. `adapter.target_modules` is the one place
-target modules are set. The defaults are the WaveFT paper's SDXL settings for each method
-(../shared/reference/paper-protocol.md); `adapter.budget` replaces a method's size setting
-(`waveft.adapters.budget`).
+A `Method` holds everything that is particular to one method: the PEFT config it builds with this project's
+defaults (the WaveFT paper's SDXL settings, docs/protocol.md), the size setting `adapter.budget` chooses and
+its parameter count (`waveft.adapters.budget` does the arithmetic), its own checks, what follows attaching
+it, and its hook after each optimizer step. `adapter.peft` holds fields of the method's PEFT config class;
+every field is exposed, type-checked against PEFT's own annotations, and unknown keys are refused by name.
+`adapter.target_modules` is the one place target modules are set.
 """
 import dataclasses
 import importlib
+import math
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
+from waveft.adapters.budget import (
+    BudgetPlan,
+    LayerShape,
+    SizeSetting,
+    coefficients,
+    low_rank,
+    nearest_size,
+    smallest_layer,
+)
 from waveft.errors import UserError
+from waveft.schema import coerce_value
 
 # PeftConfig fields that the trainer owns, so they are not settable through adapter.peft.
 RESERVED_PEFT_FIELDS = {
@@ -26,12 +39,34 @@ RESERVED_PEFT_FIELDS = {
     "target_modules",
 }
 
+# Settings that change a method's parameter count in ways the size settings do not model (extra trainable
+# biases or vectors, per-layer sizes, fewer layers); with a budget they must keep their neutral value.
+COUNT_CHANGING_SETTINGS = (
+    "rank_pattern",
+    "n_frequency_pattern",
+    "proportional_parameters",
+    "use_dora",
+    "bias",
+    "lora_bias",
+    "modules_to_save",
+    "layers_to_transform",
+    "trainable_token_indices",
+    "target_parameters",
+)
+
 
 @dataclass(frozen=True)
 class Method:
     name: str
     peft_config_class_name: str  # attribute of `config_module`
+    size: SizeSetting  # what adapter.budget sets, and the parameters each value holds
     defaults: dict = field(default_factory=dict)  # this project's defaults (the paper's settings)
+    # Model-free checks of combinations PEFT accepts but this project cannot run: (adapter, settings, source).
+    check_settings: Optional[Callable] = None
+    # Checks against the layers about to be adapted, before injecting: (peft_config, {name: nn.Linear}).
+    check_layers: Optional[Callable] = None
+    # Called once the adapter is injected: (unet, adapter).
+    after_attach: Optional[Callable] = None
     # Called after every optimizer step, before gradients are cleared, as step_hook(unet, global_step).
     step_hook: Optional[Callable] = None
     # The PEFT field that must equal the run's optimizer steps (train.max_steps), if the method has one.
@@ -41,6 +76,107 @@ class Method:
 
     def config_class(self):
         return getattr(importlib.import_module(self.config_module), self.peft_config_class_name)
+
+
+# ---- WaveFT ----------------------------------------------------------------------------------------------------
+
+# The paper's SDXL settings (docs/protocol.md).
+WAVEFT_PAPER_DEFAULTS = dict(n_frequency=2592, scaling=25.0, wavelet_family="db1", random_loc_seed=777)
+
+
+def peft_runnable_wavelets() -> set:
+    from peft.tuners.waveft.wavelet import wavelist
+
+    return set(wavelist())
+
+
+def _check_waveft_settings(adapter, settings: dict, source: str) -> None:
+    from peft.tuners.waveft.constants import WAVELET_REDUCTIONS
+
+    wavelet = settings["wavelet_family"]
+    if wavelet not in WAVELET_REDUCTIONS:
+        raise UserError(
+            f"{source}: key 'adapter.peft.wavelet_family' names an unknown wavelet {wavelet!r} "
+            f"(PEFT's WaveFT accepts db1-db38, sym2-sym20, coif1-coif17)"
+        )
+    if adapter.implementation == "peft" and wavelet not in peft_runnable_wavelets():
+        raise UserError(
+            f"{source}: wavelet {wavelet!r} is accepted by PEFT's config but its WaveFT layer cannot run it; "
+            f"use adapter.implementation=structured or one of db1-db10, sym2-sym10, coif1-coif5"
+        )
+
+
+def _check_waveft_fits(peft_config, layers: dict) -> None:
+    """PEFT refuses n_frequency > out*in without naming the layer; name it before injecting."""
+    from peft.utils.other import get_pattern_key
+
+    if peft_config.proportional_parameters:
+        return
+    patterns = list(peft_config.n_frequency_pattern)
+    for name, layer in layers.items():
+        n = peft_config.n_frequency_pattern.get(get_pattern_key(patterns, name), peft_config.n_frequency)
+        capacity = layer.out_features * layer.in_features
+        if not 0 < n <= capacity:
+            raise UserError(
+                f"adapter.peft.n_frequency={n} is out of range for layer {name} "
+                f"({layer.out_features}x{layer.in_features} holds 1..{capacity})"
+            )
+
+
+def _use_structured_waveft(unet, adapter) -> None:
+    if adapter.implementation == "structured":
+        from waveft.adapters.structured_waveft import enable_structured_waveft
+
+        enable_structured_waveft(unet)
+
+
+# ---- SHiRA, LoKr, VeRA, WaRA: their counts and checks -----------------------------------------------------------
+
+
+def _shira_largest_rank(shapes: list[LayerShape], settings: dict) -> int:
+    """SHiRA's r * (out + in) sparse weights must fit in every layer."""
+    return min(s.out_features * s.in_features // (s.out_features + s.in_features) for s in shapes)
+
+
+def _lokr_factors(shape: LayerShape, settings: dict) -> tuple:
+    """PEFT's LoKr split of a Linear layer: out = out_l * out_k, in = in_m * in_n, W = kron(w1, w2)."""
+    from peft.tuners.lokr.layer import factorization
+
+    out_l, out_k = factorization(shape.out_features, settings["decompose_factor"])
+    in_m, in_n = factorization(shape.in_features, settings["decompose_factor"])
+    return out_l, out_k, in_m, in_n
+
+
+def _lokr_layer(r: int, shape: LayerShape, settings: dict) -> int:
+    # As LoKrLayer.update_layer: a factor is low-rank (r * (rows + cols)) while r < max(rows, cols) / 2,
+    # else full; w1 is low-rank only with decompose_both.
+    out_l, out_k, in_m, in_n = _lokr_factors(shape, settings)
+    w1_low_rank = settings["decompose_both"] and r < max(out_l, in_m) / 2
+    w2_low_rank = r < max(out_k, in_n) / 2
+    w1 = r * (out_l + in_m) if w1_low_rank else out_l * in_m
+    w2 = r * (out_k + in_n) if w2_low_rank else out_k * in_n
+    return w1 + w2
+
+
+def _lokr_largest_useful_rank(shapes: list[LayerShape], settings: dict) -> int:
+    """Above this rank every factor of every layer is full: the count no longer changes."""
+    return max(math.ceil(max(_lokr_factors(s, settings)) / 2) for s in shapes)
+
+
+def _check_vera_settings(adapter, settings: dict, source: str) -> None:
+    if settings["save_projection"]:
+        raise UserError(
+            f"{source}: key 'adapter.peft.save_projection' must be false for vera on a UNet: PEFT saves the shared "
+            f"projections from its tuner object, which diffusers-style attaching does not keep; they are "
+            f"regenerated from 'adapter.peft.projection_prng_key' instead"
+        )
+
+
+def _wara_layer(r: int, shape: LayerShape, settings: dict) -> int:
+    from waveft.adapters.wavelet_ops import padded_length, wavelet_filters
+
+    filter_length = wavelet_filters(settings["wavelet_family"]).length
+    return r * (padded_length(shape.out_features, filter_length) + padded_length(shape.in_features, filter_length))
 
 
 # ---- AdaLoRA's rank allocation -------------------------------------------------------------------------------
@@ -101,33 +237,81 @@ def adalora_step_hook(model, global_step: int) -> None:
 
 # ---- the registry --------------------------------------------------------------------------------------------
 
-# The paper's SDXL settings (../shared/reference/paper-protocol.md).
-WAVEFT_PAPER_DEFAULTS = dict(n_frequency=2592, scaling=25.0, wavelet_family="db1", random_loc_seed=777)
-
 METHODS = {
     m.name: m
     for m in [
         # `peft: {use_idwt: false}` is the paper's SHiRA: the same sparse coefficients, no wavelet transform.
-        Method("waveft", "WaveFTConfig", dict(WAVEFT_PAPER_DEFAULTS, use_idwt=True)),
+        Method(
+            "waveft", "WaveFTConfig",
+            SizeSetting("n_frequency", coefficients, max_value=smallest_layer,
+                        explanation="n_frequency coefficients per layer"),
+            dict(WAVEFT_PAPER_DEFAULTS, use_idwt=True),
+            check_settings=_check_waveft_settings,
+            check_layers=_check_waveft_fits,
+            after_attach=_use_structured_waveft,
+        ),
         # PEFT's own SHiRA: r * (out + in) sparse weights per layer, so r=1 is budget 1.
-        Method("shira", "ShiraConfig", dict(r=1, mask_type="random", random_seed=777)),
-        Method("lora", "LoraConfig", dict(r=1, lora_alpha=1, init_lora_weights=True)),
-        Method("loha", "LoHaConfig", dict(r=1, alpha=64)),
-        Method("lokr", "LoKrConfig", dict(r=20, alpha=192)),
+        Method(
+            "shira", "ShiraConfig",
+            SizeSetting("r", low_rank, max_value=_shira_largest_rank,
+                        explanation="r * (out + in) sparse weights per layer"),
+            dict(r=1, mask_type="random", random_seed=777),
+        ),
+        Method(
+            "lora", "LoraConfig",
+            SizeSetting("r", low_rank, explanation="r * (out + in) per layer"),
+            dict(r=1, lora_alpha=1, init_lora_weights=True),
+        ),
+        Method(
+            "loha", "LoHaConfig",
+            SizeSetting("r", lambda r, shape, settings: 2 * low_rank(r, shape, settings),
+                        explanation="two rank-r pairs, 2 r (out + in) per layer"),
+            dict(r=1, alpha=64),
+        ),
+        Method(
+            "lokr", "LoKrConfig",
+            SizeSetting("r", _lokr_layer, max_value=_lokr_largest_useful_rank, monotone=False,
+                        explanation="Kronecker factors per layer, the second of rank r until it is full"),
+            dict(r=20, alpha=192),
+        ),
         # The projections are regenerated from projection_prng_key: saving them needs PEFT's tuner object,
         # which attaching to a UNet does not keep (see waveft.adapters.attach).
-        Method("vera", "VeraConfig", dict(r=1402, save_projection=False)),
-        Method("fourierft", "FourierFTConfig", dict(n_frequency=2592, scaling=32.0)),
         Method(
-            "adalora",
-            "AdaLoraConfig",
+            "vera", "VeraConfig",
+            SizeSetting("r", lambda r, shape, settings: shape.out_features + r,
+                        explanation="out + r scaling vectors per layer"),
+            dict(r=1402, save_projection=False),
+            check_settings=_check_vera_settings,
+        ),
+        Method(
+            "fourierft", "FourierFTConfig",
+            SizeSetting("n_frequency", coefficients, max_value=smallest_layer,
+                        explanation="n_frequency coefficients per layer"),
+            dict(n_frequency=2592, scaling=32.0),
+        ),
+        # The budget counts what AdaLoRA ends at: target_r singular triplets (out + in + 1) per layer on
+        # average, from init_r = 2 target_r as in the paper.
+        Method(
+            "adalora", "AdaLoraConfig",
+            SizeSetting("target_r", lambda r, shape, settings: low_rank(r, shape, settings) + r,
+                        derived=lambda r: {"init_r": 2 * r},
+                        explanation="target_r (out + in + 1) per layer after rank allocation, "
+                                    "from init_r = 2 target_r"),
             dict(target_r=1, init_r=2, lora_alpha=32),
             step_hook=adalora_step_hook,
             total_steps_field="total_step",
         ),
-        Method("wara", "WaraConfig", dict(r=1, scaling=1.0, wavelet_family="db1"), config_module="waveft.adapters.wara"),
+        Method(
+            "wara", "WaraConfig",
+            SizeSetting("r", _wara_layer, explanation="r * (H + W) per layer over the padded wavelet grid"),
+            dict(r=1, scaling=1.0, wavelet_family="db1"),
+            config_module="waveft.adapters.wara",
+        ),
     ]
 }
+
+
+# ---- resolving an adapter section through its method -----------------------------------------------------------
 
 
 def get_method(name: str, source: str = "config") -> Method:
@@ -143,14 +327,14 @@ def _settable_fields(config_class) -> dict:
 
 def resolved_peft_settings(adapter, source: str = "config") -> dict:
     """The method's defaults overlaid with `adapter.peft`, each value checked against PEFT's annotation."""
-    from waveft.config import coerce_value
-
     method = get_method(adapter.type, source)
     fields = _settable_fields(method.config_class())
     settings = dict(method.defaults)
     for key, value in adapter.peft.items():
         if key == "target_modules":
-            raise UserError(f"{source}: set target modules with 'adapter.target_modules', not 'adapter.peft.target_modules'")
+            raise UserError(
+                f"{source}: set target modules with 'adapter.target_modules', not 'adapter.peft.target_modules'"
+            )
         if key == method.total_steps_field:
             raise UserError(f"{source}: key 'adapter.peft.{key}' is set from 'train.max_steps'; remove it")
         if key not in fields:
@@ -159,28 +343,51 @@ def resolved_peft_settings(adapter, source: str = "config") -> dict:
     return settings
 
 
-def check_method_settings(adapter, settings: dict, source: str = "config") -> None:
-    """Combinations PEFT accepts but this project cannot run, refused before any model is loaded."""
-    if adapter.type == "waveft":
-        from peft.tuners.waveft.constants import WAVELET_REDUCTIONS
+def settings_with_peft_defaults(adapter, source: str = "config") -> dict:
+    """The adapter's resolved PEFT settings over PEFT's own defaults: every field the counts may read."""
+    settings = {}
+    for f in dataclasses.fields(get_method(adapter.type, source).config_class()):
+        if f.default is not dataclasses.MISSING:
+            settings[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            settings[f.name] = f.default_factory()
+    return {**settings, **resolved_peft_settings(adapter, source)}
 
-        wavelet = settings["wavelet_family"]
-        if wavelet not in WAVELET_REDUCTIONS:
+
+def _is_neutral(value) -> bool:
+    return value is None or value is False or value == "none" or (isinstance(value, (dict, list, set)) and not value)
+
+
+def check_budget_settings(adapter, source: str = "config") -> None:
+    """Model-free: with a budget, `adapter.peft` sets nothing the budget sets or cannot count."""
+    if adapter.budget is None:
+        return
+    for key in get_method(adapter.type, source).size.budget_keys():
+        if key in adapter.peft:
             raise UserError(
-                f"{source}: key 'adapter.peft.wavelet_family' names an unknown wavelet {wavelet!r} "
-                f"(PEFT's WaveFT accepts db1-db38, sym2-sym20, coif1-coif17)"
+                f"{source}: key 'adapter.peft.{key}' is set by 'adapter.budget' for {adapter.type}; set one of them"
             )
-        if adapter.implementation == "peft" and wavelet not in peft_runnable_wavelets():
+    settings = resolved_peft_settings(adapter, source)
+    for key in COUNT_CHANGING_SETTINGS:
+        if key in settings and not _is_neutral(settings[key]):
             raise UserError(
-                f"{source}: wavelet {wavelet!r} is accepted by PEFT's config but its WaveFT layer cannot run it; "
-                f"use adapter.implementation=structured or one of db1-db10, sym2-sym10, coif1-coif5"
+                f"{source}: key 'adapter.peft.{key}'={settings[key]!r} changes the parameter count in a way "
+                f"'adapter.budget' does not model; leave it unset or drop the budget"
             )
-    if adapter.type == "vera" and settings["save_projection"]:
-        raise UserError(
-            f"{source}: key 'adapter.peft.save_projection' must be false for vera on a UNet: PEFT saves the shared "
-            f"projections from its tuner object, which diffusers-style attaching does not keep; they are "
-            f"regenerated from 'adapter.peft.projection_prng_key' instead"
-        )
+
+
+def plan_budget(adapter, shapes: list[LayerShape], source: str = "config") -> BudgetPlan:
+    """The size setting that brings `adapter.type` nearest to `adapter.budget` on these layers, or a UserError
+    naming the nearest budgets it can reach."""
+    check_budget_settings(adapter, source)
+    method = get_method(adapter.type, source)
+    settings = settings_with_peft_defaults(adapter, source)
+    return nearest_size(adapter.type, method.size, adapter.budget, shapes, settings, source)
+
+
+def with_budget(adapter, plan: BudgetPlan):
+    """The adapter section with the budget's settings in `peft`."""
+    return dataclasses.replace(adapter, peft={**adapter.peft, **plan.settings})
 
 
 def build_peft_config(adapter, source: str = "config", total_steps: Optional[int] = None):
@@ -191,7 +398,8 @@ def build_peft_config(adapter, source: str = "config", total_steps: Optional[int
     """
     method = get_method(adapter.type, source)
     settings = resolved_peft_settings(adapter, source)
-    check_method_settings(adapter, settings, source)
+    if method.check_settings is not None:
+        method.check_settings(adapter, settings, source)
     if method.total_steps_field is not None:
         if total_steps is None:
             raise ValueError(f"adapter type {adapter.type!r} needs the run's total optimizer steps (total_steps)")
@@ -199,7 +407,8 @@ def build_peft_config(adapter, source: str = "config", total_steps: Optional[int
     try:
         return method.config_class()(target_modules=list(adapter.target_modules), **settings)
     except (ValueError, TypeError) as exc:
-        raise UserError(f"{source}: adapter '{adapter.type}' settings rejected by PEFT: {str(exc).splitlines()[0]}") from None
+        reason = str(exc).splitlines()[0]
+        raise UserError(f"{source}: adapter '{adapter.type}' settings rejected by PEFT: {reason}") from None
 
 
 def validate_adapter_settings(adapter, source: str = "config", total_steps: Optional[int] = None) -> None:
@@ -208,17 +417,10 @@ def validate_adapter_settings(adapter, source: str = "config", total_steps: Opti
     Without `total_steps`, a method that needs it is checked up to building its PEFT config; the rest
     (e.g. AdaLoRA's schedule against train.max_steps) is checked when the adapter is attached.
     """
-    from waveft.adapters.budget import check_budget_settings
-
     method = get_method(adapter.type, source)
     check_budget_settings(adapter, source)
     if method.total_steps_field is not None and total_steps is None:
-        check_method_settings(adapter, resolved_peft_settings(adapter, source), source)
+        if method.check_settings is not None:
+            method.check_settings(adapter, resolved_peft_settings(adapter, source), source)
         return
     build_peft_config(adapter, source, total_steps)
-
-
-def peft_runnable_wavelets() -> set:
-    from peft.tuners.waveft.wavelet import wavelist
-
-    return set(wavelist())
