@@ -82,3 +82,45 @@ def test_cli_reports_bad_config_in_one_line_and_exit_2(tmp_path):
 def test_shipped_run_configs_are_valid(name):
     cfg = load_config(os.path.join(REPO, name))
     assert cfg.output_dir and cfg.data.instance_dir
+
+
+def test_a_config_extends_another_merging_sections_and_replacing_values(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "paper.yaml").write_text(yaml.safe_dump(
+        {**MINIMAL, "train": {"max_steps": 9, "learning_rate": 3e-4}, "validation": {"seeds": [1, 2, 3]},
+         "adapter": {"budget": 1.0, "peft": {"scaling": 5.0}}}))
+    child = tmp_path / "run.yaml"
+    child.write_text(yaml.safe_dump({"extends": "base/paper.yaml", "train": {"max_steps": 4},
+                                     "validation": {"seeds": [7]}, "adapter": {"budget": None, "peft": {"n_frequency": 8}}}))
+    cfg = load_config(str(child), ("train.batch_size=2",))
+    assert (cfg.train.max_steps, cfg.train.learning_rate, cfg.train.batch_size) == (4, 3e-4, 2)
+    assert cfg.validation.seeds == [7]  # lists replace
+    assert cfg.adapter.budget is None and cfg.adapter.peft == {"scaling": 5.0, "n_frequency": 8}
+    assert cfg.output_dir == "out"
+
+
+@pytest.mark.parametrize(
+    "child, message",
+    [
+        ({"extends": "missing.yaml"}, "key 'extends' names a config file that does not exist: .*missing.yaml"),
+        ({"extends": 3}, "key 'extends' must be the path of a config file, got 3"),
+        ({"extends": "run.yaml"}, "key 'extends' makes a cycle"),
+        ({"extends": "base.yaml", "train": {"max_stepz": 1}}, "unknown key 'train.max_stepz'"),
+    ],
+)
+def test_bad_extends_is_refused_naming_the_file(tmp_path, child, message):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(MINIMAL))
+    with pytest.raises(UserError, match=message):
+        load_config(write(tmp_path, child))
+
+
+@pytest.mark.parametrize("name, base, differences", [
+    ("sdxl_waveft_paper.yaml", "paper/waveft.yaml", ("adapter.budget=null", "adapter.peft.n_frequency=2592")),
+    ("sdxl_lora_r1.yaml", "paper/lora.yaml", ("adapter.budget=null", "adapter.peft.r=1")),
+])
+def test_the_papers_settings_have_one_source(name, base, differences):
+    """The single-run configs are the sweeps' paper configs, with the size named instead of budgeted."""
+    cfg = load_config(os.path.join(REPO, "configs", name))
+    source = load_config(os.path.join(REPO, "configs", base), (*differences, f"output_dir={cfg.output_dir}"))
+    assert cfg == source
+    assert cfg.train.max_steps == 500 and cfg.model.text_hidden_states == "paper"
