@@ -70,7 +70,8 @@ def benchmark_jobs(run: TrainedRun, benchmark, seeds) -> list[dict]:
     from waveft.generate import prompt_seed_jobs
 
     subject = benchmark.subject(run.info["subject"])
-    prompts = [fill_prompt(t, run.info["identifier"], run.info["class_noun"]) for t in benchmark.prompt_templates(subject)]
+    prompts = [fill_prompt(t, run.info["identifier"], run.info["class_noun"])
+               for t in benchmark.prompt_templates(subject)]
     return prompt_seed_jobs(prompts, list(seeds), subject=subject.name, class_noun=run.info["class_noun"],
                             identifier=run.info["identifier"], run=run.name)
 

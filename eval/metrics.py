@@ -6,7 +6,8 @@ its prompt, x100. Diversity: mean distance over the i<j pairs of one subject-and
 """
 import itertools
 import math
-from typing import Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -71,7 +72,9 @@ class LpipsDistance:
         try:
             import lpips
         except ImportError:
-            raise UserError("LPIPS diversity needs the lpips package: pip install lpips (it pulls torchvision)") from None
+            raise UserError(
+                "LPIPS diversity needs the lpips package: pip install lpips (it pulls torchvision)"
+            ) from None
         self.net = net
         self.device = device
         self.model = lpips.LPIPS(net=net, verbose=False).eval().to(device)

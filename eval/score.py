@@ -73,7 +73,8 @@ class _Encoders:
     @classmethod
     def load(cls, settings: ScoreSettings) -> "_Encoders":
         clip = ClipEncoder.load(settings.clip, settings.device)
-        cmmd_clip = clip if settings.cmmd_clip == settings.clip else ClipEncoder.load(settings.cmmd_clip, settings.device)
+        cmmd_clip = (clip if settings.cmmd_clip == settings.clip
+                     else ClipEncoder.load(settings.cmmd_clip, settings.device))
         lpips = None if settings.lpips == "off" else LpipsDistance(settings.lpips, clip.device)
         return cls(DinoEncoder.load(settings.dino, settings.device), clip, cmmd_clip, lpips)
 

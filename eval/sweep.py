@@ -303,7 +303,8 @@ def validate_sweep(sweep: SweepConfig, source: str) -> list[Subject]:
     if s.lpips is not None:
         networks = [net for net in LPIPS_NETS if net != "off"]
         if s.lpips not in networks:
-            raise UserError(f"{source}: key 'scoring.lpips' must be one of {', '.join(networks)} or null, got {s.lpips!r}")
+            raise UserError(f"{source}: key 'scoring.lpips' must be one of {', '.join(networks)} or null, "
+                            f"got {s.lpips!r}")
         if importlib.util.find_spec("lpips") is None:
             raise UserError(f"{source}: key 'scoring.lpips' is {s.lpips!r}, which needs the lpips package "
                             "(pip install lpips==0.1.4; it pulls torchvision); or set scoring.lpips=null")
@@ -410,7 +411,8 @@ def score_command(sweep: SweepConfig, run: Run) -> list[str]:
     command = [sys.executable, "-m", "eval.score", "--images", str(run.images_dir), "--real", sweep.benchmark.dir,
                "--out", str(run.metrics_dir), "--dino", encoders["dino"], "--clip", encoders["clip"],
                "--cmmd-clip", encoders["cmmd_clip"], "--clip-t-prompt", s.clip_t_prompt,
-               "--identifier", sweep.benchmark.identifier, "--lpips", s.lpips or "off", "--batch-size", str(s.batch_size)]
+               "--identifier", sweep.benchmark.identifier, "--lpips", s.lpips or "off",
+               "--batch-size", str(s.batch_size)]
     if s.device:
         command += ["--device", s.device]
     if s.cache_dir:
@@ -424,8 +426,6 @@ def report_command(metrics_files: list[Path], out: Path) -> list[str]:
 
 def subprocess_env(cuda_visible_devices: Optional[str]) -> dict:
     env = dict(os.environ)
-    # `python -m eval.*` must find this repository from any working directory.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     if cuda_visible_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
     return env

@@ -26,9 +26,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from waveft.adapters.structured_waveft import enable_structured_waveft  # noqa: E402
+from waveft.adapters.structured_waveft import enable_structured_waveft
 
 # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (nothing can be downloaded here).
 SDXL_UNET_CONFIG = dict(

@@ -10,17 +10,14 @@ so an interrupted run leaves no half-written DEST.
 import argparse
 import io
 import shutil
-import sys
 import tempfile
 import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from eval.protocol import load_benchmark, real_image_paths  # noqa: E402
-from waveft.errors import UserError, cli_entry  # noqa: E402
+from eval.protocol import load_benchmark, real_image_paths
+from waveft.errors import UserError, cli_entry
 
 COMMIT = "4f887af7970a06fc0cd3adaa1d0b368547d6a1d0"
 ARCHIVE_URL = f"https://codeload.github.com/google/dreambooth/zip/{COMMIT}"

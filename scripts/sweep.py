@@ -4,12 +4,7 @@
 
 The logic lives in eval/sweep.py; `python -m eval.sweep` is the same command.
 """
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from eval.sweep import main  # noqa: E402
+from eval.sweep import main
 
 if __name__ == "__main__":
     main()

@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 import torch
 
-from tests.conftest import tiny_unet
+from tests.helpers import tiny_unet
 from waveft.adapters.attach import attach_adapter, target_layers
 from waveft.adapters.budget import LayerShape, lora_rank_one_parameters
 from waveft.adapters.methods import METHODS, plan_budget, settings_with_peft_defaults
@@ -117,7 +117,8 @@ def test_attached_adapter_holds_what_the_budget_planned(method, budget):
 @pytest.mark.parametrize(
     "method, budget, message",
     [
-        ("lora", 1.5, r"'adapter.budget'=1.5 cannot be reached by lora .*nearest reachable budgets are 1 \(r=1\) and 2 \(r=2\)"),
+        ("lora", 1.5,
+         r"'adapter.budget'=1.5 cannot be reached by lora .*nearest reachable budgets are 1 \(r=1\) and 2 \(r=2\)"),
         ("lora", 0.5, r"nearest reachable budget is 1 \(r=1\)"),
         ("loha", 1.0, r"cannot be reached by loha .*nearest reachable budget is 2 \(r=1\)"),
         ("lokr", 2.0, r"nearest reachable budget is 1.111 \(r=31\)"),

@@ -6,7 +6,7 @@ import sys
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 from waveft.config import load_config
 from waveft.errors import UserError
 
@@ -63,6 +63,7 @@ def test_long_wavelet_is_refused_only_for_stock_peft(tmp_path):
         load_config(path, ("adapter.peft.wavelet_family=db12", "adapter.implementation=peft"))
 
 
+@pytest.mark.slow
 def test_cli_reports_bad_config_in_one_line_and_exit_2(tmp_path):
     path = write(tmp_path, MINIMAL)
     for args in ([path, "train.max_steps=-1"], [str(tmp_path / "missing.yaml")]):
@@ -91,7 +92,8 @@ def test_a_config_extends_another_merging_sections_and_replacing_values(tmp_path
          "adapter": {"budget": 1.0, "peft": {"scaling": 5.0}}}))
     child = tmp_path / "run.yaml"
     child.write_text(yaml.safe_dump({"extends": "base/paper.yaml", "train": {"max_steps": 4},
-                                     "validation": {"seeds": [7]}, "adapter": {"budget": None, "peft": {"n_frequency": 8}}}))
+                                     "validation": {"seeds": [7]},
+                                     "adapter": {"budget": None, "peft": {"n_frequency": 8}}}))
     cfg = load_config(str(child), ("train.batch_size=2",))
     assert (cfg.train.max_steps, cfg.train.learning_rate, cfg.train.batch_size) == (4, 3e-4, 2)
     assert cfg.validation.seeds == [7]  # lists replace

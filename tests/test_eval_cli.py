@@ -13,13 +13,14 @@ from PIL import Image
 from eval.encoders import EmbeddingCache
 from eval.score import ScoreSettings, score_images
 from eval.tiny_encoders import write_tiny_encoders
-from tests.test_eval_fixtures import run_info, write_benchmark, write_generated
+from tests.helpers import run_info, write_benchmark, write_generated
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # every test here starts CLI subprocesses
 
 
 def run_cli(module: str, *args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
 

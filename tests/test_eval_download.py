@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_eval_fixtures import prompts_file_text, random_image
+from tests.helpers import prompts_file_text, random_image
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "download_dreambooth.py"
 

@@ -12,9 +12,10 @@ from eval.encoders import EmbeddingCache
 from eval.generate_benchmark import PART_MANIFEST, main
 from eval.score import ScoreSettings, score_images
 from eval.tiny_encoders import write_tiny_encoders
-from tests.test_eval_fixtures import LIVE_TEMPLATES, run_info, write_benchmark
+from tests.helpers import LIVE_TEMPLATES, run_info, write_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # tiny SDXL pipelines, torchrun and CLI subprocesses
 SEEDS = ("7", "8")
 
 
@@ -94,8 +95,7 @@ def test_two_processes_split_one_run_and_merge_their_manifests(tiny_sdxl_dir, tm
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              "-m", "eval.generate_benchmark", "--runs", str(run_dir), "--benchmark", str(bench),
                              "--out", str(out), "--seeds", *SEEDS, "--steps", "2", "--resolution", "64",
-                             "--dtype", "fp32"], cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+                             "--dtype", "fp32"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "6 to generate on 2 process(es)" in result.stdout
     folder = out / run_dir.name

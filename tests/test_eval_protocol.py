@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from eval.protocol import fill_prompt, load_benchmark, parse_prompts_and_classes, real_image_paths, remove_identifier
-from tests.test_eval_fixtures import LIVE_TEMPLATES, OBJECT_TEMPLATES, SUBJECTS, prompts_file_text, write_benchmark
+from tests.helpers import LIVE_TEMPLATES, OBJECT_TEMPLATES, SUBJECTS, prompts_file_text, write_benchmark
 from waveft.errors import UserError
 
 SHARED_BENCHMARK = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "dreambooth"

@@ -7,7 +7,9 @@ import sys
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO
+from tests.helpers import REPO
+
+pytestmark = pytest.mark.slow  # the training and generation CLIs in subprocesses, accelerate launch
 
 
 def run(*args):
@@ -51,7 +53,8 @@ def test_generate_cli_images_manifest_and_resume(trained_run, tmp_path):
         (p, s) for p in ("a zjw ball", "a zjw ball in the snow") for s in (3, 4)}
     for row in rows:
         assert Image.open(out / row["file"]).size == (48, 32)
-        assert (row["steps"], row["scheduler"], row["negative_prompt"], row["guidance_scale"]) == (2, "euler", "blurry", 4.0)
+        settings = (row["steps"], row["scheduler"], row["negative_prompt"], row["guidance_scale"])
+        assert settings == (2, "euler", "blurry", 4.0)
         assert row["base_model"] == str(json.loads((trained_run / "run_info.json").read_text())["base_model"])
     assert (out / "grid.png").exists()
     # Resumable: a missing image is regenerated, existing ones are kept.
@@ -77,7 +80,8 @@ def test_same_seed_gives_same_image_whatever_the_batch(trained_run, tmp_path):
 
 def test_generate_cli_bad_input(tmp_path):
     for args, message in [
-        (("--adapter", str(tmp_path), "--base", "x", "--prompt", "p", "--out", str(tmp_path / "o")), "no adapter_config.json"),
+        (("--adapter", str(tmp_path), "--base", "x", "--prompt", "p", "--out", str(tmp_path / "o")),
+         "no adapter_config.json"),
         (("--out", str(tmp_path / "o"), "--base", "x"), "no prompts"),
         (("--prompt", "p", "--out", str(tmp_path / "o")), "no base model"),
     ]:

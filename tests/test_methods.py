@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO, tiny_unet, unet_output
+from tests.helpers import REPO, tiny_unet, unet_output
 from waveft.adapters.attach import attach_adapter
 from waveft.adapters.methods import METHODS
 from waveft.adapters.structured_waveft import enable_structured_waveft
@@ -101,7 +101,8 @@ def test_adalora_needs_the_run_length_and_refuses_setting_it_by_hand():
 
 def test_vera_projections_cannot_be_saved_from_a_unet():
     with pytest.raises(UserError, match="'adapter.peft.save_projection' must be false for vera"):
-        load_config(None, ("output_dir=x", "data.instance_dir=y", "adapter.type=vera", "adapter.peft.save_projection=true"))
+        load_config(None, ("output_dir=x", "data.instance_dir=y", "adapter.type=vera",
+                           "adapter.peft.save_projection=true"))
 
 
 def test_paper_defaults():
@@ -134,6 +135,7 @@ def test_unknown_method_is_a_user_error():
         load_config(None, ("output_dir=x", "data.instance_dir=y", "adapter.type=nope"))
 
 
+@pytest.mark.slow
 def test_trainer_cli_refuses_an_unknown_method_in_one_line():
     result = subprocess.run(
         [sys.executable, os.path.join(REPO, "train_dreambooth_waveft.py"), "--config", "configs/tiny.yaml",
@@ -145,6 +147,7 @@ def test_trainer_cli_refuses_an_unknown_method_in_one_line():
     assert len(lines) == 1 and lines[0].startswith("error: ") and "'nope'" in lines[0]
 
 
+@pytest.mark.slow
 def test_trainer_end_to_end_with_wara_at_a_budget(tiny_sdxl_dir, subject_dir, tmp_path):
     from waveft.adapters.budget import LayerShape, lora_rank_one_parameters
     from waveft.generate import merge_adapter

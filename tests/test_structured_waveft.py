@@ -13,7 +13,7 @@ from peft.tuners.waveft.layer import WaveFTLinear
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from tests.conftest import tiny_unet, unet_output
+from tests.helpers import tiny_unet, unet_output
 from waveft import enable_structured_waveft
 from waveft.adapters.structured_waveft import disable_structured_waveft
 from waveft.adapters.structured_waveft.layer import StructuredWaveFTLinear
@@ -378,6 +378,7 @@ def test_enable_on_a_diffusers_unet_keeps_its_output():
         torch.testing.assert_close(unet_output(unet), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_import_of_waveft_does_not_import_peft():
     import subprocess
     import sys

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from eval.sweep import main
-from tests.test_eval_fixtures import prompts_file_text
+from tests.helpers import prompts_file_text
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP = REPO / "scripts" / "sweep.py"
@@ -68,16 +68,19 @@ def done_markers(out: Path) -> list[Path]:
     return sorted(out.glob("runs/*/budget-*/*/seed-*/done.json"))
 
 
+@pytest.mark.slow
 def test_sweep_survives_a_kill_resumes_and_records_failures(tmp_path, benchmark, tiny_sdxl_dir):
     out = tmp_path / "sweep"
     args = sweep_args(tmp_path, benchmark, tiny_sdxl_dir)
 
     # 1. Start the sweep and kill its whole process group (the stage subprocesses too) once a run is finished.
     with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen([sys.executable, str(SWEEP), *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        first = subprocess.Popen([sys.executable, str(SWEEP), *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
         deadline = time.time() + 240
         while not done_markers(out):
-            assert first.poll() is None, f"the sweep ended before finishing a run:\n{(tmp_path / 'first.log').read_text()}"
+            assert first.poll() is None, (f"the sweep ended before finishing a run:\n"
+                                          f"{(tmp_path / 'first.log').read_text()}")
             assert time.time() < deadline, "no run finished in time"
             time.sleep(0.5)
         os.killpg(first.pid, signal.SIGKILL)
@@ -119,11 +122,14 @@ def test_sweep_survives_a_kill_resumes_and_records_failures(tmp_path, benchmark,
     assert {run: snapshot(run) for run in good_runs} == before_all
 
 
+@pytest.mark.slow
 def test_missing_sweep_file_is_refused_in_one_line():
     result = run_sweep(["--sweep", "configs/sweeps/missing.yaml"])
-    assert result.returncode == 2 and result.stderr.strip() == "error: sweep file not found: configs/sweeps/missing.yaml"
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: sweep file not found: configs/sweeps/missing.yaml"
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, benchmark, tiny_sdxl_dir):
     result = run_sweep(sweep_args(tmp_path, benchmark, tiny_sdxl_dir, "--dry-run"))
     assert result.returncode == 0, result.stderr
@@ -167,6 +173,7 @@ def test_paper_sweeps_validate(tmp_path, benchmark, sweep_file, runs, monkeypatc
     assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.slow
 def test_a_run_another_sweep_is_working_on_is_left_alone(tmp_path, benchmark, tiny_sdxl_dir, monkeypatch):
     from eval.sweep import Children, execute_run, expand_runs, load_sweep, subprocess_env, validate_sweep
 
@@ -183,6 +190,7 @@ def test_a_run_another_sweep_is_working_on_is_left_alone(tmp_path, benchmark, ti
 
 def test_tiny_sweep_writes_its_benchmark_when_missing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
-    main(["--sweep", TINY_SWEEP, "--dry-run", f"benchmark.dir={tmp_path / 'bench'}", f"output_dir={tmp_path / 'sweep'}"])
+    main(["--sweep", TINY_SWEEP, "--dry-run", f"benchmark.dir={tmp_path / 'bench'}",
+          f"output_dir={tmp_path / 'sweep'}"])
     assert ": 4 runs -> " in capsys.readouterr().out  # 2 methods x its 2 subjects
     assert (tmp_path / "bench" / "dataset" / "prompts_and_classes.txt").is_file()

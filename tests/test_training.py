@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO, unet_output
+from tests.helpers import REPO, unet_output
 from waveft.config import load_config
 from waveft.errors import UserError
 
@@ -83,11 +83,13 @@ def instance_loss(unet, tiny_sdxl_dir, subject_dir, cfg):
             noise = torch.randn(latents.shape, generator=g)
             t = torch.randint(0, 1000, (4,), generator=g)
             noisy = components.noise_scheduler.add_noise(latents, noise, t)
-            pred = unet(noisy, t, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": batch["time_ids"]}).sample
+            added = {"text_embeds": pooled, "time_ids": batch["time_ids"]}
+            pred = unet(noisy, t, embeds, added_cond_kwargs=added).sample
             losses.append(torch.nn.functional.mse_loss(pred, noise).item())
     return sum(losses) / len(losses)
 
 
+@pytest.mark.slow
 def test_short_run_learns_and_saved_adapter_reloads_in_stock_peft(tiny_sdxl_dir, subject_dir, tmp_path):
     from peft import PeftModel, WaveFTConfig, set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -121,6 +123,7 @@ def adapter_weights(folder):
     return load_file(os.path.join(folder, "adapter", "adapter_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_resume_matches_an_uninterrupted_run(tiny_sdxl_dir, subject_dir, tmp_path):
     import shutil
 
@@ -145,6 +148,7 @@ def test_resume_matches_an_uninterrupted_run(tiny_sdxl_dir, subject_dir, tmp_pat
     assert state["global_step"] == 6
 
 
+@pytest.mark.slow
 def test_output_dir_holding_a_run_is_protected(tiny_sdxl_dir, subject_dir, tmp_path):
     from waveft.training import train
 
@@ -158,6 +162,7 @@ def test_output_dir_holding_a_run_is_protected(tiny_sdxl_dir, subject_dir, tmp_p
     assert before == {p: os.path.getmtime(out / p) for p in before}
 
 
+@pytest.mark.slow
 def test_diverging_loss_stops_with_a_clear_message_and_saves_nothing(tiny_sdxl_dir, subject_dir, tmp_path):
     out = tmp_path / "run"
     result = subprocess.run(
@@ -173,6 +178,7 @@ def test_diverging_loss_stops_with_a_clear_message_and_saves_nothing(tiny_sdxl_d
     assert not (out / "adapter").exists()
 
 
+@pytest.mark.slow
 def test_prior_preservation_8bit_adam_bf16_checkpointing_and_min_snr(tiny_sdxl_dir, subject_dir, tmp_path):
     from waveft.training import train
 
@@ -200,6 +206,7 @@ def test_prior_preservation_8bit_adam_bf16_checkpointing_and_min_snr(tiny_sdxl_d
     assert mtimes == {n: os.path.getmtime(out / "class_images" / n) for n in class_images}
 
 
+@pytest.mark.slow
 def test_adalora_run_resumes_from_its_checkpoint(tiny_sdxl_dir, subject_dir, tmp_path):
     """AdaLoRA's saved state omits its rank buffers on purpose; resuming must still accept it."""
     from waveft.training import train
@@ -211,6 +218,7 @@ def test_adalora_run_resumes_from_its_checkpoint(tiny_sdxl_dir, subject_dir, tmp
     assert resumed.run_info["steps"] == 3 and resumed.run_info["method"] == "adalora"
 
 
+@pytest.mark.slow
 def test_adapter_that_does_not_fit_stops_the_cli_before_anything_is_written(tiny_sdxl_dir, subject_dir, tmp_path):
     out = tmp_path / "run"
     result = subprocess.run(

@@ -7,7 +7,7 @@ import pytest
 import pywt
 import torch
 
-from tests.conftest import tiny_unet, unet_output
+from tests.helpers import tiny_unet, unet_output
 from waveft.adapters.wara import WaraConfig, WaraLinear
 from waveft.config import AdapterConfig
 from waveft.errors import UserError
@@ -44,7 +44,8 @@ def pywt_synthesis_matrix(length: int, wavelet: str) -> torch.Tensor:
 def pywt_idwt2(coefficients: np.ndarray, out_features: int, in_features: int, wavelet: str) -> np.ndarray:
     """WaRA's IDWT2 of an (H x W) grid: row halves are the output axis' (axis 0) bands, column halves the input's."""
     h, w = coefficients.shape[0] // 2, coefficients.shape[1] // 2
-    bands = {"aa": coefficients[:h, :w], "ad": coefficients[:h, w:], "da": coefficients[h:, :w], "dd": coefficients[h:, w:]}
+    bands = {"aa": coefficients[:h, :w], "ad": coefficients[:h, w:],
+             "da": coefficients[h:, :w], "dd": coefficients[h:, w:]}
     return crop(crop(pywt.idwtn(bands, wavelet), out_features, 0), in_features, 1)
 
 
@@ -52,7 +53,8 @@ def pywt_idwt2(coefficients: np.ndarray, out_features: int, in_features: int, wa
 def test_reference_matrices_compose_to_pywt_idwt2(wavelet):
     out_features, in_features = 9, 14
     grid = np.random.default_rng(0).standard_normal((padded(out_features, wavelet), padded(in_features, wavelet)))
-    separable = pywt_synthesis_matrix(out_features, wavelet) @ torch.tensor(grid) @ pywt_synthesis_matrix(in_features, wavelet).T
+    rows, columns = pywt_synthesis_matrix(out_features, wavelet), pywt_synthesis_matrix(in_features, wavelet)
+    separable = rows @ torch.tensor(grid) @ columns.T
     np.testing.assert_allclose(separable.numpy(), pywt_idwt2(grid, out_features, in_features, wavelet), atol=1e-12)
 
 
@@ -73,7 +75,8 @@ def test_structured_forward_and_gradients_equal_the_dense_reference(wavelet, out
     y = layer(x)
     grads = torch.autograd.grad(y, (x, a, b), upstream)
 
-    dense_delta = 1.7 * pywt_synthesis_matrix(out_features, wavelet) @ (b @ a) @ pywt_synthesis_matrix(in_features, wavelet).T
+    rows, columns = pywt_synthesis_matrix(out_features, wavelet), pywt_synthesis_matrix(in_features, wavelet)
+    dense_delta = 1.7 * rows @ (b @ a) @ columns.T
     y_reference = layer.base_layer(x) + x @ dense_delta.T
     grads_reference = torch.autograd.grad(y_reference, (x, a, b), upstream)
 

@@ -56,7 +56,7 @@ pipe = StableDiffusionXLPipeline.from_pretrained("{run["base_model"]}", torch_dt
 pipe.unet = PeftModel.from_pretrained(pipe.unet, "path/to/this/folder").merge_and_unload()
 image = pipe("{run["instance_prompt"]} on the beach").images[0]
 ```
-"""
+"""  # noqa: E501 (the card's lines are markdown)
 
 
 def load_adapter_weights(unet, path: str, adapter_name: str = "default") -> None:

@@ -28,7 +28,7 @@ class SDXLComponents:
 def _load(what: str, source: str, loader):
     try:
         return loader()
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         raise UserError(f"could not load the {what} from {source!r}: {str(exc).splitlines()[0]}") from None
 
 
@@ -48,7 +48,8 @@ def load_sdxl(model_cfg) -> SDXLComponents:
     common = dict(revision=model_cfg.revision)
     weights = dict(common, variant=model_cfg.variant)
     components = SDXLComponents(
-        tokenizer=_load("tokenizer", base, lambda: AutoTokenizer.from_pretrained(base, subfolder="tokenizer", **common)),
+        tokenizer=_load("tokenizer", base,
+                        lambda: AutoTokenizer.from_pretrained(base, subfolder="tokenizer", **common)),
         tokenizer_2=_load(
             "tokenizer_2", base, lambda: AutoTokenizer.from_pretrained(base, subfolder="tokenizer_2", **common)
         ),

@@ -254,7 +254,8 @@ def train(cfg: RunConfig) -> TrainResult:
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         mixed_precision=cfg.train.mixed_precision,
         log_with=None if cfg.train.report_to == "none" else cfg.train.report_to,
-        project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, "logs")),
+        project_config=ProjectConfiguration(project_dir=cfg.output_dir,
+                                            logging_dir=os.path.join(cfg.output_dir, "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     )
     main = accelerator.is_main_process
@@ -316,7 +317,8 @@ def train(cfg: RunConfig) -> TrainResult:
     )
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
     if main and cfg.train.report_to != "none":
-        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flatten(config_to_dict(cfg)).items()}
+        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                   for k, v in _flatten(config_to_dict(cfg)).items()}
         accelerator.init_trackers("waveft-dreambooth", config=hparams)
 
     state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "micro_step": 0, "loss": None}
@@ -349,7 +351,8 @@ def train(cfg: RunConfig) -> TrainResult:
                 noise = torch.randn(latents.shape, generator=g).to(device, weight_dtype)
                 if cfg.train.noise_offset:
                     noise += cfg.train.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=g).to(noise)
-                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g)
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                          generator=g)
                 timesteps = timesteps.to(device)
                 noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
                 # 3. Predict the noise (or velocity) with the adapted UNet.
@@ -363,7 +366,8 @@ def train(cfg: RunConfig) -> TrainResult:
                         "time_ids": batch["time_ids"].to(device, weight_dtype),
                     },
                 ).sample
-                target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+                target = (noise if prediction_type == "epsilon"
+                          else noise_scheduler.get_velocity(latents, noise, timesteps))
                 # 4. MSE per sample, optionally Min-SNR weighted; prior preservation on the class half.
                 per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
                 if cfg.train.snr_gamma is not None:
@@ -444,7 +448,8 @@ def train(cfg: RunConfig) -> TrainResult:
             run_info["samples"] = final_samples(cfg)
             _log_image(accelerator, "samples", run_info["samples"], state["global_step"])
     accelerator.end_training()
-    say(f"adapter saved to {os.path.join(cfg.output_dir, 'adapter')} ({attached.trainable_parameters:,} trainable parameters)")
+    say(f"adapter saved to {os.path.join(cfg.output_dir, 'adapter')} "
+        f"({attached.trainable_parameters:,} trainable parameters)")
     return TrainResult(run_info, trained_unet)
 
 

@@ -58,7 +58,9 @@ def wavelet_filters(name: str) -> WaveletFilters:
     try:
         wavelet = pywt.Wavelet(name)
     except (ValueError, TypeError):
-        raise UserError(f"unknown wavelet {name!r}: expected a discrete PyWavelets wavelet such as 'db1' or 'sym4'")
+        raise UserError(
+            f"unknown wavelet {name!r}: expected a discrete PyWavelets wavelet such as 'db1' or 'sym4'"
+        ) from None
     return WaveletFilters(name, tuple(wavelet.rec_lo), tuple(wavelet.rec_hi))
 
 

@@ -32,7 +32,8 @@ class WaraConfig(PeftConfig):
     r: int = field(default=1, metadata={"help": "Rank of the wavelet-domain update B A."})
     scaling: float = field(default=1.0, metadata={"help": "Factor on the reconstructed update."})
     wavelet_family: str = field(
-        default="db1", metadata={"help": "A discrete PyWavelets wavelet for the inverse DWT, e.g. 'db1' (Haar), 'sym4'."}
+        default="db1",
+        metadata={"help": "A discrete PyWavelets wavelet for the inverse DWT, e.g. 'db1' (Haar), 'sym4'."},
     )
     init_weights: bool = field(
         default=True,
@@ -56,5 +57,6 @@ class WaraConfig(PeftConfig):
             raise ValueError(f"`r` must be a positive integer, got {self.r}")
         if self.wavelet_family not in pywt.wavelist(kind="discrete"):
             raise ValueError(
-                f"`wavelet_family` must be a discrete PyWavelets wavelet (e.g. db1, sym4, coif2), got {self.wavelet_family!r}"
+                "`wavelet_family` must be a discrete PyWavelets wavelet (e.g. db1, sym4, coif2), "
+                f"got {self.wavelet_family!r}"
             )

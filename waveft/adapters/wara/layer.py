@@ -24,7 +24,7 @@ from waveft.adapters.wavelet_ops import SynthesisAxis, synthesis_axis, synthesiz
 from .config import WaraConfig
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _block_order(axis: SynthesisAxis, device: torch.device) -> torch.Tensor:
     """For each interleaved operator column of `axis`, the row of B (or column of A) in block order
     (all low-pass coefficients, then all high-pass) that multiplies it."""

@@ -13,7 +13,9 @@ class WaraModel(BaseTuner):
     tuner_layer_cls = WaraLayer
     target_module_mapping = {}
 
-    def _create_and_replace(self, wara_config, adapter_name, target, target_name, parent, current_key, **optional_kwargs):
+    def _create_and_replace(
+        self, wara_config, adapter_name, target, target_name, parent, current_key, **optional_kwargs
+    ):
         if isinstance(target, WaraLayer):
             target.update_layer(adapter_name, wara_config)
             return

@@ -1,5 +1,6 @@
-"""Synthetic DreamBooth-style inputs for the eval tests (no tests here): a prompts file with the published
-file's exact structure, a benchmark folder of random real images, and a generated-images folder with a manifest."""
+"""Helpers the tests share (no tests here): the repository root, the tiny SDXL UNet and a fixed forward pass,
+and synthetic DreamBooth-style inputs for the eval tests: a prompts file with the published file's exact
+structure, a benchmark folder of random real images, and a generated-images folder with a manifest."""
 import json
 from pathlib import Path
 
@@ -7,6 +8,8 @@ import numpy as np
 from PIL import Image
 
 from eval import tiny_benchmark
+
+REPO = str(Path(__file__).resolve().parents[1])
 
 OBJECT_TEMPLATES = ["a {0} {1} in the jungle", "a {0} {1} on the beach", "a red {0} {1}"]
 LIVE_TEMPLATES = ["a {0} {1} in the jungle", "a {0} {1} wearing a red hat", "a cube shaped {0} {1}"]
@@ -60,3 +63,26 @@ def run_info(method: str = "waveft", budget: float | None = 1.0, subject: str = 
     return {"method": method, "budget": budget, "trainable_parameters": 1451520 if budget is None else
             int(1451520 * budget), "subject": subject, "class_noun": SUBJECTS[subject], "identifier": "zjw",
             "base_model": "tiny-sdxl"}
+
+
+def tiny_unet():
+    """The tiny SDXL UNet with fixed random weights, frozen (no pipeline folder needed)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from waveft.tiny import tiny_unet_config
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**tiny_unet_config()).requires_grad_(False)
+
+
+def unet_output(unet, batch: int = 2):
+    """The UNet's prediction for fixed random latents, timesteps and SDXL conditioning of the tiny model's sizes."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(batch, 4, 8, 8, generator=g)
+    hidden = torch.randn(batch, 7, 64, generator=g)
+    added = {"text_embeds": torch.randn(batch, 32, generator=g), "time_ids": torch.randn(batch, 6, generator=g)}
+    timesteps = torch.randint(0, 1000, (batch,), generator=g)
+    return unet(sample, timesteps, hidden, added_cond_kwargs=added).sample
