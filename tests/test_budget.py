@@ -149,3 +149,12 @@ def test_budget_overrides_the_default_setting_and_is_exact_on_the_tiny_unet():
     unit = lora_rank_one_parameters([LayerShape(l.out_features, l.in_features) for l in layers])
     assert unet.peft_config["default"].n_frequency == unit // 2 // len(layers)
     assert sum(l.trainable_parameters for l in layers) == unit // 2
+
+
+def test_attach_returns_the_plan_it_made():
+    """The run's adapter settings are resolved once: the trainer prints and records what attach_adapter planned."""
+    attached = attach_adapter(tiny_unet(), AdapterConfig(type="lora", budget=2.0))
+    assert attached.method.name == "lora" and attached.budget.settings == {"r": 2}
+    assert attached.trainable_parameters == attached.budget.parameters
+    assert attached.describe().splitlines()[-1] == attached.budget.describe()
+    assert attach_adapter(tiny_unet(), AdapterConfig(type="lora")).budget is None

@@ -78,8 +78,7 @@ class AttachedAdapter:
     """What `attach_adapter` planned and did: the one resolution of a run's adapter settings."""
 
     method: Method
-    adapter: object  # the AdapterConfig as attached: the budget's settings are in its `peft`
-    budget: Optional[BudgetPlan]  # None without adapter.budget
+    budget: Optional[BudgetPlan]  # None without adapter.budget; its settings are in the attached PEFT config
     layers: list[AdaptedLayer]
 
     @property
@@ -120,7 +119,7 @@ def attach_adapter(unet, adapter, adapter_name: str = "default", total_steps: Op
     for param in unet.parameters():
         if param.requires_grad:
             param.data = param.data.float()
-    return AttachedAdapter(method, adapter, plan, adapted_layers(unet))
+    return AttachedAdapter(method, plan, adapted_layers(unet))
 
 
 def format_adapter_table(rows: list[AdaptedLayer]) -> str:
