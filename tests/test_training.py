@@ -67,25 +67,24 @@ def test_adapter_that_does_not_fit_the_model_is_refused(tiny_sdxl_dir, override,
 
 
 def instance_loss(unet, tiny_sdxl_dir, subject_dir, cfg):
-    """Mean denoising loss over the instance images at fixed noise and timesteps."""
+    """Mean denoising loss (plain MSE on the noise) over the instance images at fixed noise and timesteps, as the
+    trainer's own micro-batch loss computes it."""
     from waveft.data import DreamBoothDataset, collate
     from waveft.models import load_sdxl
-    from waveft.training import encode_prompts
+    from waveft.training import Conditioning, LossSettings, encode_prompts, micro_batch_loss
 
     components = load_sdxl(cfg.model)
     batch = collate([DreamBoothDataset(cfg.data, 0)[i] for i in range(4)])
     embeds, pooled = encode_prompts(components, batch["prompts"], "diffusers", "cpu")
+    conditioning = Conditioning(embeds, pooled, batch["time_ids"])
+    plain_mse = LossSettings(prediction_type="epsilon")
     g = torch.Generator().manual_seed(0)
     losses = []
     with torch.no_grad():
         latents = components.vae.encode(batch["pixels"]).latent_dist.mean * components.vae.config.scaling_factor
         for _ in range(4):
-            noise = torch.randn(latents.shape, generator=g)
-            t = torch.randint(0, 1000, (4,), generator=g)
-            noisy = components.noise_scheduler.add_noise(latents, noise, t)
-            added = {"text_embeds": pooled, "time_ids": batch["time_ids"]}
-            pred = unet(noisy, t, embeds, added_cond_kwargs=added).sample
-            losses.append(torch.nn.functional.mse_loss(pred, noise).item())
+            losses.append(micro_batch_loss(unet, components.noise_scheduler, latents, conditioning, 4, g,
+                                           plain_mse).item())
     return sum(losses) / len(losses)
 
 
@@ -139,7 +138,7 @@ def test_resume_matches_an_uninterrupted_run(tiny_sdxl_dir, subject_dir, tmp_pat
         shutil.rmtree(tmp_path / "split" / later, ignore_errors=True)
     (tmp_path / "split" / "run_info.json").unlink(missing_ok=True)
     resumed = train(tiny_cfg(tiny_sdxl_dir, subject_dir, tmp_path / "split", *settings))
-    assert resumed.run_info["steps"] == 7
+    assert resumed.run_info.steps == 7
     full, split = adapter_weights(tmp_path / "full"), adapter_weights(tmp_path / "split")
     assert full.keys() == split.keys()
     for key in full:
@@ -198,7 +197,7 @@ def test_prior_preservation_8bit_adam_bf16_checkpointing_and_min_snr(tiny_sdxl_d
     assert unet.is_gradient_checkpointing
     optimizer_state = torch.load(out / "checkpoint-2" / "optimizer.pt", weights_only=True)["state"]
     assert optimizer_state and all("__bnb_optimizer_quant_state__" in s for s in optimizer_state.values())
-    assert result.run_info["final_loss"] is not None and result.run_info["final_loss"] == result.run_info["final_loss"]
+    assert result.run_info.final_loss is not None and result.run_info.final_loss == result.run_info.final_loss
 
     # Class images are kept for reuse: a second run (overwriting this one) generates none.
     mtimes = {n: os.path.getmtime(out / "class_images" / n) for n in class_images}
@@ -215,7 +214,7 @@ def test_adalora_run_resumes_from_its_checkpoint(tiny_sdxl_dir, subject_dir, tmp
     settings = ("adapter.type=adalora", "adapter.peft={}", "train.checkpointing_steps=2", "train.resume=latest")
     train(tiny_cfg(tiny_sdxl_dir, subject_dir, out, "train.max_steps=2", *settings))
     resumed = train(tiny_cfg(tiny_sdxl_dir, subject_dir, out, "train.max_steps=3", *settings))
-    assert resumed.run_info["steps"] == 3 and resumed.run_info["method"] == "adalora"
+    assert resumed.run_info.steps == 3 and resumed.run_info.method == "adalora"
 
 
 @pytest.mark.slow

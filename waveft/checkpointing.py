@@ -1,15 +1,14 @@
 """The adapter's PEFT-format files and resumable training checkpoints, each written atomically."""
 import json
 import os
-import re
 import shutil
 
 import torch
 
 from waveft.files import atomic_directory, give_usual_permissions
+from waveft.run_folder import RunFolder
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 # PeftModel.save_pretrained writes keys under this prefix; writing the same keys keeps files interchangeable.
 PEFT_MODEL_PREFIX = "base_model.model."
 
@@ -80,8 +79,8 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
         return []
     found = []
     for name in os.listdir(output_dir):
-        match = CHECKPOINT_PATTERN.match(name)
-        if match and os.path.isfile(os.path.join(output_dir, name, "training_state.json")):
+        match = RunFolder.CHECKPOINT_PATTERN.match(name)
+        if match and os.path.isfile(os.path.join(output_dir, name, RunFolder.TRAINING_STATE)):
             found.append((int(match.group(1)), os.path.join(output_dir, name)))
     return sorted(found)
 
@@ -90,14 +89,14 @@ def save_checkpoint(output_dir: str, step: int, unet, optimizer, lr_scheduler, s
                     total_limit) -> str:
     """Adapter + optimizer + LR schedule (+ fp16 loss scaler) + loop state, written atomically, then prune past
     `total_limit`."""
-    path = os.path.join(output_dir, f"checkpoint-{step}")
+    path = RunFolder(output_dir).checkpoint(step)
     with atomic_directory(path) as staging:
-        save_adapter(unet, os.path.join(staging, "adapter"))
+        save_adapter(unet, os.path.join(staging, RunFolder.ADAPTER))
         torch.save(optimizer.state_dict(), os.path.join(staging, "optimizer.pt"))
         torch.save(lr_scheduler.state_dict(), os.path.join(staging, "scheduler.pt"))
         if scaler is not None:
             torch.save(scaler.state_dict(), os.path.join(staging, "scaler.pt"))
-        with open(os.path.join(staging, "training_state.json"), "w") as f:
+        with open(os.path.join(staging, RunFolder.TRAINING_STATE), "w") as f:
             json.dump(state, f, indent=2)
     if total_limit is not None:
         for _, old in list_checkpoints(output_dir)[:-total_limit]:
@@ -106,14 +105,15 @@ def save_checkpoint(output_dir: str, step: int, unet, optimizer, lr_scheduler, s
 
 
 def load_checkpoint(path: str, unet, optimizer, lr_scheduler, scaler) -> dict:
+    """Restore what `save_checkpoint` wrote into the live objects; return the loop state it saved."""
     # map_location: every process would otherwise load the saving process's GPU tensors onto that GPU.
     def load(name):
         return torch.load(os.path.join(path, name), map_location="cpu", weights_only=True)
 
-    load_adapter_weights(unet, os.path.join(path, "adapter"))
+    load_adapter_weights(unet, os.path.join(path, RunFolder.ADAPTER))
     optimizer.load_state_dict(load("optimizer.pt"))
     lr_scheduler.load_state_dict(load("scheduler.pt"))
     if scaler is not None and os.path.isfile(os.path.join(path, "scaler.pt")):
         scaler.load_state_dict(load("scaler.pt"))
-    with open(os.path.join(path, "training_state.json")) as f:
+    with open(os.path.join(path, RunFolder.TRAINING_STATE)) as f:
         return json.load(f)

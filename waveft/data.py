@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from waveft.errors import UserError
+from waveft.run_folder import RunFolder
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -138,7 +139,7 @@ def collate(items: list[dict]) -> dict:
 
 
 def class_image_dir(cfg) -> str:
-    return cfg.data.prior_preservation.class_dir or os.path.join(cfg.output_dir, "class_images")
+    return cfg.data.prior_preservation.class_dir or RunFolder(cfg.output_dir).class_images
 
 
 def missing_class_image_count(cfg) -> int:

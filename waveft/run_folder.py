@@ -1,0 +1,111 @@
+"""A training run's folder: one home for its file names, and `run_info.json` as a typed record.
+
+The trainer writes these files, `eval.generate_benchmark` and the sweep read them; all of them name the files
+through `RunFolder`.
+"""
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+from waveft.files import write_json_atomic
+
+
+class RunFolder:
+    """The paths inside one run's `output_dir`."""
+
+    CONFIG = "config.yaml"
+    RUN_INFO = "run_info.json"
+    ADAPTER = "adapter"
+    ADAPTER_RAW = "adapter_raw"  # the raw (non-EMA) weights beside an EMA adapter
+    SAMPLES = "samples"
+    VALIDATION = "validation"
+    LOGS = "logs"
+    CLASS_IMAGES = "class_images"  # the default prior-preservation folder
+    LOSS_PLOT = "loss.png"
+    CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+    TRAINING_STATE = "training_state.json"  # inside a checkpoint: the loop state, written last
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = os.fspath(root)
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    config = property(lambda self: self._path(self.CONFIG))
+    run_info = property(lambda self: self._path(self.RUN_INFO))
+    adapter = property(lambda self: self._path(self.ADAPTER))
+    adapter_raw = property(lambda self: self._path(self.ADAPTER_RAW))
+    samples = property(lambda self: self._path(self.SAMPLES))
+    validation = property(lambda self: self._path(self.VALIDATION))
+    logs = property(lambda self: self._path(self.LOGS))
+    class_images = property(lambda self: self._path(self.CLASS_IMAGES))
+    loss_plot = property(lambda self: self._path(self.LOSS_PLOT))
+
+    def checkpoint(self, step: int) -> str:
+        return self._path(f"checkpoint-{step}")
+
+    def validation_step(self, step: int) -> str:
+        return os.path.join(self.validation, f"step-{step:06d}")
+
+
+def _optional(**kwargs):
+    """A field left out of the JSON file while it is None (keys that only some runs have)."""
+    return field(default=None, metadata={"omit_if_none": True}, **kwargs)
+
+
+@dataclass
+class RunInfo:
+    """What `run_info.json` holds: the run's identity, its adapter and budget, its outcome and its cost."""
+
+    method: str  # the name in reports (adapter.label or adapter.type)
+    adapter_type: str
+    seed: int
+    implementation: str
+    budget: Optional[float]
+    trainable_parameters: int
+    adapted_layers: int
+    subject: str
+    class_noun: str
+    identifier: str
+    instance_prompt: str
+    base_model: str
+    vae: Optional[str]
+    steps: int
+    final_loss: Optional[float]
+    train_seconds: float
+    # The budget's fit (waveft.adapters.budget.Budget.run_info), present when adapter.budget is set.
+    budget_settings: Optional[dict] = _optional()
+    budget_target_parameters: Optional[int] = _optional()
+    budget_parameters: Optional[int] = _optional()
+    budget_relative_error: Optional[float] = _optional()
+    # Cost: peak accelerator memory (CUDA max_memory_allocated; peak RSS of the process on CPU).
+    peak_memory_bytes: Optional[int] = _optional()
+    peak_memory_kind: Optional[str] = _optional()  # "cuda_max_memory_allocated" or "cpu_peak_rss"
+    adapter_bytes: Optional[int] = _optional()  # the saved adapter folder's size on disk
+    # Losses by optimizer step: the training loss and, with validation.loss, the held-out loss.
+    train_losses: Optional[list] = _optional()  # [[step, loss], ...]
+    validation_losses: Optional[list] = _optional()  # [[step, loss], ...]
+    latent_cache: Optional[dict] = _optional()  # hits and misses of the latent cache
+    # Set once the final samples exist (after run_info.json is written); not part of the file.
+    samples: Optional[str] = field(default=None, metadata={"in_file": False})
+
+    def to_dict(self) -> dict:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("in_file", True) and not (value is None and f.metadata.get("omit_if_none")):
+                out[f.name] = value
+        return out
+
+    def write(self, path: str) -> None:
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def read(cls, path: str) -> "RunInfo":
+        with open(path) as f:
+            data = json.load(f)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
