@@ -71,7 +71,8 @@ def instance_loss(unet, tiny_sdxl_dir, subject_dir, cfg):
     trainer's own micro-batch loss computes it."""
     from waveft.data import DreamBoothDataset, collate
     from waveft.models import load_sdxl
-    from waveft.training import Conditioning, LossSettings, encode_prompts, micro_batch_loss
+    from waveft.loss import Conditioning, LossSettings, micro_batch_loss
+    from waveft.training import encode_prompts
 
     components = load_sdxl(cfg.model)
     batch = collate([DreamBoothDataset(cfg.data, 0)[i] for i in range(4)])

@@ -86,9 +86,9 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
 
 
 def save_checkpoint(output_dir: str, step: int, unet, optimizer, lr_scheduler, scaler, state: dict,
-                    total_limit) -> str:
-    """Adapter + optimizer + LR schedule (+ fp16 loss scaler) + loop state, written atomically, then prune past
-    `total_limit`."""
+                    total_limit, ema=None) -> str:
+    """Adapter + optimizer + LR schedule (+ fp16 loss scaler, + EMA) + loop state, written atomically, then prune
+    past `total_limit`."""
     path = RunFolder(output_dir).checkpoint(step)
     with atomic_directory(path) as staging:
         save_adapter(unet, os.path.join(staging, RunFolder.ADAPTER))
@@ -96,6 +96,8 @@ def save_checkpoint(output_dir: str, step: int, unet, optimizer, lr_scheduler, s
         torch.save(lr_scheduler.state_dict(), os.path.join(staging, "scheduler.pt"))
         if scaler is not None:
             torch.save(scaler.state_dict(), os.path.join(staging, "scaler.pt"))
+        if ema is not None:
+            torch.save(ema.state_dict(), os.path.join(staging, "ema.pt"))
         with open(os.path.join(staging, RunFolder.TRAINING_STATE), "w") as f:
             json.dump(state, f, indent=2)
     if total_limit is not None:
@@ -104,7 +106,7 @@ def save_checkpoint(output_dir: str, step: int, unet, optimizer, lr_scheduler, s
     return path
 
 
-def load_checkpoint(path: str, unet, optimizer, lr_scheduler, scaler) -> dict:
+def load_checkpoint(path: str, unet, optimizer, lr_scheduler, scaler, ema=None) -> dict:
     """Restore what `save_checkpoint` wrote into the live objects; return the loop state it saved."""
     # map_location: every process would otherwise load the saving process's GPU tensors onto that GPU.
     def load(name):
@@ -115,5 +117,7 @@ def load_checkpoint(path: str, unet, optimizer, lr_scheduler, scaler) -> dict:
     lr_scheduler.load_state_dict(load("scheduler.pt"))
     if scaler is not None and os.path.isfile(os.path.join(path, "scaler.pt")):
         scaler.load_state_dict(load("scaler.pt"))
+    if ema is not None:
+        ema.load_state_dict(load("ema.pt"))
     with open(os.path.join(path, RunFolder.TRAINING_STATE)) as f:
         return json.load(f)

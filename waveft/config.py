@@ -43,6 +43,24 @@ class PriorPreservationConfig:
 
 
 @dataclass
+class BucketConfig:
+    """Aspect-ratio buckets (SDXL's training buckets): each image goes to the bucket of nearest aspect ratio."""
+
+    enabled: bool = False
+    area: Optional[int] = None  # target pixels per image; default: data.resolution ** 2
+    step: int = 64  # bucket sides are multiples of this (a multiple of 8: the VAE's factor)
+    max_ratio: float = 2.0  # the widest bucket's width/height (and the tallest's height/width)
+
+
+@dataclass
+class MaskConfig:
+    """Masked loss: a per-pixel weight on the MSE, from the image's alpha channel or a NAME.mask.png beside it."""
+
+    source: Optional[Literal["alpha", "sidecar"]] = None  # None: no masks
+    min_weight: float = 0.0  # the weight outside the mask (0: those pixels teach nothing)
+
+
+@dataclass
 class DataConfig:
     instance_dir: str = ""
     subject: Optional[str] = None  # default: the instance folder's name
@@ -56,6 +74,11 @@ class DataConfig:
     flip_probability: float = 0.0
     repeats: int = 1
     num_workers: int = 0
+    # The VAE posterior of each (image, crop, flip, size) computed once and kept on disk; auto: on.
+    cache_latents: Literal["auto", True, False] = "auto"
+    latent_cache_dir: Optional[str] = None  # default: $WAVEFT_CACHE_DIR/latents or ~/.cache/waveft/latents
+    buckets: BucketConfig = field(default_factory=BucketConfig)
+    masks: MaskConfig = field(default_factory=MaskConfig)
     prior_preservation: PriorPreservationConfig = field(default_factory=PriorPreservationConfig)
 
 
@@ -70,6 +93,16 @@ class AdapterConfig:
 
 
 @dataclass
+class EMAConfig:
+    """An exponential moving average of the adapter weights (diffusers' EMAModel); the final adapter holds it."""
+
+    enabled: bool = False
+    decay: float = 0.999  # the largest decay; EMAModel warms up to it as (1 + step) / (10 + step)
+    update_after_step: int = 0  # optimizer steps before the average starts
+    every: int = 1  # update the average every this many optimizer steps
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = 500  # optimizer steps
     batch_size: int = 1
@@ -79,11 +112,14 @@ class TrainConfig:
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
     ] = "constant"
     lr_warmup_steps: int = 0
-    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+    optimizer: Literal["adamw", "adamw_8bit", "prodigy"] = "adamw"  # prodigy: set learning_rate 1.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-4
     adam_epsilon: float = 1e-8
+    prodigy_safeguard_warmup: bool = True  # Prodigy's safeguard against a large step size early (with warmup)
+    prodigy_use_bias_correction: bool = True  # Adam-style bias correction of Prodigy's step size
+    prodigy_d_coef: float = 1.0  # scales Prodigy's estimated step size
     max_grad_norm: Optional[float] = 1.0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
@@ -94,6 +130,16 @@ class TrainConfig:
     resume: Optional[str] = None  # "latest" or a checkpoint folder
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
     log_every: int = 1
+    ema: EMAConfig = field(default_factory=EMAConfig)
+
+
+@dataclass
+class ValidationLossConfig:
+    """The denoising loss on fixed (image, noise, timestep) triples: a curve that tells whether the adapter learns."""
+
+    every_steps: int = 0  # 0: off
+    timesteps: int = 4  # (noise, timestep) draws per image, the same at every evaluation
+    images: Optional[str] = None  # a folder of held-out images; default: the instance images
 
 
 @dataclass
@@ -107,6 +153,9 @@ class ValidationConfig:
     guidance_scale: float = 7.5
     negative_prompt: str = ""
     resolution: Optional[int] = None  # default: data.resolution
+    # Validation and final samples at this (height, width), e.g. a bucket's size; default: resolution square.
+    size: Optional[list[int]] = None
+    loss: ValidationLossConfig = field(default_factory=ValidationLossConfig)
 
 
 @dataclass
@@ -175,6 +224,35 @@ def validate(cfg: RunConfig, source: str) -> None:
     if cfg.adapter.budget is not None:
         _positive(cfg.adapter.budget, "adapter.budget", source)
     validate_adapter_settings(cfg.adapter, source, total_steps=cfg.train.max_steps)
+    validate_trainer_features(cfg, source)
+
+
+def validate_trainer_features(cfg: RunConfig, source: str) -> None:
+    """Latent cache, buckets, masks, EMA, validation loss and Prodigy: checks that need no model."""
+    import importlib.util
+
+    buckets, ema, vloss = cfg.data.buckets, cfg.train.ema, cfg.validation.loss
+    if buckets.step <= 0 or buckets.step % 8:
+        raise UserError(f"{source}: key 'data.buckets.step' must be a positive multiple of 8, got {buckets.step}")
+    if buckets.max_ratio < 1.0:
+        raise UserError(f"{source}: key 'data.buckets.max_ratio' must be >= 1, got {buckets.max_ratio}")
+    if buckets.area is not None and buckets.area < buckets.step**2:
+        raise UserError(f"{source}: key 'data.buckets.area' must be at least step**2 = {buckets.step**2}, "
+                        f"got {buckets.area}")
+    if not 0.0 <= cfg.data.masks.min_weight <= 1.0:
+        raise UserError(f"{source}: key 'data.masks.min_weight' must be in [0, 1], got {cfg.data.masks.min_weight}")
+    if not 0.0 < ema.decay < 1.0:
+        raise UserError(f"{source}: key 'train.ema.decay' must be in (0, 1), got {ema.decay}")
+    _positive(ema.every, "train.ema.every", source)
+    _positive(ema.update_after_step, "train.ema.update_after_step", source, allow_zero=True)
+    _positive(vloss.every_steps, "validation.loss.every_steps", source, allow_zero=True)
+    _positive(vloss.timesteps, "validation.loss.timesteps", source)
+    if cfg.validation.size is not None and (len(cfg.validation.size) != 2 or any(
+            v <= 0 or v % 8 for v in cfg.validation.size)):
+        raise UserError(f"{source}: key 'validation.size' must be [height, width], multiples of 8, "
+                        f"got {cfg.validation.size}")
+    if cfg.train.optimizer == "prodigy" and importlib.util.find_spec("prodigyopt") is None:
+        raise UserError(f"{source}: train.optimizer=prodigy needs the prodigyopt package: pip install prodigyopt")
 
 
 def config_to_dict(cfg: RunConfig) -> dict:

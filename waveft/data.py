@@ -3,6 +3,9 @@
 Random crops and flips are drawn from a generator seeded by (seed, epoch, index), so a resumed run sees
 exactly the images an uninterrupted one would.
 """
+import hashlib
+import json
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -17,25 +20,33 @@ from waveft.run_folder import RunFolder
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
 
+MASK_SUFFIX = ".mask.png"  # NAME.mask.png beside NAME.jpg: the masked loss's sidecar, never a training image
+
+
 def list_images(folder: str, what: str = "instance folder") -> list[str]:
     if not os.path.isdir(folder):
         raise UserError(f"{what} not found: {folder}")
     files = sorted(
-        os.path.join(folder, name) for name in os.listdir(folder) if name.lower().endswith(IMAGE_EXTENSIONS)
+        os.path.join(folder, name) for name in os.listdir(folder)
+        if name.lower().endswith(IMAGE_EXTENSIONS) and not name.lower().endswith(MASK_SUFFIX)
     )
     if not files:
         raise UserError(f"{what} {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     return files
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Open an image upright (EXIF orientation) in RGB; transparency is composited onto white."""
+def _open_upright(path: str) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            img = ImageOps.exif_transpose(img)
+            return ImageOps.exif_transpose(img)
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise UserError(f"cannot read image {path}: {exc}") from None
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open an image upright (EXIF orientation) in RGB; transparency is composited onto white."""
+    img = _open_upright(path)
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -43,10 +54,31 @@ def load_rgb(path: str) -> Image.Image:
     return img.convert("RGB")
 
 
+def load_mask(path: str, source: str) -> Image.Image:
+    """The loss mask of the image at `path`, upright, as a greyscale image of the image's size (white: learn).
+
+    source "alpha": the image's own alpha channel; "sidecar": NAME.mask.png beside it.
+    """
+    if source == "alpha":
+        img = _open_upright(path)
+        if not (img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info)):
+            raise UserError(f"data.masks.source=alpha: image {path} has no alpha channel")
+        return img.convert("RGBA").getchannel("A")
+    mask_path = os.path.splitext(path)[0] + MASK_SUFFIX
+    if not os.path.isfile(mask_path):
+        raise UserError(f"data.masks.source=sidecar: mask {mask_path} for image {path} not found")
+    mask = _open_upright(mask_path).convert("L")
+    size = _open_upright(path).size
+    if mask.size != size:
+        raise UserError(f"mask {mask_path} is {mask.size[0]}x{mask.size[1]}, its image {path} is {size[0]}x{size[1]}")
+    return mask
+
+
 @dataclass
 class Example:
     path: str
     prompt: str
+    size: tuple[int, int] | None = None  # (height, width) to train at (its bucket); None: data.resolution square
 
 
 def instance_prompt(data_cfg) -> str:
@@ -58,43 +90,145 @@ def class_prompt(data_cfg) -> str:
 
 
 def instance_examples(data_cfg) -> list[Example]:
-    """One example per instance image; a sidecar `<image>.txt` caption replaces the prompt when enabled."""
+    """One example per instance image; a sidecar `<image>.txt` caption replaces the prompt when enabled; with
+    buckets, each carries its bucket's size. Every image (and mask) is read once now, to fail naming the file."""
     examples = []
+    buckets = bucket_sizes(data_cfg) if data_cfg.buckets.enabled else None
     for path in list_images(data_cfg.instance_dir):
         prompt = instance_prompt(data_cfg)
         caption_file = os.path.splitext(path)[0] + ".txt"
         if data_cfg.captions and os.path.isfile(caption_file):
             with open(caption_file) as f:
                 prompt = f.read().strip() or prompt
-        load_rgb(path)  # fail now, naming the file, rather than mid-training
-        examples.append(Example(path, prompt))
+        width, height = load_rgb(path).size
+        if data_cfg.masks.source is not None:
+            load_mask(path, data_cfg.masks.source)
+        size = nearest_bucket(buckets, width, height, path, data_cfg.buckets.max_ratio) if buckets else None
+        examples.append(Example(path, prompt, size))
     return examples
 
 
-def prepare_image(image: Image.Image, resolution: int, crop: str, flip: bool, rng: random.Random):
-    """Resize the short side to `resolution`, crop a square, maybe flip; return pixels in [-1, 1] and time ids.
+# ---- aspect-ratio buckets -----------------------------------------------------------------------------------
 
-    Time ids are SDXL's (original_h, original_w, crop_top, crop_left, target_h, target_w).
+
+def bucket_sizes(data_cfg) -> list[tuple[int, int]]:
+    """SDXL-style buckets: (height, width), sides multiples of `step`, about `area` pixels (never more), aspect
+    ratios up to `max_ratio` either way."""
+    b = data_cfg.buckets
+    area = b.area or data_cfg.resolution**2
+    sizes = set()
+    width = b.step
+    while width * b.step <= area:
+        height = (area // width) // b.step * b.step
+        if height >= b.step and max(width / height, height / width) <= b.max_ratio:
+            sizes.add((height, width))
+        width += b.step
+    return sorted(sizes)
+
+
+def nearest_bucket(buckets, width: int, height: int, path: str, max_ratio: float) -> tuple[int, int]:
+    ratio = width / height
+    if max(ratio, 1 / ratio) > max_ratio + 1e-9:
+        raise UserError(f"data.buckets.max_ratio={max_ratio:g} is below the aspect ratio of image {path} "
+                        f"({width}x{height}, ratio {max(ratio, 1 / ratio):.3g})")
+    return min(buckets, key=lambda hw: (abs(math.log(ratio) - math.log(hw[1] / hw[0])), -hw[0] * hw[1]))
+
+
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """Batches that each hold one bucket, in an order keyed by (seed, epoch) like the rest of the data order.
+
+    The dataset's indices are shuffled, split by bucket (keeping the shuffled order), cut into batches of
+    `batch_size`, and the batches shuffled; `dataset.epoch` (set by the loop) picks the epoch.
     """
-    original_size = (image.height, image.width)
-    scale = resolution / min(image.size)
-    new_size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
-    image = image.resize(new_size, Image.Resampling.BICUBIC)
+
+    drop_last = False  # read by accelerate's per-process sharding
+
+    def __init__(self, dataset, batch_size: int, seed: int):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+
+    def _batches(self) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.dataset.epoch)
+        by_bucket: dict = {}
+        for index in torch.randperm(len(self.dataset), generator=g).tolist():
+            by_bucket.setdefault(self.dataset.size_of(index), []).append(index)
+        batches = [indices[i: i + self.batch_size] for _, indices in sorted(by_bucket.items())
+                   for i in range(0, len(indices), self.batch_size)]
+        return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+    def __iter__(self):
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+# ---- one view of an image ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class View:
+    """How one training image is made from a file: resized to `resized` (w, h), cropped at (top, left) to
+    (height, width), maybe mirrored."""
+
+    resized: tuple[int, int]
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+
+
+def choose_view(image_size: tuple[int, int], target: tuple[int, int], crop: str, flip: bool,
+                rng: random.Random) -> View:
+    """Scale the image to cover `target` (height, width), then a center or random crop (drawn from `rng`)."""
+    width, height = image_size
+    th, tw = target
+    scale = max(tw / width, th / height)
+    resized = (max(tw, round(width * scale)), max(th, round(height * scale)))
     if crop == "center":
-        top, left = (image.height - resolution) // 2, (image.width - resolution) // 2
+        top, left = (resized[1] - th) // 2, (resized[0] - tw) // 2
     else:
-        top, left = rng.randint(0, image.height - resolution), rng.randint(0, image.width - resolution)
-    image = image.crop((left, top, left + resolution, top + resolution))
-    if flip:
-        image = ImageOps.mirror(image)
-        left = new_size[0] - left - resolution  # the crop as seen in the mirrored image
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-    time_ids = torch.tensor([*original_size, top, left, resolution, resolution], dtype=torch.float32)
-    return pixels, time_ids
+        top, left = rng.randint(0, resized[1] - th), rng.randint(0, resized[0] - tw)
+    return View(resized, top, left, th, tw, flip)
+
+
+def apply_view(image: Image.Image, view: View, resample=Image.Resampling.BICUBIC) -> Image.Image:
+    image = image.resize(view.resized, resample)
+    image = image.crop((view.left, view.top, view.left + view.width, view.top + view.height))
+    return ImageOps.mirror(image) if view.flip else image
+
+
+def view_time_ids(original_size: tuple[int, int], view: View) -> torch.Tensor:
+    """SDXL's (original_h, original_w, crop_top, crop_left, target_h, target_w); a mirrored crop's left edge is
+    measured in the mirrored image."""
+    left = view.resized[0] - view.left - view.width if view.flip else view.left
+    return torch.tensor([*original_size, view.top, left, view.height, view.width], dtype=torch.float32)
+
+
+def to_pixels(image: Image.Image) -> torch.Tensor:
+    """(3, H, W) float32 in [-1, 1]."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+
+def prepare_image(image: Image.Image, resolution: int, crop: str, flip: bool, rng: random.Random,
+                  size: tuple[int, int] | None = None):
+    """Resize to cover `size` (height, width; default a `resolution` square), crop, maybe flip; return pixels in
+    [-1, 1] and SDXL's time ids (original_h, original_w, crop_top, crop_left, target_h, target_w)."""
+    view = choose_view(image.size, size or (resolution, resolution), crop, flip, rng)
+    return to_pixels(apply_view(image, view)), view_time_ids((image.height, image.width), view)
+
+
+def file_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class DreamBoothDataset(torch.utils.data.Dataset):
-    """Instance examples repeated `repeats` times; with prior preservation each item also carries a class image."""
+    """Instance examples repeated `repeats` times; with prior preservation each item also carries a class image.
+
+    Each row also carries `view_key`, naming what its pixels were made from (file content, resize, crop, flip):
+    the latent cache's key.
+    """
 
     def __init__(self, data_cfg, seed: int, class_examples: list[Example] | None = None):
         self.cfg = data_cfg
@@ -102,6 +236,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.instances = instance_examples(data_cfg)
         self.class_examples = class_examples
         self.epoch = 0
+        self._digests: dict[str, str] = {}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -109,30 +244,81 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.instances) * self.cfg.repeats
 
-    def _load(self, example: Example, rng: random.Random) -> dict:
+    def size_of(self, index: int) -> tuple[int, int]:
+        """The (height, width) item `index` trains at."""
+        return self.instances[index % len(self.instances)].size or (self.cfg.resolution, self.cfg.resolution)
+
+    def digest(self, path: str) -> str:
+        if path not in self._digests:
+            self._digests[path] = file_digest(path)
+        return self._digests[path]
+
+    def view_key(self, path: str, view: View) -> str:
+        return json.dumps([self.digest(path), *view.resized, view.top, view.left, view.height, view.width,
+                           view.flip])
+
+    def make_row(self, example: Example, view: View, image: Image.Image, masked: bool) -> dict:
+        row = {"pixels": to_pixels(apply_view(image, view)), "time_ids": view_time_ids((image.height, image.width),
+               view), "prompt": example.prompt, "view_key": self.view_key(example.path, view)}
+        if masked:
+            mask = apply_view(load_mask(example.path, self.cfg.masks.source), view, Image.Resampling.BILINEAR)
+            row["mask"] = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
+        return row
+
+    def _load(self, example: Example, rng: random.Random, size: tuple[int, int], masked: bool) -> dict:
         flip = rng.random() < self.cfg.flip_probability
-        pixels, time_ids = prepare_image(load_rgb(example.path), self.cfg.resolution, self.cfg.crop, flip, rng)
-        return {"pixels": pixels, "time_ids": time_ids, "prompt": example.prompt}
+        image = load_rgb(example.path)
+        view = choose_view(image.size, size, self.cfg.crop, flip, rng)
+        return self.make_row(example, view, image, masked)
 
     def __getitem__(self, index: int) -> dict:
         rng = random.Random(f"{self.seed}-{self.epoch}-{index}")
-        item = {"instance": self._load(self.instances[index % len(self.instances)], rng)}
+        size = self.size_of(index)
+        masked = self.cfg.masks.source is not None
+        item = {"instance": self._load(self.instances[index % len(self.instances)], rng, size, masked)}
         if self.class_examples:
-            # Walk through all class images over the epochs, not only the first len(self) of them.
+            # Walk through all class images over the epochs, not only the first len(self) of them; a class image
+            # takes its instance's bucket, so that the batch stays one size. Prior images are never masked.
             class_index = (self.epoch * len(self) + index) % len(self.class_examples)
-            item["class"] = self._load(self.class_examples[class_index], rng)
+            item["class"] = self._load(self.class_examples[class_index], rng, size, False)
         return item
+
+    def fixed_views(self) -> tuple[list, bool]:
+        """The views that do not depend on the epoch's draws: center crops, or random crops of images that just
+        fill their target; each once per flip that can occur. Returns ([(example, view, image)], whether every
+        view of the data is among them)."""
+        p = self.cfg.flip_probability
+        flips = [False] * (p < 1) + [True] * (p > 0)
+        sizes = sorted({self.size_of(i) for i in range(len(self.instances))})
+        examples = [(e, [self.size_of(i)]) for i, e in enumerate(self.instances)]
+        examples += [(e, sizes) for e in self.class_examples or []]
+        views, all_fixed = [], True
+        for example, example_sizes in examples:
+            image = load_rgb(example.path)
+            for size in example_sizes:
+                for flip in flips:
+                    view = choose_view(image.size, size, "center", flip, random.Random(0))
+                    if self.cfg.crop == "random" and view.resized != (view.width, view.height):
+                        all_fixed = False
+                        continue
+                    views.append((example, view, image))
+        return views, all_fixed
 
 
 def collate(items: list[dict]) -> dict:
-    """Instance examples first, then class examples, so the loss can split the batch in two halves."""
+    """Instance examples first, then class examples, so the loss can split the batch in two halves. With masks,
+    `masks` (B, 1, H, W) in [0, 1]: the instance rows' masks, ones for the class rows."""
     rows = [item["instance"] for item in items] + [item["class"] for item in items if "class" in item]
-    return {
+    batch = {
         "pixels": torch.stack([r["pixels"] for r in rows]),
         "time_ids": torch.stack([r["time_ids"] for r in rows]),
         "prompts": [r["prompt"] for r in rows],
+        "view_keys": [r["view_key"] for r in rows],
         "num_instance": len(items),
     }
+    if "mask" in rows[0]:
+        batch["masks"] = torch.stack([r.get("mask", torch.ones_like(rows[0]["mask"])) for r in rows])
+    return batch
 
 
 # ---- prior preservation -------------------------------------------------------------------------------------

@@ -19,13 +19,14 @@ def validation_prompts(cfg: RunConfig) -> list[str]:
 def validation_settings(cfg: RunConfig, dtype: str) -> GenerationSettings:
     v = cfg.validation
     resolution = v.resolution or cfg.data.resolution
+    height, width = v.size or (resolution, resolution)
     return GenerationSettings(
         scheduler=v.scheduler,
         steps=v.steps,
         guidance_scale=v.guidance_scale,
         negative_prompt=v.negative_prompt,
-        height=resolution,
-        width=resolution,
+        height=height,
+        width=width,
         batch_size=len(v.seeds),
         dtype=dtype,
     )

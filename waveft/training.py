@@ -10,11 +10,11 @@ import os
 import resource
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from waveft import data as dreambooth_data
@@ -22,10 +22,13 @@ from waveft.adapters.attach import AttachedAdapter, attach_adapter
 from waveft.checkpointing import list_checkpoints, load_checkpoint, save_adapter, save_checkpoint
 from waveft.config import RunConfig, config_to_dict, save_config
 from waveft.errors import UserError
+from waveft.latent_cache import LatentCache, Latents, cache_folder, check_writable, vae_identity
+from waveft.loss import Conditioning, LossSettings, mask_weights, micro_batch_loss
 from waveft.models import DTYPES, load_sdxl
 from waveft.run_folder import RunFolder, RunInfo
 from waveft.sampling import final_samples, generate_class_images, log_image, run_validation
 from waveft.schema import read_yaml_mapping
+from waveft.validation_loss import ValidationLoss, plot_losses
 
 SETTINGS_THAT_MAY_CHANGE_ON_RESUME = {"output_dir", "train.resume", "train.max_steps", "overwrite_output_dir"}
 
@@ -49,6 +52,8 @@ class LoopState:
     batches_in_epoch: int = 0  # micro-batches of `epoch` already used
     micro_step: int = 0  # micro-batches used in all, which keys each one's random draws
     loss: Optional[float] = None  # the last optimizer step's loss, averaged over processes
+    train_losses: list = dataclasses.field(default_factory=list)  # [[step, loss], ...]
+    validation_losses: list = dataclasses.field(default_factory=list)  # [[step, loss], ...] (validation.loss)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -133,77 +138,6 @@ def encode_prompts(components, prompts: list[str], mode: str, device) -> tuple[t
     return torch.cat(hidden_states, dim=-1), pooled
 
 
-# ---- one micro-batch -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Conditioning:
-    """SDXL's UNet conditioning for a batch of B: text hidden states (B, 77, 2048 at SDXL's size), pooled text
-    embeddings (B, 1280) and size/crop time ids (B, 6)."""
-
-    hidden_states: torch.Tensor
-    text_embeds: torch.Tensor
-    time_ids: torch.Tensor
-
-
-@dataclass(frozen=True)
-class LossSettings:
-    prediction_type: str  # "epsilon" or "v_prediction": the scheduler's target
-    snr_gamma: Optional[float] = None  # Min-SNR weighting; None: plain MSE
-    noise_offset: float = 0.0
-    prior_loss_weight: float = 1.0  # weight of the class half of the batch (prior preservation)
-
-    @classmethod
-    def from_config(cls, cfg: RunConfig, noise_scheduler) -> "LossSettings":
-        return cls(noise_scheduler.config.prediction_type, cfg.train.snr_gamma, cfg.train.noise_offset,
-                   cfg.data.prior_preservation.loss_weight)
-
-
-def micro_batch_loss(unet, noise_scheduler, latents: torch.Tensor, conditioning: Conditioning, num_instance: int,
-                     generator: torch.Generator, settings: LossSettings) -> torch.Tensor:
-    """The denoising loss of one micro-batch: noise the latents at random timesteps, predict, weighted MSE.
-
-    latents: (B, 4, H/8, W/8), already scaled by the VAE's scaling factor, in the UNet's dtype and device; the first
-    `num_instance` rows are instance images, the rest class images (prior preservation). The noise and timesteps
-    are drawn from `generator` (CPU) in a fixed order, so the same generator state gives the same loss.
-    Cost: one UNet forward pass at batch B. Returns a scalar (fp32).
-    """
-    device, dtype = latents.device, latents.dtype
-    noise = torch.randn(latents.shape, generator=generator).to(device, dtype)
-    if settings.noise_offset:
-        noise += settings.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=generator).to(noise)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
-    timesteps = timesteps.to(device)
-    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-    model_pred = unet(
-        noisy_latents,
-        timesteps,
-        encoder_hidden_states=conditioning.hidden_states,
-        added_cond_kwargs={"text_embeds": conditioning.text_embeds, "time_ids": conditioning.time_ids},
-    ).sample
-    epsilon = settings.prediction_type == "epsilon"
-    target = noise if epsilon else noise_scheduler.get_velocity(latents, noise, timesteps)
-    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if settings.snr_gamma is not None:
-        from diffusers.training_utils import compute_snr
-
-        snr = compute_snr(noise_scheduler, timesteps)
-        clipped = torch.clamp(snr, max=settings.snr_gamma)
-        per_sample = per_sample * (clipped / snr if epsilon else clipped / (snr + 1))
-    loss = per_sample[:num_instance].mean()
-    if per_sample.shape[0] > num_instance:
-        loss = loss + settings.prior_loss_weight * per_sample[num_instance:].mean()
-    return loss
-
-
-@torch.no_grad()
-def encode_latents(vae, pixels: torch.Tensor, generator: torch.Generator, dtype, device) -> torch.Tensor:
-    """Pixels (B, 3, H, W) in [-1, 1] -> latents (B, 4, H/8, W/8) sampled from the VAE posterior, scaled, in
-    `dtype`. The VAE runs in its own dtype (fp32 by default)."""
-    latents = vae.encode(pixels.to(device, dtype=vae.dtype)).latent_dist.sample(generator=generator)
-    return (latents * vae.config.scaling_factor).to(dtype)
-
-
 def batch_conditioning(batch: dict, prompt_embeds: dict, device, dtype) -> Conditioning:
     text = [prompt_embeds[p] for p in batch["prompts"]]
     return Conditioning(torch.stack([t[0] for t in text]), torch.stack([t[1] for t in text]),
@@ -227,6 +161,16 @@ def stop_if_diverged(accelerator, loss: torch.Tensor, cfg: RunConfig, state: Loo
     )
 
 
+def embed_prompts(cfg: RunConfig, components, dataset, device) -> dict:
+    """Text conditioning once, {prompt: (hidden states, pooled)}: the encoders are frozen, so it is fixed."""
+    prompts = {e.prompt for e in dataset.instances} | {e.prompt for e in dataset.class_examples or []}
+    if cfg.validation.loss.every_steps:  # held-out images are conditioned on the instance prompt
+        prompts.add(dreambooth_data.instance_prompt(cfg.data))
+    prompts = sorted(prompts)
+    embeds, pooled = encode_prompts(components, prompts, cfg.model.text_hidden_states, device)
+    return {p: (embeds[i], pooled[i]) for i, p in enumerate(prompts)}
+
+
 # ---- the run ---------------------------------------------------------------------------------------------------
 
 
@@ -247,6 +191,13 @@ def build_optimizer(cfg: RunConfig, params):
     t = cfg.train
     kwargs = dict(lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay,
                   eps=t.adam_epsilon)
+    if t.optimizer == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise UserError("train.optimizer=prodigy needs the prodigyopt package: pip install prodigyopt") from None
+        return Prodigy(params, **kwargs, safeguard_warmup=t.prodigy_safeguard_warmup,
+                       use_bias_correction=t.prodigy_use_bias_correction, d_coef=t.prodigy_d_coef)
     if t.optimizer == "adamw_8bit":
         try:
             import bitsandbytes
@@ -297,7 +248,8 @@ def folder_bytes(folder: str) -> int:
     return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(folder) for name in names)
 
 
-def describe_run(cfg: RunConfig, attached: AttachedAdapter, state: LoopState, train_seconds: float) -> RunInfo:
+def describe_run(cfg: RunConfig, attached: AttachedAdapter, state: LoopState, train_seconds: float,
+                 cache: Optional[LatentCache]) -> RunInfo:
     memory, memory_kind = peak_memory()
     return RunInfo(
         method=cfg.adapter.label or cfg.adapter.type,
@@ -319,6 +271,9 @@ def describe_run(cfg: RunConfig, attached: AttachedAdapter, state: LoopState, tr
         **(attached.budget.run_info() if attached.budget is not None else {}),
         peak_memory_bytes=memory,
         peak_memory_kind=memory_kind,
+        train_losses=state.train_losses,
+        validation_losses=state.validation_losses or None,
+        latent_cache=cache.stats() if cache is not None else None,
     )
 
 
@@ -331,6 +286,20 @@ class Training:
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     dataloader: object
+    ema: object = None  # diffusers' EMAModel of `params` (train.ema), or None
+
+    @contextmanager
+    def ema_weights(self):
+        """The EMA weights in place of the trained ones for the duration (validation sees what will be saved)."""
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.params)
 
 
 def prepare_training(cfg: RunConfig, accelerator, unet, dataset) -> Training:
@@ -346,34 +315,58 @@ def prepare_training(cfg: RunConfig, accelerator, unet, dataset) -> Training:
         num_warmup_steps=cfg.train.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=cfg.train.max_steps * accelerator.num_processes,
     )
-    dataloader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.train.batch_size, shuffle=True, collate_fn=dreambooth_data.collate,
-        num_workers=cfg.data.num_workers,
-    )
+    if cfg.data.buckets.enabled:  # each batch one bucket
+        batches = dreambooth_data.BucketBatchSampler(dataset, cfg.train.batch_size, cfg.seed)
+        dataloader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=dreambooth_data.collate,
+                                                 num_workers=cfg.data.num_workers)
+    else:
+        dataloader = torch.utils.data.DataLoader(
+            dataset, batch_size=cfg.train.batch_size, shuffle=True, collate_fn=dreambooth_data.collate,
+            num_workers=cfg.data.num_workers,
+        )
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
-    return Training(unet, params, optimizer, lr_scheduler, dataloader)
+    ema = None
+    if cfg.train.ema.enabled:
+        from diffusers.training_utils import EMAModel
+
+        # The average starts at the weights (decay 0 at its first update), then warms up to train.ema.decay.
+        ema = EMAModel(params, decay=cfg.train.ema.decay)
+    return Training(unet, params, optimizer, lr_scheduler, dataloader, ema)
 
 
-def end_of_step(cfg: RunConfig, accelerator, components, t: Training, state: LoopState, progress) -> None:
-    """After each optimizer step: show and log the loss, checkpoint and validate when due."""
+def end_of_step(cfg: RunConfig, accelerator, components, t: Training, state: LoopState, progress,
+                validation_loss: Optional[ValidationLoss]) -> None:
+    """After each optimizer step: update the EMA, show and log the loss, checkpoint and validate when due."""
     step = state.global_step
+    ema = cfg.train.ema
+    if t.ema is not None and step > ema.update_after_step and step % ema.every == 0:
+        t.ema.step(t.params)
     lr = t.lr_scheduler.get_last_lr()[0]
+    state.train_losses.append([step, state.loss])
     progress.update(1)
     progress.set_postfix(loss=f"{state.loss:.4f}", lr=f"{lr:.2e}")
     if step % cfg.train.log_every == 0:
         accelerator.log({"loss": state.loss, "lr": lr}, step=step)
     if not accelerator.is_main_process:
         return
+    if validation_loss is not None and step % cfg.validation.loss.every_steps == 0:
+        with t.ema_weights(), accelerator.autocast():
+            state.validation_losses.append([step, validation_loss.evaluate(accelerator.unwrap_model(t.unet))])
+        accelerator.log({"validation_loss": state.validation_losses[-1][1]}, step=step)
+        plot_losses(RunFolder(cfg.output_dir).loss_plot, state.train_losses, state.validation_losses)
     if cfg.train.checkpointing_steps and step % cfg.train.checkpointing_steps == 0:
         save_checkpoint(cfg.output_dir, step, accelerator.unwrap_model(t.unet), t.optimizer, t.lr_scheduler,
-                        accelerator.scaler, state.to_dict(), cfg.train.checkpoints_total_limit)
+                        accelerator.scaler, state.to_dict(), cfg.train.checkpoints_total_limit, t.ema)
     if cfg.validation.every_steps and step % cfg.validation.every_steps == 0:
-        run_validation(cfg, accelerator, components, t.unet, step)
+        with t.ema_weights():
+            run_validation(cfg, accelerator, components, t.unet, step)
 
 
 def save_run(cfg: RunConfig, accelerator, trained_unet, run_info: RunInfo) -> None:
-    """The final adapter in PEFT's format, run_info.json beside it, then the final samples."""
+    """The final adapter in PEFT's format, run_info.json (and loss.png) beside it, then the final samples."""
     run = RunFolder(cfg.output_dir)
+    if run_info.validation_losses:
+        plot_losses(run.loss_plot, run_info.train_losses, run_info.validation_losses)
     save_adapter(trained_unet, run.adapter, metadata=run_info.to_dict())
     run_info.adapter_bytes = folder_bytes(run.adapter)
     run_info.write(run.run_info)
@@ -382,10 +375,31 @@ def save_run(cfg: RunConfig, accelerator, trained_unet, run_info: RunInfo) -> No
         log_image(accelerator, "samples", run_info.samples, run_info.steps)
 
 
+def use_latent_cache(cfg: RunConfig) -> bool:
+    return cfg.data.cache_latents in ("auto", True)
+
+
+def prepare_latents(cfg: RunConfig, accelerator, vae, dataset) -> Latents:
+    """Latents from the cache (precomputed when every view is fixed: the VAE then leaves the accelerator) or,
+    with data.cache_latents=false, from the VAE at each step."""
+    if not use_latent_cache(cfg):
+        return Latents(vae, None, accelerator.device)
+    latents = Latents(vae, LatentCache(cache_folder(cfg.data), vae_identity(vae)), accelerator.device)
+    vae.to(accelerator.device)
+    if accelerator.is_main_process:
+        latents.precompute(dataset, progress=True)
+    accelerator.wait_for_everyone()
+    if latents.precompute(dataset, progress=False):  # every view cached now; nothing left to encode
+        latents.vae_needed = False
+    return latents
+
+
 def train(cfg: RunConfig) -> TrainResult:
     from accelerate.utils import set_seed
 
     check_output_dir(cfg)
+    if use_latent_cache(cfg):
+        check_writable(cache_folder(cfg.data))
     accelerator = make_accelerator(cfg)
     run = RunFolder(cfg.output_dir)
     main = accelerator.is_main_process
@@ -417,11 +431,14 @@ def train(cfg: RunConfig) -> TrainResult:
         accelerator.wait_for_everyone()
         dataset.class_examples = dreambooth_data.class_examples(cfg)
 
-    # Text conditioning once: the encoders are frozen, so every prompt's embedding is fixed.
-    prompts = sorted({e.prompt for e in dataset.instances} | {e.prompt for e in dataset.class_examples or []})
-    embeds, pooled = encode_prompts(components, prompts, cfg.model.text_hidden_states, device)
-    prompt_embeds = {p: (embeds[i], pooled[i]) for i, p in enumerate(prompts)}
+    prompt_embeds = embed_prompts(cfg, components, dataset, device)
     components.text_encoders_to("cpu")  # only validation needs them again
+    validation_loss = None
+    if main and cfg.validation.loss.every_steps:
+        validation_loss = ValidationLoss(cfg, dataset, components, prompt_embeds, device, weight_dtype)
+    latents_source = prepare_latents(cfg, accelerator, vae, dataset)
+    if not latents_source.vae_needed:
+        vae.to("cpu")  # every latent is cached: the loop never encodes
 
     t = prepare_training(cfg, accelerator, unet, dataset)
     if main and cfg.train.report_to != "none":
@@ -432,7 +449,9 @@ def train(cfg: RunConfig) -> TrainResult:
     state = LoopState()
     if resume_from is not None:
         state = LoopState.from_dict(load_checkpoint(resume_from, accelerator.unwrap_model(t.unet), t.optimizer,
-                                                    t.lr_scheduler, accelerator.scaler))
+                                                    t.lr_scheduler, accelerator.scaler, t.ema))
+        if t.ema is not None:
+            t.ema.to(device)
         say(f"resumed from {resume_from} at step {state.global_step}")
     loss_settings = LossSettings.from_config(cfg, noise_scheduler)
     step_hook = attached.method.step_hook
@@ -448,10 +467,12 @@ def train(cfg: RunConfig) -> TrainResult:
             g = micro_batch_generator(cfg.seed, accelerator.process_index, state.micro_step)
             state.micro_step += 1
             with accelerator.accumulate(t.unet):
-                latents = encode_latents(vae, batch["pixels"], g, weight_dtype, device)
+                latents = latents_source.sample(batch, g, weight_dtype)
                 conditioning = batch_conditioning(batch, prompt_embeds, device, weight_dtype)
+                weights = mask_weights(batch["masks"].to(device), latents.shape[-2:], cfg.data.masks.min_weight) \
+                    if "masks" in batch else None
                 loss = micro_batch_loss(t.unet, noise_scheduler, latents, conditioning, batch["num_instance"], g,
-                                        loss_settings)
+                                        loss_settings, weights)
                 stop_if_diverged(accelerator, loss, cfg, state)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.train.max_grad_norm is not None:
@@ -464,11 +485,15 @@ def train(cfg: RunConfig) -> TrainResult:
             if accelerator.sync_gradients:
                 state.global_step += 1
                 state.loss = accelerator.gather(loss.detach()).mean().item()
-                end_of_step(cfg, accelerator, components, t, state, progress)
+                end_of_step(cfg, accelerator, components, t, state, progress, validation_loss)
 
     accelerator.wait_for_everyone()
-    run_info = describe_run(cfg, attached, state, time.time() - started)
+    run_info = describe_run(cfg, attached, state, time.time() - started, latents_source.cache)
     trained_unet = accelerator.unwrap_model(t.unet)
+    if t.ema is not None:  # the final adapter holds the EMA weights; the trained ones are kept beside
+        if main:
+            save_adapter(trained_unet, run.adapter_raw)
+        t.ema.copy_to(t.params)
     # Training state leaves the accelerator, so that the sampling pipeline below has its memory.
     accelerator.free_memory()
     del t
