@@ -100,6 +100,10 @@ class RunInfo:
                 out[f.name] = value
         return out
 
+    def adapter_metadata(self) -> dict:
+        """What travels with the adapter (waveft_run.json, the model card): the record without its loss curves."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("train_losses", "validation_losses")}
+
     def write(self, path: str) -> None:
         write_json_atomic(path, self.to_dict())
 

@@ -30,7 +30,9 @@ from waveft.sampling import final_samples, generate_class_images, log_image, run
 from waveft.schema import read_yaml_mapping
 from waveft.validation_loss import ValidationLoss, plot_losses
 
-SETTINGS_THAT_MAY_CHANGE_ON_RESUME = {"output_dir", "train.resume", "train.max_steps", "overwrite_output_dir"}
+# The latent cache changes no number (a cached run equals an uncached one), so it may change too.
+SETTINGS_THAT_MAY_CHANGE_ON_RESUME = {"output_dir", "train.resume", "train.max_steps", "overwrite_output_dir",
+                                      "data.cache_latents", "data.latent_cache_dir"}
 
 
 @dataclass
@@ -86,7 +88,8 @@ def check_output_dir(cfg: RunConfig) -> None:
             f"output_dir {cfg.output_dir} already holds a run; set train.resume=latest to continue it "
             f"or overwrite_output_dir=true to replace it"
         )
-    previous = _flatten(read_yaml_mapping(saved_config))
+    # A key the saved config lacks was added to the project after that run started: it had the default.
+    previous = {**_flatten(config_to_dict(RunConfig())), **_flatten(read_yaml_mapping(saved_config))}
     current = _flatten(config_to_dict(cfg))
     for key in sorted(set(previous) | set(current)):
         if key not in SETTINGS_THAT_MAY_CHANGE_ON_RESUME and previous.get(key) != current.get(key):
@@ -367,7 +370,7 @@ def save_run(cfg: RunConfig, accelerator, trained_unet, run_info: RunInfo) -> No
     run = RunFolder(cfg.output_dir)
     if run_info.validation_losses:
         plot_losses(run.loss_plot, run_info.train_losses, run_info.validation_losses)
-    save_adapter(trained_unet, run.adapter, metadata=run_info.to_dict())
+    save_adapter(trained_unet, run.adapter, metadata=run_info.adapter_metadata())
     run_info.adapter_bytes = folder_bytes(run.adapter)
     run_info.write(run.run_info)
     if cfg.validation.final:
