@@ -32,7 +32,7 @@ def run_once(args, work: str, name: str, cache: str, cached: bool) -> dict:
         f"data.instance_dir={os.path.join(work, 'subject')}", f"data.resolution={args.resolution}",
         "data.crop=center", f"data.cache_latents={'true' if cached else 'false'}", f"data.latent_cache_dir={cache}",
         f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}", "train.gradient_accumulation_steps=1",
-        f"train.mixed_precision={args.mixed_precision}", "train.checkpointing_steps=0", "train.report_to=none",
+        f"train.mixed_precision='{args.mixed_precision}'", "train.checkpointing_steps=0", "train.report_to=none",
         "validation.final=false", "validation.every_steps=0",
     ]
     started = time.time()
