@@ -2,6 +2,7 @@
 and synthetic DreamBooth-style inputs for the eval tests: a prompts file with the published file's exact
 structure, a benchmark folder of random real images, and a generated-images folder with a manifest."""
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -86,3 +87,37 @@ def unet_output(unet, batch: int = 2):
     added = {"text_embeds": torch.randn(batch, 32, generator=g), "time_ids": torch.randn(batch, 6, generator=g)}
     timesteps = torch.randint(0, 1000, (batch,), generator=g)
     return unet(sample, timesteps, hidden, added_cond_kwargs=added).sample
+
+
+# ---- trainer runs on the tiny SDXL ------------------------------------------------------------------------
+
+
+def tiny_cfg(tiny_sdxl_dir, subject_dir, output_dir, *overrides):
+    """configs/tiny.yaml at 32 px on the given model and subject, no trackers or samples, plus `overrides`."""
+    from waveft.config import load_config
+
+    return load_config(
+        os.path.join(REPO, "configs", "tiny.yaml"),
+        (
+            f"output_dir={output_dir}",
+            f"model.pretrained={tiny_sdxl_dir}",
+            f"data.instance_dir={subject_dir}",
+            "data.resolution=32",
+            "train.report_to=none",
+            "validation.final=false",
+            "validation.every_steps=0",
+            *overrides,
+        ),
+    )
+
+
+def fresh_unet(tiny_sdxl_dir):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet")
+
+
+def adapter_weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(folder, "adapter", "adapter_model.safetensors"))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.test_training import adapter_weights, fresh_unet, tiny_cfg
+from tests.helpers import adapter_weights, fresh_unet, tiny_cfg
 from waveft.errors import UserError
 
 
@@ -28,6 +28,7 @@ def cache_info(out):
     return json.loads((out / "run_info.json").read_text())["latent_cache"]
 
 
+@pytest.mark.slow
 def test_cached_run_equals_uncached_bit_for_bit_and_the_cache_is_reused_then_invalidated(
         tiny_sdxl_dir, subject_dir, tmp_path):
     from waveft.training import train
@@ -58,6 +59,7 @@ def test_cached_run_equals_uncached_bit_for_bit_and_the_cache_is_reused_then_inv
     assert cache_info(tmp_path / "cached")["misses"] == 2  # the changed image's two views, nothing else
 
 
+@pytest.mark.slow
 def test_random_crops_are_cached_lazily_and_still_match(tiny_sdxl_dir, subject_dir, tmp_path):
     from waveft.training import train
 
@@ -112,6 +114,7 @@ def test_buckets_one_size_per_batch_with_sdxl_time_ids(tmp_path):
     assert len({tuple(seen[0:3]), tuple(seen[3:6]), tuple(seen[6:9])}) > 1  # the order changes with the epoch
 
 
+@pytest.mark.slow
 def test_buckets_train_with_prior_preservation_and_resume_exactly(tiny_sdxl_dir, tmp_path):
     from waveft.training import train
 
@@ -131,6 +134,7 @@ def test_buckets_train_with_prior_preservation_and_resume_exactly(tiny_sdxl_dir,
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_ema_resume_is_exact_and_the_adapter_holds_the_ema_weights(tiny_sdxl_dir, subject_dir, tmp_path):
     from waveft.adapters.attach import attach_adapter
     from waveft.checkpointing import PEFT_MODEL_PREFIX
@@ -170,6 +174,7 @@ def _weights(folder):
     return load_file(os.path.join(folder, "adapter_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_validation_loss_is_logged_stored_plotted_and_falls(tiny_sdxl_dir, subject_dir, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -178,8 +183,8 @@ def test_validation_loss_is_logged_stored_plotted_and_falls(tiny_sdxl_dir, subje
     out = tmp_path / "run"
     result = train(tiny_cfg(tiny_sdxl_dir, subject_dir, out, "train.max_steps=30", "train.learning_rate=3e-3",
                             "data.crop=center", "adapter.peft.n_frequency=512", "train.checkpointing_steps=0",
-                            "validation.loss.every_steps=10", "validation.loss.timesteps=4", "train.report_to=tensorboard",
-                            f"data.latent_cache_dir={tmp_path / 'cache'}"))
+                            "validation.loss.every_steps=10", "validation.loss.timesteps=4",
+                            "train.report_to=tensorboard", f"data.latent_cache_dir={tmp_path / 'cache'}"))
     losses = result.run_info.validation_losses
     assert [step for step, _ in losses] == [10, 20, 30]
     assert losses[-1][1] < losses[0][1]
@@ -254,6 +259,7 @@ def test_masks_follow_the_crop_and_prior_images_are_unmasked(tmp_path):
     assert alpha[:16].min() == 255 and alpha[16:].max() == 0
 
 
+@pytest.mark.slow
 def test_prodigy_trains(tiny_sdxl_dir, subject_dir, tmp_path):
     from waveft.training import train
 

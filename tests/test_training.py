@@ -7,33 +7,11 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import REPO, unet_output
+from tests.helpers import REPO, adapter_weights, fresh_unet, tiny_cfg, unet_output
 from waveft.config import load_config
 from waveft.errors import UserError
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-
-
-def tiny_cfg(tiny_sdxl_dir, subject_dir, output_dir, *overrides):
-    return load_config(
-        os.path.join(REPO, "configs", "tiny.yaml"),
-        (
-            f"output_dir={output_dir}",
-            f"model.pretrained={tiny_sdxl_dir}",
-            f"data.instance_dir={subject_dir}",
-            "data.resolution=32",
-            "train.report_to=none",
-            "validation.final=false",
-            "validation.every_steps=0",
-            *overrides,
-        ),
-    )
-
-
-def fresh_unet(tiny_sdxl_dir):
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet")
 
 
 def test_adapters_go_exactly_on_attention_projections(tiny_sdxl_dir):
@@ -70,8 +48,8 @@ def instance_loss(unet, tiny_sdxl_dir, subject_dir, cfg):
     """Mean denoising loss (plain MSE on the noise) over the instance images at fixed noise and timesteps, as the
     trainer's own micro-batch loss computes it."""
     from waveft.data import DreamBoothDataset, collate
-    from waveft.models import load_sdxl
     from waveft.loss import Conditioning, LossSettings, micro_batch_loss
+    from waveft.models import load_sdxl
     from waveft.training import encode_prompts
 
     components = load_sdxl(cfg.model)
@@ -115,12 +93,6 @@ def test_short_run_learns_and_saved_adapter_reloads_in_stock_peft(tiny_sdxl_dir,
     outcome = set_peft_model_state_dict(unet, load_file(str(adapter_dir / "adapter_model.safetensors")))
     assert not outcome.unexpected_keys and not [k for k in outcome.missing_keys if "waveft" in k]
     torch.testing.assert_close(unet_output(unet), expected, rtol=1e-5, atol=1e-5)
-
-
-def adapter_weights(folder):
-    from safetensors.torch import load_file
-
-    return load_file(os.path.join(folder, "adapter", "adapter_model.safetensors"))
 
 
 @pytest.mark.slow
