@@ -11,7 +11,6 @@ code treat it like real SDXL.
   built directly in fp16 and saved as fp16 safetensors (6.9 GB on disk, about 7 GB of memory to build).
 """
 import argparse
-import contextlib
 import itertools
 import json
 import os
@@ -168,15 +167,18 @@ SDXL_SCHEDULER_CONFIG = dict(
 SIZES = ("tiny", "full")
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    """Modules built inside get parameters of `dtype` from the start (and are initialised in it)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
+def materialise(model: torch.nn.Module, dtype: torch.dtype = torch.float16, device="cpu") -> torch.nn.Module:
+    """Random weights for a model built on the meta device, one module at a time: each module's parameters
+    are initialised in fp32 by its own `reset_parameters` and cast to `dtype` at once, so at most one module's
+    weights ever exist in fp32 (random initialisation directly in fp16 is ten times slower on CPU)."""
+    for module in model.modules():
+        if next(module.parameters(recurse=False), None) is None:
+            continue
+        module.to_empty(device=device, recurse=False)
+        module.reset_parameters()
+        for name, param in list(module.named_parameters(recurse=False)):
+            module._parameters[name] = torch.nn.Parameter(param.detach().to(dtype), requires_grad=param.requires_grad)
+    return model
 
 
 def _tiny_components() -> dict:
@@ -202,17 +204,20 @@ def _tiny_components() -> dict:
 
 
 def _full_components() -> dict:
-    """SDXL base's four networks with random weights, created in fp16 (never materialised in fp32)."""
+    """SDXL base's four networks with random fp16 weights, never materialised in fp32 (buffers, such as the
+    text encoders' position ids, are built for real)."""
+    from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    with _default_dtype(torch.float16):
-        return dict(
+    with init_empty_weights():
+        components = dict(
             unet=UNet2DConditionModel(**SDXL_UNET_CONFIG),
             vae=AutoencoderKL(**SDXL_VAE_CONFIG),
             text_encoder=CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_ENCODER_CONFIG)),
             text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_2_CONFIG)),
         )
+    return {name: materialise(model) for name, model in components.items()}
 
 
 def build_sdxl(path: str, size: str = "tiny") -> None:
