@@ -96,5 +96,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, REPO)
     sys.exit(main())

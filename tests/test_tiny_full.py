@@ -44,11 +44,10 @@ def test_components_have_sdxl_base_sizes(name, build, expected):
 def test_unet_config_names_real_settings_and_has_560_projections():
     accepted = inspect.signature(UNet2DConditionModel.__init__).parameters
     assert set(SDXL_UNET_CONFIG) <= set(accepted)
-    assert SDXL_UNET_CONFIG["cross_attention_dim"] == SDXL_TEXT_ENCODER_CONFIG["hidden_size"] + SDXL_TEXT_ENCODER_2_CONFIG[
-        "hidden_size"
-    ]
+    encoder, encoder_2 = SDXL_TEXT_ENCODER_CONFIG, SDXL_TEXT_ENCODER_2_CONFIG
+    assert SDXL_UNET_CONFIG["cross_attention_dim"] == encoder["hidden_size"] + encoder_2["hidden_size"]
     time_ids = 6 * SDXL_UNET_CONFIG["addition_time_embed_dim"]
-    assert SDXL_UNET_CONFIG["projection_class_embeddings_input_dim"] == time_ids + SDXL_TEXT_ENCODER_2_CONFIG["projection_dim"]
+    assert SDXL_UNET_CONFIG["projection_class_embeddings_input_dim"] == time_ids + encoder_2["projection_dim"]
     with init_empty_weights():
         unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
     names = [n for n, _ in unet.named_modules() if n.endswith((".to_q", ".to_k", ".to_v", ".to_out.0"))]
