@@ -13,7 +13,7 @@ import torch
 
 from eval.encoders import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, SMOKE_TEST_MARKER
 from waveft.files import atomic_directory
-from waveft.tiny import tiny_text_encoder_config, write_tiny_clip_tokenizer
+from waveft.tiny import tiny_text_encoder_config, write_clip_tokenizer
 
 TINY_SEED = 0
 TINY_IMAGE_SIZE = 32
@@ -43,7 +43,7 @@ def write_tiny_clip(path: Path) -> None:
     config = CLIPConfig(text_config=tiny_text_encoder_config().to_dict(), vision_config=_tiny_vision_layers(),
                         projection_dim=16)
     CLIPModel(config).save_pretrained(path)
-    write_tiny_clip_tokenizer(str(path))
+    write_clip_tokenizer(str(path))
     CLIPImageProcessorPil(size={"shortest_edge": TINY_IMAGE_SIZE},
                           crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}, resample=3,
                           image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(path)

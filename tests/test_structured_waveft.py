@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_flatten
 from tests.helpers import tiny_unet, unet_output
 from waveft import enable_structured_waveft
 from waveft.adapters.structured_waveft import disable_structured_waveft
-from waveft.adapters.structured_waveft.layer import StructuredWaveFTLinear
+from waveft.adapters.structured_waveft.layer import StructuredWaveFTLinear, peft_compatible_filters
 from waveft.adapters.wavelet_ops import (
     SynthesisAxis,
     idwt2,
@@ -397,3 +397,27 @@ def test_warning_is_emitted_once_per_wavelet():
         for _ in range(3):
             structured(torch.randn(2, 12))
     assert sum("stock PEFT cannot run" in str(w.message) for w in caught) == 1
+
+
+def test_generating_under_inference_mode_then_training_in_the_same_process():
+    """The kernels and index plans cached on first use are built outside inference mode: a notebook that samples
+    under `torch.inference_mode()` and then trains (or merges with gradients) must not hit "Inference tensors
+    cannot be saved for backward"."""
+    shape_in, shape_out, wavelet = 27, 23, "sym5"  # shapes no other test uses: the process-wide caches start empty
+    assert not synthesis_axis(shape_out, peft_compatible_filters(wavelet))._kernels
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(shape_in, shape_out), torch.nn.Tanh(), torch.nn.Linear(shape_out, 5))
+    config = waveft_config(target_modules=["0"], wavelet_family=wavelet, n_frequency=60)
+    model = get_peft_model(model, config)
+    assert enable_structured_waveft(model) == 1
+    layer = model.base_model.model[0]
+    x = torch.randn(4, shape_in)
+    with torch.inference_mode():
+        generated = model(x)
+        layer.get_delta_weight("default")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(x).square().mean().backward()
+    layer.get_delta_weight("default").square().sum().backward()
+    optimizer.step()
+    assert layer.waveft_spectrum["default"].grad.abs().sum() > 0
+    assert not torch.equal(model(x).detach(), generated)

@@ -178,3 +178,17 @@ def test_wara_through_get_peft_model_saves_and_loads(tmp_path):
     reloaded = PeftModel.from_pretrained(tiny_unet(), str(tmp_path))
     with torch.no_grad():
         torch.testing.assert_close(unet_output(reloaded.base_model.model), expected, rtol=0, atol=0)
+
+
+def test_generating_under_inference_mode_then_training_in_the_same_process():
+    """WaRA's cached operators and block orders are safe to build under `torch.inference_mode()` and reuse in
+    training (shapes no other test uses, so the process-wide caches are first filled here)."""
+    layer = wara_linear(19, 29, "sym5").float()
+    x = torch.randn(3, 29)
+    with torch.inference_mode():
+        layer(x)
+        layer.get_delta_weight("default")
+    layer(x).square().mean().backward()
+    layer.get_delta_weight("default").square().sum().backward()
+    factors = (layer.wara_A["default"], layer.wara_B["default"])
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in factors)

@@ -72,8 +72,10 @@ def merge_adapter(unet, adapter_dir: str):
 
     import waveft.adapters.wara  # noqa: F401  (registers WaRA with PEFT, so its adapters load)
     from waveft.adapters.structured_waveft import enable_structured_waveft
+    from waveft.adapters.waveft_locations import shared_waveft_locations
 
-    peft_model = PeftModel.from_pretrained(unet, adapter_dir)
+    with shared_waveft_locations():
+        peft_model = PeftModel.from_pretrained(unet, adapter_dir)
     # Our WaveFT layer also merges wavelets that stock PEFT's layer cannot run.
     enable_structured_waveft(peft_model)
     return peft_model.merge_and_unload()

@@ -6,6 +6,7 @@ import torch
 
 from waveft.adapters.budget import BudgetPlan, LayerShape
 from waveft.adapters.methods import Method, build_peft_config, get_method, plan_budget, with_budget
+from waveft.adapters.waveft_locations import shared_waveft_locations
 from waveft.errors import UserError
 
 
@@ -110,7 +111,8 @@ def attach_adapter(unet, adapter, adapter_name: str = "default", total_steps: Op
         method.check_layers(peft_config, layers)
     unet.requires_grad_(False)
     try:
-        inject_adapter(unet, peft_config, adapter_name)
+        with shared_waveft_locations():
+            inject_adapter(unet, peft_config, adapter_name)
     except ValueError as exc:
         raise UserError(f"adapter '{adapter.type}' could not be attached: {str(exc).splitlines()[0]}") from None
     if method.after_attach is not None:

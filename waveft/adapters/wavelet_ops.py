@@ -14,7 +14,8 @@ Pieces, for adapters built on this (WaveFT, WaRA):
   and `synthesize_transposed(c_t, add_to) = add_to + c_t^T @ S^T`, which take and give token-major
   activations. The transposition rides along in the transform's GEMMs, so sparse couplings between
   coefficients can use row-wise kernels (`embedding_bag`, `sampled_addmm`) on contiguous token vectors.
-- `synthesis_axis(length, filters)`: a cached `SynthesisAxis`, shared by all layers of one shape.
+- `synthesis_axis(length, filters)`: a cached `SynthesisAxis`, shared by all layers of one shape;
+  `cached_tensors`: how anything cached builds its tensors (outside inference mode, safe in any grad mode).
 - `idwt2_columns`: where a coefficient of PEFT's (H, W) quadrant layout enters `R` and `C`.
 - `synthesize2` / `idwt2`: dense `delta_W`, for merging and for references.
 
@@ -34,6 +35,15 @@ from waveft.errors import UserError
 
 # Coefficient rows per GEMM in the transposed transforms (fastest measured on CPU; a multiple of 2).
 TRANSPOSED_BLOCK = 16
+
+
+def cached_tensors(build):
+    """Decorate a function whose tensors are kept and reused by later calls (kernels, index plans): it runs
+    outside inference mode, so what it returns is a normal tensor that autograd may save, whichever grad mode
+    the first call happened under. (A tensor made under `torch.inference_mode()` and reused later in a
+    computation autograd records fails with "Inference tensors cannot be saved for backward".) Costs nothing
+    on cache hits: only the build is wrapped."""
+    return torch.inference_mode(False)(build)
 
 
 @dataclass(frozen=True)
@@ -201,26 +211,29 @@ class SynthesisAxis:
     def _kernels_for(self, like: torch.Tensor):
         key = (like.dtype, like.device)
         if key not in self._kernels:
-            bank = torch.tensor([self._bank.rec_lo, self._bank.rec_hi], dtype=torch.float64)  # (band, tap)
-            taps = bank.shape[1]
-            # Token-major pair mixers: tap t = 2 q + r  ->  mixers[q][r, band].
-            mixers = bank.T.reshape(-1, 2, 2)
-            # Analysis block A[r, e] = bank[r % 2, e - 2 (r // 2)]: coefficient row r of a block from the
-            # block's window of samples e; synthesis block S[r, e] = bank[r % 2, e + taps - 2 - 2 (r // 2)]:
-            # output sample e of a block from the window's coefficient row r.
-            width = TRANSPOSED_BLOCK + taps - 2
-            analysis = torch.zeros(TRANSPOSED_BLOCK, width, dtype=torch.float64)
-            synthesis = torch.zeros(width, TRANSPOSED_BLOCK, dtype=torch.float64)
-            for r in range(TRANSPOSED_BLOCK):
-                analysis[r, 2 * (r // 2) : 2 * (r // 2) + taps] = bank[r % 2]
-            for r in range(width):
-                for e in range(TRANSPOSED_BLOCK):
-                    t = e + taps - 2 - 2 * (r // 2)
-                    if 0 <= t < taps:
-                        synthesis[r, e] = bank[r % 2, t]
-            kernels = (mixers, analysis, synthesis)
-            self._kernels[key] = tuple(k.to(dtype=like.dtype, device=like.device) for k in kernels)
+            self._kernels[key] = self._build_kernels(like.dtype, like.device)
         return self._kernels[key]
+
+    @cached_tensors
+    def _build_kernels(self, dtype: torch.dtype, device: torch.device) -> tuple:
+        bank = torch.tensor([self._bank.rec_lo, self._bank.rec_hi], dtype=torch.float64)  # (band, tap)
+        taps = bank.shape[1]
+        # Token-major pair mixers: tap t = 2 q + r  ->  mixers[q][r, band].
+        mixers = bank.T.reshape(-1, 2, 2)
+        # Analysis block A[r, e] = bank[r % 2, e - 2 (r // 2)]: coefficient row r of a block from the
+        # block's window of samples e; synthesis block S[r, e] = bank[r % 2, e + taps - 2 - 2 (r // 2)]:
+        # output sample e of a block from the window's coefficient row r.
+        width = TRANSPOSED_BLOCK + taps - 2
+        analysis = torch.zeros(TRANSPOSED_BLOCK, width, dtype=torch.float64)
+        synthesis = torch.zeros(width, TRANSPOSED_BLOCK, dtype=torch.float64)
+        for r in range(TRANSPOSED_BLOCK):
+            analysis[r, 2 * (r // 2) : 2 * (r // 2) + taps] = bank[r % 2]
+        for r in range(width):
+            for e in range(TRANSPOSED_BLOCK):
+                t = e + taps - 2 - 2 * (r // 2)
+                if 0 <= t < taps:
+                    synthesis[r, e] = bank[r % 2, t]
+        return tuple(k.to(dtype=dtype, device=device) for k in (mixers, analysis, synthesis))
 
 
 def _mix_shifted_pairs(pairs: torch.Tensor, mixers: torch.Tensor, shifts: list, out_pairs: int) -> torch.Tensor:

@@ -25,6 +25,7 @@ from peft.tuners.waveft.layer import WaveFTLinear
 from waveft.adapters.wavelet_ops import (
     SynthesisAxis,
     WaveletFilters,
+    cached_tensors,
     idwt2_columns,
     synthesis_axis,
     synthesize2,
@@ -78,10 +79,11 @@ class AdapterPlan:
     _patterns: dict  # dtype -> sparse CSR pattern of the coupling, for sampled_addmm
 
     @classmethod
+    @cached_tensors
     def build(cls, layer: WaveFTLinear, adapter: str, device: torch.device) -> "AdapterPlan":
         indices = layer.waveft_indices[adapter]
         wavelet, use_idwt = layer.waveft_wavelet_family[adapter], layer.waveft_use_idwt[adapter]
-        rows, cols = indices.to(device)
+        rows, cols = indices.to(device, copy=True)  # a normal tensor even if PEFT's buffer is an inference one
         if use_idwt:
             filters = peft_compatible_filters(wavelet)
             output_axis = synthesis_axis(layer.out_features, filters)
@@ -119,15 +121,19 @@ class AdapterPlan:
 
     def _pattern(self, dtype) -> torch.Tensor:
         if dtype not in self._patterns:
-            with warnings.catch_warnings():  # "sparse CSR support is in beta" and friends, once per process
-                warnings.simplefilter("ignore")
-                self._patterns[dtype] = torch.sparse_csr_tensor(
-                    self.csr_rows,
-                    self.csr_columns,
-                    torch.zeros(len(self.csr_columns), dtype=dtype, device=self.csr_rows.device),
-                    (self.output_axis.transposed_rows, self.input_axis.transposed_rows),
-                )
+            self._patterns[dtype] = self._build_pattern(dtype)
         return self._patterns[dtype]
+
+    @cached_tensors
+    def _build_pattern(self, dtype) -> torch.Tensor:
+        with warnings.catch_warnings():  # "sparse CSR support is in beta" and friends, once per process
+            warnings.simplefilter("ignore")
+            return torch.sparse_csr_tensor(
+                self.csr_rows,
+                self.csr_columns,
+                torch.zeros(len(self.csr_columns), dtype=dtype, device=self.csr_rows.device),
+                (self.output_axis.transposed_rows, self.input_axis.transposed_rows),
+            )
 
 
 def _bag_offsets(sorted_keys: torch.Tensor, bags: int) -> torch.Tensor:

@@ -19,12 +19,19 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from waveft.adapters.wavelet_ops import SynthesisAxis, synthesis_axis, synthesize2, wavelet_filters
+from waveft.adapters.wavelet_ops import (
+    SynthesisAxis,
+    cached_tensors,
+    synthesis_axis,
+    synthesize2,
+    wavelet_filters,
+)
 
 from .config import WaraConfig
 
 
 @functools.cache
+@cached_tensors
 def _block_order(axis: SynthesisAxis, device: torch.device) -> torch.Tensor:
     """For each interleaved operator column of `axis`, the row of B (or column of A) in block order
     (all low-pass coefficients, then all high-pass) that multiplies it."""
