@@ -6,7 +6,7 @@ in the repo) and DIR/dataset/prompts_and_classes.txt, which `eval.protocol` read
 import argparse
 import os
 
-from eval.protocol import PROMPTS_FILE
+from eval.protocol import PROMPTS_FILE, Benchmark, Subject
 from waveft.data import write_synthetic_subject
 from waveft.files import atomic_directory
 
@@ -27,6 +27,12 @@ def prompts_file_text(subjects: dict[str, str], object_templates, live_templates
     lines += ["", "Prompts", "", "Object Prompts", ""] + prompt_list(object_templates)
     lines += ["", "Live Subject Prompts", ""] + prompt_list(live_templates)
     return "\n".join(lines) + "\n"
+
+
+def tiny_benchmark() -> Benchmark:
+    """What the written benchmark's prompts_and_classes.txt says, without writing it (a sweep's dry run)."""
+    return Benchmark(tuple(Subject(name, noun) for name, noun in TINY_SUBJECTS.items()),
+                     tuple(TINY_OBJECT_PROMPTS), tuple(TINY_LIVE_PROMPTS))
 
 
 def write_tiny_benchmark(root: str) -> None:

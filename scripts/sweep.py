@@ -2,9 +2,9 @@
 
     python scripts/sweep.py --sweep configs/sweeps/tiny.yaml [--dry-run] [--gpus N] [key.sub=value ...]
 
-The logic lives in eval/sweep.py; `python -m eval.sweep` is the same command.
+The logic lives in the eval/sweep/ package (eval/sweep/cli.py); `python -m eval.sweep` is the same command.
 """
-from eval.sweep import main
+from eval.sweep.cli import main
 
 if __name__ == "__main__":
     main()

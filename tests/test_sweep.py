@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from eval.sweep import main
+from eval.sweep.cli import main
 from tests.helpers import prompts_file_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -175,7 +175,9 @@ def test_paper_sweeps_validate(tmp_path, benchmark, sweep_file, runs, monkeypatc
 
 @pytest.mark.slow
 def test_a_run_another_sweep_is_working_on_is_left_alone(tmp_path, benchmark, tiny_sdxl_dir, monkeypatch):
-    from eval.sweep import Children, execute_run, expand_runs, load_sweep, subprocess_env, validate_sweep
+    from eval.sweep.runner import Children
+    from eval.sweep.runs import execute_run, expand_runs, subprocess_env
+    from eval.sweep.schema import load_sweep, validate_sweep
 
     monkeypatch.chdir(REPO)
     sweep = load_sweep(TINY_SWEEP, tuple(sweep_args(tmp_path, benchmark, tiny_sdxl_dir)[2:]))
@@ -188,9 +190,19 @@ def test_a_run_another_sweep_is_working_on_is_left_alone(tmp_path, benchmark, ti
     assert sorted(p.name for p in run.dir.iterdir()) == ["lock"]  # nothing started, nothing recorded
 
 
-def test_tiny_sweep_writes_its_benchmark_when_missing(tmp_path, monkeypatch, capsys):
+def test_tiny_sweep_plans_on_its_benchmark_and_writes_it_at_launch(tmp_path, monkeypatch, capsys):
+    from eval.protocol import load_benchmark
+    from eval.sweep.cli import write_inputs
+    from eval.sweep.runner import Children
+    from eval.sweep.schema import load_sweep
+    from eval.tiny_benchmark import tiny_benchmark
+
     monkeypatch.chdir(REPO)
-    main(["--sweep", TINY_SWEEP, "--dry-run", f"benchmark.dir={tmp_path / 'bench'}",
-          f"output_dir={tmp_path / 'sweep'}"])
+    args = [f"benchmark.dir={tmp_path / 'bench'}", f"output_dir={tmp_path / 'sweep'}",
+            f"scoring.tiny_encoders={tmp_path.parent / 'tiny-encoders'}"]
+    main(["--sweep", TINY_SWEEP, "--dry-run", *args])
     assert ": 4 runs -> " in capsys.readouterr().out  # 2 methods x its 2 subjects
-    assert (tmp_path / "bench" / "dataset" / "prompts_and_classes.txt").is_file()
+    assert not (tmp_path / "bench").exists() and not (tmp_path / "sweep").exists()  # a dry run writes nothing
+    write_inputs(load_sweep(TINY_SWEEP, tuple(args)), Children())  # what the launch writes first
+    assert load_benchmark(tmp_path / "bench") == tiny_benchmark()  # the benchmark it planned on
+    assert (tmp_path / "sweep" / "report" / "sweep.yaml").is_file()

@@ -1,0 +1,246 @@
+"""A sweep's runs: the expansion of a sweep into (method, budget, subject, seed) runs, their folders, and the
+work on one run (train -> generate -> score, then done.json), which a local worker and a Slurm task both do.
+
+    runs/<method>/budget-<b>/<subject>/seed-<s>/
+        train/          the trainer's output_dir (config.yaml, adapter/, run_info.json, checkpoint-N/)
+        bench/train/    benchmark images and manifest.jsonl
+        metrics/        metrics.json, .csv, .md
+        logs/           train.log, generate.log, score.log (appended by every attempt)
+        done.json       written last, atomically: the run is finished and is skipped from then on
+        failed.json     the last attempt's failure (stage, exit status, log); a later attempt removes it
+        lock            held (flock) while a sweep process works on the run
+"""
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from eval.encoders import DEFAULT_CLIP, DEFAULT_CMMD_CLIP, DEFAULT_DINO
+from eval.files import read_json
+from eval.protocol import Subject
+from eval.sweep.runner import Children, Outcome, device_env, error_line, exclusive
+from eval.sweep.schema import MethodSpec, ScoringSettings, SweepConfig, benchmark_dataset
+from waveft.config import load_config
+from waveft.errors import UserError
+from waveft.files import write_text_atomic
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN_SCRIPT = REPO / "train_dreambooth_waveft.py"
+DONE = "done.json"
+FAILED = "failed.json"
+
+
+@dataclass(frozen=True)
+class Run:
+    method: MethodSpec
+    budget: float
+    subject: Subject
+    seed: int
+    dir: Path
+    base_config: str
+    train_overrides: tuple[str, ...]
+
+    @property
+    def id(self) -> str:
+        return f"{self.method.name}/budget-{self.budget:g}/{self.subject.name}/seed-{self.seed}"
+
+    @property
+    def train_dir(self) -> Path:
+        return self.dir / "train"
+
+    @property
+    def bench_dir(self) -> Path:
+        return self.dir / "bench"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.bench_dir / self.train_dir.name  # eval.generate_benchmark names it after the run folder
+
+    @property
+    def metrics_dir(self) -> Path:
+        return self.dir / "metrics"
+
+    @property
+    def done(self) -> bool:
+        return (self.dir / DONE).is_file()
+
+    def state(self) -> str:
+        if self.done:
+            return "done"
+        if (self.dir / FAILED).is_file():
+            return "failed"
+        return "partial" if (self.train_dir / "config.yaml").is_file() else "todo"
+
+
+def override_arg(key: str, value) -> str:
+    """A run-config override as the trainer's CLI takes it (it reads the value as YAML). Strings that read back
+    as themselves go as they are; anything else as JSON, which is YAML that reads back unchanged."""
+    try:
+        plain = isinstance(value, str) and yaml.safe_load(value) == value
+    except yaml.YAMLError:
+        plain = False
+    return f"{key}={value if plain else json.dumps(value)}"
+
+
+def expand_runs(sweep: SweepConfig, subjects: list[Subject], source: str) -> list[Run]:
+    """Every (method, budget, subject, seed), each with its training config validated."""
+    dataset = benchmark_dataset(sweep)
+    runs = []
+    for method in sweep.methods:
+        base_config = method.base_config or sweep.base_config
+        for budget in method.budgets if method.budgets is not None else sweep.budgets:
+            for subject in subjects:
+                for seed in sweep.seeds:
+                    run_dir = Path(sweep.output_dir, "runs", method.name, f"budget-{budget:g}", subject.name,
+                                   f"seed-{seed}")
+                    owned = {
+                        "output_dir": str(run_dir / "train"), "seed": seed, "train.resume": "latest",
+                        "data.instance_dir": str(dataset / subject.name), "data.subject": subject.name,
+                        "data.class_noun": subject.class_noun, "data.identifier": sweep.benchmark.identifier,
+                        "adapter.type": method.adapter, "adapter.label": method.name, "adapter.budget": budget,
+                    }
+                    overrides = tuple(override_arg(k, v) for k, v in
+                                      [*sweep.overrides.items(), *method.overrides.items(), *owned.items()])
+                    run = Run(method, budget, subject, seed, run_dir, base_config, overrides)
+                    try:
+                        load_config(base_config, overrides)
+                    except UserError as exc:
+                        raise UserError(f"{source}: run {run.id} (its config: {base_config} with the sweep's "
+                                        f"overrides): {exc}") from None
+                    runs.append(run)
+    return runs
+
+
+def result_settings(sweep: SweepConfig) -> dict:
+    """The settings that change a finished run's images or scores (not batching, device or caches)."""
+    skip = {"batch_size", "device", "cache_dir"}
+    return {
+        "benchmark": dataclasses.asdict(sweep.benchmark),
+        "generation": {k: v for k, v in dataclasses.asdict(sweep.generation).items() if k not in skip},
+        "scoring": {k: v for k, v in dataclasses.asdict(sweep.scoring).items() if k not in skip},
+    }
+
+
+def check_finished_runs(runs: list[Run], settings: dict) -> None:
+    """A finished run made with other generation or scoring settings would mix into the report unnoticed."""
+    for run in runs:
+        if not run.done:
+            continue
+        recorded = read_json(run.dir / DONE).get("settings", {})
+        for section, values in settings.items():
+            for key, value in values.items():
+                found = recorded.get(section, {}).get(key)
+                if found != value:
+                    raise UserError(f"finished run {run.dir} was made with {section}.{key}={found!r}, this sweep "
+                                    f"asks {value!r}; delete that run folder or choose another output_dir")
+
+
+# ---- the stage commands (one spot for the stage CLIs' arguments) -------------------------------------------
+
+
+def train_command(run: Run) -> list[str]:
+    return [sys.executable, str(TRAIN_SCRIPT), "--config", run.base_config, *run.train_overrides]
+
+
+def generate_command(sweep: SweepConfig, run: Run) -> list[str]:
+    g = sweep.generation
+    return [sys.executable, "-m", "eval.generate_benchmark", "--runs", str(run.train_dir),
+            "--benchmark", sweep.benchmark.dir, "--out", str(run.bench_dir),
+            "--seeds", *map(str, g.seeds), "--scheduler", g.scheduler, "--steps", str(g.steps),
+            "--guidance-scale", str(g.guidance_scale), "--negative-prompt", g.negative_prompt,
+            "--resolution", str(g.resolution), "--batch-size", str(g.batch_size), "--dtype", g.dtype]
+
+
+def encoder_paths(scoring: ScoringSettings) -> dict[str, str]:
+    if scoring.tiny_encoders:
+        tiny = Path(scoring.tiny_encoders)
+        return {"dino": str(tiny / "dino"), "clip": str(tiny / "clip"), "cmmd_clip": str(tiny / "clip")}
+    return {"dino": scoring.dino or DEFAULT_DINO, "clip": scoring.clip or DEFAULT_CLIP,
+            "cmmd_clip": scoring.cmmd_clip or DEFAULT_CMMD_CLIP}
+
+
+def score_command(sweep: SweepConfig, run: Run) -> list[str]:
+    s = sweep.scoring
+    encoders = encoder_paths(s)
+    command = [sys.executable, "-m", "eval.score", "--images", str(run.images_dir), "--real", sweep.benchmark.dir,
+               "--out", str(run.metrics_dir), "--dino", encoders["dino"], "--clip", encoders["clip"],
+               "--cmmd-clip", encoders["cmmd_clip"], "--clip-t-prompt", s.clip_t_prompt,
+               "--identifier", sweep.benchmark.identifier, "--lpips", s.lpips or "off", "--batch-size", str(s.batch_size)]
+    if s.device:
+        command += ["--device", s.device]
+    if s.cache_dir:
+        command += ["--cache-dir", s.cache_dir]
+    return command
+
+
+def subprocess_env(cuda_visible_devices: Optional[str]) -> dict:
+    env = device_env(cuda_visible_devices)
+    # `python -m eval.*` must find this repository from any working directory.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    return env
+
+
+# ---- the work on one run -------------------------------------------------------------------------------
+
+
+def execute_run(sweep: SweepConfig, run: Run, env: dict, children: Children) -> Outcome:
+    """Train (unless done), generate, score, then write done.json; the run's lock keeps other sweeps out."""
+    run.dir.mkdir(parents=True, exist_ok=True)
+    with exclusive(run.dir / "lock") as held:
+        if not held:
+            return Outcome(run.id, False, "start", "another sweep process is working on this run; run again later")
+        if run.done:  # finished by another sweep since this one started
+            return Outcome(run.id, True)
+        return _execute_locked(sweep, run, env, children)
+
+
+def _execute_locked(sweep: SweepConfig, run: Run, env: dict, children: Children) -> Outcome:
+    (run.dir / FAILED).unlink(missing_ok=True)
+    logs = run.dir / "logs"
+    stages = [("generate", generate_command(sweep, run)), ("score", score_command(sweep, run))]
+    if not (run.train_dir / "run_info.json").is_file():  # written once the adapter is saved
+        stages.insert(0, ("train", train_command(run)))
+    seconds = {}
+    for stage, command in stages:
+        started = time.time()
+        status = children.run(command, logs / f"{stage}.log", env)
+        seconds[stage] = round(time.time() - started, 1)
+        if status != 0:
+            if children.stopping.is_set():
+                return Outcome(run.id, False, stage, "interrupted")
+            log = logs / f"{stage}.log"
+            return record_failure(run, Outcome(run.id, False, stage, f"exit status {status}: {error_line(log)}", log))
+    metrics = read_json(run.metrics_dir / "metrics.json")
+    write_text_atomic(run.dir / DONE, json.dumps({
+        "metrics": str((run.metrics_dir / "metrics.json").relative_to(run.dir)),
+        "method": run.method.name, "adapter_type": run.method.adapter, "budget": run.budget,
+        "subject": run.subject.name, "seed": run.seed, "settings": result_settings(sweep),
+        "overall": metrics.get("overall"), "stage_seconds": seconds,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }, indent=2) + "\n")
+    return Outcome(run.id, True)
+
+
+def record_failure(run: Run, outcome: Outcome) -> Outcome:
+    write_text_atomic(run.dir / FAILED, json.dumps(
+        {"stage": outcome.stage, "error": outcome.message, "log": outcome.log and str(outcome.log)}, indent=2) + "\n")
+    return outcome
+
+
+@dataclass(frozen=True)
+class RunWork:
+    """The work on one run as the launchers call it (picklable: a Slurm task unpickles and calls it)."""
+
+    sweep: SweepConfig
+
+    def __call__(self, run: Run, device: Optional[str], children: Children) -> Outcome:
+        return execute_run(self.sweep, run, subprocess_env(device), children)
+
+    def failed(self, run: Run, outcome: Outcome) -> Outcome:
+        return record_failure(run, outcome)

@@ -1,0 +1,172 @@
+"""The Slurm launcher: the same `Work` as a local worker, as the tasks of one Slurm job array (submitit).
+
+One task per item. A task that Slurm preempts or that reaches its time limit is requeued by submitit
+(`Checkpointable`) and does its item again, which resumes where the item left off (a sweep run resumes
+training from its last checkpoint and keeps the images it has). The launching command follows the tasks with
+`squeue` (without an accounting database `sacct`, which submitit would ask, is unavailable) and collects each
+task's `Outcome` from submitit's result file; a task that ended without one (cancelled, killed, out of time
+too often) is recorded as failed through `Work.failed`. submitit's files (pickles, each task's stdout) go to
+`<folder>/<array id>_<task>/`.
+"""
+import math
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import submitit
+from submitit.slurm.slurm import _make_sbatch_string  # the script submitit submits, for `sbatch --test-only`
+from tqdm.auto import tqdm
+
+from eval.sweep.runner import Children, Outcome, Work, report_outcome
+from eval.sweep.schema import LauncherSettings
+from waveft.errors import UserError
+
+POLL_SECONDS = 2.0
+# squeue states of a task that has not ended (a requeued task is PENDING again).
+ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
+                 "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "PREEMPTED"}
+
+
+class SlurmTask(submitit.helpers.Checkpointable):
+    """What one array task runs: `work` on its item, on the GPUs Slurm gave it. Requeued as it is (checkpoint)."""
+
+    def __init__(self, work: Work):
+        self.work = work
+
+    def __call__(self, item) -> Outcome:
+        return self.work(item, None, Children())
+
+
+def sbatch_parameters(settings: LauncherSettings, setup: list[str]) -> dict:
+    """submitit's SlurmExecutor parameters for `settings` (one task per run; its GPUs, CPUs, memory, time)."""
+    parameters = {"job_name": "sweep", "time": settings.time_minutes, "cpus_per_task": settings.cpus_per_run,
+                  "stderr_to_stdout": True, "setup": setup, "additional_parameters": dict(settings.extra_sbatch)}
+    for key in ("partition", "account", "qos"):
+        if getattr(settings, key):
+            parameters[key] = getattr(settings, key)
+    if settings.gpus_per_run:
+        parameters["gpus_per_node"] = settings.gpus_per_run
+    if settings.mem_gb:
+        parameters["mem"] = f"{math.ceil(settings.mem_gb * 1024)}M"
+    if settings.max_parallel:
+        parameters["array_parallelism"] = settings.max_parallel
+    return parameters
+
+
+def check_with_slurm(parameters: dict, folder: Path, tasks: int) -> None:
+    """Ask Slurm whether it would run this job array (`sbatch --test-only`: nothing is submitted or written);
+    if not, its own message is the error (an unknown partition, more GPUs or CPUs than a node has, ...)."""
+    script = _make_sbatch_string(command="true", folder=folder / "%j", map_count=max(tasks, 1), **parameters)
+    try:
+        answer = subprocess.run(["sbatch", "--test-only"], input=script, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise UserError("launcher.type=slurm: sbatch --test-only did not answer within 60 s (is slurmctld up?)") from None
+    if answer.returncode != 0:
+        message = "; ".join(line.strip() for line in answer.stderr.splitlines() if line.strip())
+        raise UserError(f"Slurm refuses the launcher settings: {message or f'sbatch exit status {answer.returncode}'}")
+
+
+def active_tasks(array_id: str) -> Optional[set[str]]:
+    """The ids (`<array>_<task>`) of the array's tasks that have not ended; None if squeue did not answer."""
+    try:
+        answer = subprocess.run(["squeue", "-h", "-r", "-j", array_id, "-o", "%i %T"], capture_output=True,
+                                text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return None
+    if answer.returncode != 0:
+        # squeue forgets a job some minutes after its last task ended, and then calls its id invalid.
+        return set() if "Invalid job id" in answer.stderr else None
+    active = set()
+    for line in answer.stdout.splitlines():
+        task, _, state = line.strip().partition(" ")
+        if state in ACTIVE_STATES:
+            active.add(task)
+    return active
+
+
+def _ask(question: str) -> bool:
+    if not sys.stdin.isatty():
+        return False
+    try:
+        return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+    except (EOFError, KeyboardInterrupt):
+        return False
+
+
+class SlurmLauncher:
+    def __init__(self, settings: LauncherSettings, folder: Path, tasks: int, setup: list[str], wait: bool = True,
+                 cancel_on_interrupt: bool = False):
+        if shutil.which("sbatch") is None or shutil.which("srun") is None:
+            raise UserError("launcher.type is slurm, but sbatch/srun are not on PATH (no Slurm client on this "
+                            "machine); run on this machine instead with launcher.type=local")
+        self.settings, self.folder, self.wait, self.cancel_on_interrupt = settings, folder, wait, cancel_on_interrupt
+        self.parameters = sbatch_parameters(settings, setup)
+        check_with_slurm(self.parameters, folder, tasks)
+
+    def describe(self) -> str:
+        s = self.settings
+        return (f"Slurm: one job array, a task per pending run, on partition {s.partition or '(default)'}, each "
+                f"{s.gpus_per_run} GPU(s), {s.cpus_per_run} CPUs, {f'{s.mem_gb:g} GB' if s.mem_gb else 'default memory'}"
+                f", {s.time_minutes} min; at most {s.max_parallel or 'all'} at once; submitit files in {self.folder}")
+
+    def launch(self, items: Sequence, work: Work, children: Children, progress: tqdm) -> Optional[list[Outcome]]:
+        """Submit the array; unless told not to wait, follow it to the end. Returns None when not waiting."""
+        if not items:
+            return []
+        executor = submitit.SlurmExecutor(folder=self.folder / "%j")
+        executor.update_parameters(**self.parameters)
+        jobs = executor.map_array(SlurmTask(work), list(items))
+        array_id = jobs[0].job_id.split("_")[0]
+        progress.write(f"submitted Slurm job array {array_id}: {len(jobs)} task(s); submitit files in {self.folder}")
+        if not self.wait:
+            print(f"job {array_id}")
+            print(f"follow it with: squeue -j {array_id}; when it has ended, report with --report-only")
+            return None
+        try:
+            return self._follow(array_id, dict(zip(jobs, items)), work, progress)
+        except KeyboardInterrupt:
+            progress.close()
+            if self.cancel_on_interrupt or _ask(f"\ncancel Slurm job {array_id} (its runs resume when submitted again)?"):
+                subprocess.run(["scancel", array_id], check=False)
+                print(f"cancelled Slurm job {array_id}", file=sys.stderr)
+            else:
+                print(f"Slurm job {array_id} goes on (scancel {array_id} stops it); report it later with "
+                      "--report-only", file=sys.stderr)
+            raise
+
+    def _follow(self, array_id: str, remaining: dict, work: Work, progress: tqdm) -> list[Outcome]:
+        outcomes = []
+        while remaining:
+            active = active_tasks(array_id)
+            for job, item in list(remaining.items()):
+                if active is None or job.job_id in active:
+                    continue
+                outcomes.append(self._collect(job, item, work))
+                del remaining[job]
+                progress.update(1)
+                report_outcome(progress, outcomes[-1])
+            if remaining:
+                time.sleep(POLL_SECONDS)
+        return outcomes
+
+    @staticmethod
+    def _collect(job, item, work: Work) -> Outcome:
+        """The ended task's Outcome (from submitit's result file), or its failure recorded."""
+        log = Path(job.paths.stdout)
+        if Path(job.paths.result_pickle).is_file():
+            try:
+                return job.result()
+            except Exception as exc:  # the task raised: submitit stored the traceback
+                last = [line for line in str(exc).splitlines() if line.strip()][-1:] or [type(exc).__name__]
+                return work.failed(item, Outcome(item.id, False, "slurm", f"task {job.job_id}: {last[0]}", log))
+        return work.failed(item, Outcome(item.id, False, "slurm", f"Slurm task {job.job_id} ended without a result "
+                                         "(cancelled, killed, or out of time too often)", log))
+
+
+def setup_lines(pythonpath: str) -> list[str]:
+    """sbatch script lines before the task starts: the project importable as on the submitting side."""
+    return [f"export PYTHONPATH={shlex.quote(pythonpath)}"]
