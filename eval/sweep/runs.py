@@ -182,7 +182,8 @@ def score_command(sweep: SweepConfig, run: Run) -> list[str]:
 def subprocess_env(cuda_visible_devices: Optional[str]) -> dict:
     env = device_env(cuda_visible_devices)
     # `python -m eval.*` must find this repository from any working directory.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(REPO)]
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *paths])
     return env
 
 

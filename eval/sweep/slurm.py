@@ -11,6 +11,7 @@ too often) is recorded as failed through `Work.failed`. submitit's files (pickle
 import math
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -38,7 +39,10 @@ class SlurmTask(submitit.helpers.Checkpointable):
         self.work = work
 
     def __call__(self, item) -> Outcome:
-        return self.work(item, None, Children())
+        children = Children()
+        # Slurm signals every process of a cancelled or preempted task: a stage killed then has not failed.
+        signal.signal(signal.SIGTERM, lambda signum, frame: children.stopping.set())
+        return self.work(item, None, children)
 
 
 def sbatch_parameters(settings: LauncherSettings, setup: list[str]) -> dict:
@@ -155,16 +159,19 @@ class SlurmLauncher:
 
     @staticmethod
     def _collect(job, item, work: Work) -> Outcome:
-        """The ended task's Outcome (from submitit's result file), or its failure recorded."""
+        """The ended task's Outcome (from submitit's result file); a task that raised, was stopped or ended
+        without a result is recorded as failed."""
         log = Path(job.paths.stdout)
         if Path(job.paths.result_pickle).is_file():
             try:
-                return job.result()
+                outcome = job.result()
             except Exception as exc:  # the task raised: submitit stored the traceback
                 last = [line for line in str(exc).splitlines() if line.strip()][-1:] or [type(exc).__name__]
-                return work.failed(item, Outcome(item.id, False, "slurm", f"task {job.job_id}: {last[0]}", log))
-        return work.failed(item, Outcome(item.id, False, "slurm", f"Slurm task {job.job_id} ended without a result "
-                                         "(cancelled, killed, or out of time too often)", log))
+                return work.failed(item, Outcome(item.id, False, "slurm", f"Slurm task {job.job_id}: {last[0]}", log))
+            if outcome.ok or outcome.message != "interrupted":
+                return outcome
+        return work.failed(item, Outcome(item.id, False, "slurm", f"Slurm task {job.job_id} ended before its run "
+                                         "finished (cancelled, preempted, killed or out of time)", log))
 
 
 def setup_lines(pythonpath: str) -> list[str]:
