@@ -34,8 +34,17 @@ from tqdm.auto import tqdm
 
 from eval.sweep.cost import write_cost_table
 from eval.sweep.runner import Children, LocalLauncher, Outcome, error_line, sigterm_as_interrupt, worker_devices
-from eval.sweep.runs import (Run, RunWork, check_finished_runs, expand_runs, generate_command, result_settings,
-                             score_command, subprocess_env, train_command)
+from eval.sweep.runs import (
+    Run,
+    RunWork,
+    check_finished_runs,
+    expand_runs,
+    generate_command,
+    result_settings,
+    score_command,
+    subprocess_env,
+    train_command,
+)
 from eval.sweep.schema import SweepConfig, benchmark_is_to_be_built, load_sweep, validate_sweep
 from eval.tiny_benchmark import write_tiny_benchmark
 from waveft.errors import UserError, cli_entry

@@ -27,12 +27,13 @@ def run_cost(run: Run) -> dict:
     """One finished run's cost: {"train_seconds", "peak_memory_bytes", "adapter_bytes", "images_per_second"}
     (None where not recorded). The adapter is measured on disk; the rest is read from what the stages wrote."""
     info = _read(run.train_dir / "run_info.json")
+    generation = _read(run.images_dir / GENERATION_RECORD)
     adapter = run.train_dir / "adapter"
     return {
         "train_seconds": info.get("train_seconds"),
         "peak_memory_bytes": info.get("peak_memory_bytes"),
         "adapter_bytes": sum(p.stat().st_size for p in adapter.rglob("*") if p.is_file()) if adapter.is_dir() else None,
-        "images_per_second": _read(run.images_dir / GENERATION_RECORD).get("images_per_second", info.get("images_per_second")),
+        "images_per_second": generation.get("images_per_second", info.get("images_per_second")),
     }
 
 

@@ -13,11 +13,12 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from queue import Queue
-from typing import Iterator, Optional, Protocol, Sequence
+from typing import Optional, Protocol
 
 from tqdm.auto import tqdm
 

@@ -171,7 +171,8 @@ def score_command(sweep: SweepConfig, run: Run) -> list[str]:
     command = [sys.executable, "-m", "eval.score", "--images", str(run.images_dir), "--real", sweep.benchmark.dir,
                "--out", str(run.metrics_dir), "--dino", encoders["dino"], "--clip", encoders["clip"],
                "--cmmd-clip", encoders["cmmd_clip"], "--clip-t-prompt", s.clip_t_prompt,
-               "--identifier", sweep.benchmark.identifier, "--lpips", s.lpips or "off", "--batch-size", str(s.batch_size)]
+               "--identifier", sweep.benchmark.identifier, "--lpips", s.lpips or "off",
+               "--batch-size", str(s.batch_size)]
     if s.device:
         command += ["--device", s.device]
     if s.cache_dir:

@@ -14,8 +14,15 @@ from typing import Literal, Optional, Union
 import yaml
 
 from eval.generate_benchmark import PAPER_NEGATIVE_PROMPT, PAPER_SEEDS
-from eval.protocol import (DEFAULT_IDENTIFIER, PROMPTS_FILE, Benchmark, Subject, dataset_folder, load_benchmark,
-                           real_image_paths)
+from eval.protocol import (
+    DEFAULT_IDENTIFIER,
+    PROMPTS_FILE,
+    Benchmark,
+    Subject,
+    dataset_folder,
+    load_benchmark,
+    real_image_paths,
+)
 from eval.score import CLIP_T_PROMPTS, LPIPS_NETS
 from eval.tiny_benchmark import tiny_benchmark
 from waveft.config import coerce_value, read_yaml_mapping
@@ -97,7 +104,8 @@ def check_stage_settings(generation: GenerationSettings, scoring: ScoringSetting
     if s.lpips is not None:
         networks = [net for net in LPIPS_NETS if net != "off"]
         if s.lpips not in networks:
-            raise UserError(f"{source}: key 'scoring.lpips' must be one of {', '.join(networks)} or null, got {s.lpips!r}")
+            raise UserError(f"{source}: key 'scoring.lpips' must be one of {', '.join(networks)} or null, "
+                            f"got {s.lpips!r}")
         if importlib.util.find_spec("lpips") is None:
             raise UserError(f"{source}: key 'scoring.lpips' is {s.lpips!r}, which needs the lpips package "
                             "(pip install lpips==0.1.4; it pulls torchvision); or set scoring.lpips=null")
@@ -248,7 +256,9 @@ def benchmark_is_to_be_built(sweep: SweepConfig) -> bool:
 
 def benchmark_dataset(sweep: SweepConfig) -> Path:
     """The benchmark's dataset/ folder (where eval.tiny_benchmark will write it, if it is still to be built)."""
-    return Path(sweep.benchmark.dir, "dataset") if benchmark_is_to_be_built(sweep) else dataset_folder(sweep.benchmark.dir)
+    if benchmark_is_to_be_built(sweep):
+        return Path(sweep.benchmark.dir, "dataset")
+    return dataset_folder(sweep.benchmark.dir)
 
 
 def _subjects(sweep: SweepConfig, benchmark: Benchmark, source: str) -> list[Subject]:

@@ -15,8 +15,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import submitit
 from submitit.slurm.slurm import _make_sbatch_string  # the script submitit submits, for `sbatch --test-only`
@@ -68,7 +69,8 @@ def check_with_slurm(parameters: dict, folder: Path, tasks: int) -> None:
     try:
         answer = subprocess.run(["sbatch", "--test-only"], input=script, capture_output=True, text=True, timeout=60)
     except subprocess.TimeoutExpired:
-        raise UserError("launcher.type=slurm: sbatch --test-only did not answer within 60 s (is slurmctld up?)") from None
+        raise UserError("launcher.type=slurm: sbatch --test-only did not answer within 60 s (is slurmctld up?)"
+                        ) from None
     if answer.returncode != 0:
         message = "; ".join(line.strip() for line in answer.stderr.splitlines() if line.strip())
         raise UserError(f"Slurm refuses the launcher settings: {message or f'sbatch exit status {answer.returncode}'}")
@@ -113,9 +115,10 @@ class SlurmLauncher:
 
     def describe(self) -> str:
         s = self.settings
+        memory = f"{s.mem_gb:g} GB" if s.mem_gb else "default memory"
         return (f"Slurm: one job array, a task per pending run, on partition {s.partition or '(default)'}, each "
-                f"{s.gpus_per_run} GPU(s), {s.cpus_per_run} CPUs, {f'{s.mem_gb:g} GB' if s.mem_gb else 'default memory'}"
-                f", {s.time_minutes} min; at most {s.max_parallel or 'all'} at once; submitit files in {self.folder}")
+                f"{s.gpus_per_run} GPU(s), {s.cpus_per_run} CPUs, {memory}, {s.time_minutes} min; at most "
+                f"{s.max_parallel or 'all'} at once; submitit files in {self.folder}")
 
     def launch(self, items: Sequence, work: Work, children: Children, progress: tqdm) -> Optional[list[Outcome]]:
         """Submit the array; unless told not to wait, follow it to the end. Returns None when not waiting."""
@@ -134,7 +137,8 @@ class SlurmLauncher:
             return self._follow(array_id, dict(zip(jobs, items)), work, progress)
         except KeyboardInterrupt:
             progress.close()
-            if self.cancel_on_interrupt or _ask(f"\ncancel Slurm job {array_id} (its runs resume when submitted again)?"):
+            question = f"\ncancel Slurm job {array_id} (its runs resume when submitted again)?"
+            if self.cancel_on_interrupt or _ask(question):
                 subprocess.run(["scancel", array_id], check=False)
                 print(f"cancelled Slurm job {array_id}", file=sys.stderr)
             else:
