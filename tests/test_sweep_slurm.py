@@ -157,3 +157,29 @@ def test_ctrl_c_while_waiting(tmp_path, benchmark, tiny_sdxl_dir, flag, cancelle
     finally:
         subprocess.run(["scancel", job_id], check=False)
     assert not done_markers(tmp_path / "sweep")
+
+
+def test_task_signalled_for_its_time_limit_is_requeued_and_resumes(tmp_path, benchmark, tiny_sdxl_dir):  # noqa: F811
+    """Slurm's warning before the time limit (USR2, as submitit asks for) mid-training: submitit requeues the
+    task, which resumes the run from its checkpoint; the waiting command just goes on waiting."""
+    out = tmp_path / "sweep"
+    args = sweep_args(tmp_path, benchmark, tiny_sdxl_dir, *ONE_RUN, *SLURM, "overrides.train.max_steps=4")
+    run = out / "runs" / "waveft" / "budget-1" / "puppy" / "seed-42"
+    with open(tmp_path / "sweep.log", "w") as log:
+        waiting = subprocess.Popen([sys.executable, str(SWEEP), *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 400
+        while not any(run.glob("train/checkpoint-*")):
+            assert waiting.poll() is None and time.time() < deadline, (tmp_path / "sweep.log").read_text()
+            time.sleep(0.2)
+        (job_id,) = [p.name for p in (out / "slurm").iterdir() if p.is_dir()]
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+        # Slurm holds a requeued job back for two minutes (its BeginTime); the test lets it start at once.
+        while "BeginTime" not in subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%r"], capture_output=True,
+                                                text=True).stdout:
+            assert waiting.poll() is None and time.time() < deadline, (tmp_path / "sweep.log").read_text()
+            time.sleep(0.2)
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+        assert waiting.wait(timeout=900) == 0, (tmp_path / "sweep.log").read_text()
+    assert (run / "done.json").is_file() and not (run / "failed.json").exists()
+    assert "resumed from" in (run / "logs" / "train.log").read_text()
+    assert "Requeued job" in next((out / "slurm" / job_id).glob("*_log.out")).read_text()

@@ -21,11 +21,11 @@ from typing import Optional
 
 import yaml
 
-from eval.encoders import DEFAULT_CLIP, DEFAULT_CMMD_CLIP, DEFAULT_DINO
 from eval.files import read_json
 from eval.protocol import Subject
 from eval.sweep.runner import Children, Outcome, device_env, error_line, exclusive
-from eval.sweep.schema import MethodSpec, ScoringSettings, SweepConfig, benchmark_dataset
+from eval.sweep.schema import MethodSpec, SweepConfig, benchmark_dataset
+from eval.sweep.stages import generate_argv, score_argv
 from waveft.config import load_config
 from waveft.errors import UserError
 from waveft.files import write_text_atomic
@@ -149,35 +149,11 @@ def train_command(run: Run) -> list[str]:
 
 
 def generate_command(sweep: SweepConfig, run: Run) -> list[str]:
-    g = sweep.generation
-    return [sys.executable, "-m", "eval.generate_benchmark", "--runs", str(run.train_dir),
-            "--benchmark", sweep.benchmark.dir, "--out", str(run.bench_dir),
-            "--seeds", *map(str, g.seeds), "--scheduler", g.scheduler, "--steps", str(g.steps),
-            "--guidance-scale", str(g.guidance_scale), "--negative-prompt", g.negative_prompt,
-            "--resolution", str(g.resolution), "--batch-size", str(g.batch_size), "--dtype", g.dtype]
-
-
-def encoder_paths(scoring: ScoringSettings) -> dict[str, str]:
-    if scoring.tiny_encoders:
-        tiny = Path(scoring.tiny_encoders)
-        return {"dino": str(tiny / "dino"), "clip": str(tiny / "clip"), "cmmd_clip": str(tiny / "clip")}
-    return {"dino": scoring.dino or DEFAULT_DINO, "clip": scoring.clip or DEFAULT_CLIP,
-            "cmmd_clip": scoring.cmmd_clip or DEFAULT_CMMD_CLIP}
+    return generate_argv(sweep.generation, run.train_dir, sweep.benchmark.dir, run.bench_dir)
 
 
 def score_command(sweep: SweepConfig, run: Run) -> list[str]:
-    s = sweep.scoring
-    encoders = encoder_paths(s)
-    command = [sys.executable, "-m", "eval.score", "--images", str(run.images_dir), "--real", sweep.benchmark.dir,
-               "--out", str(run.metrics_dir), "--dino", encoders["dino"], "--clip", encoders["clip"],
-               "--cmmd-clip", encoders["cmmd_clip"], "--clip-t-prompt", s.clip_t_prompt,
-               "--identifier", sweep.benchmark.identifier, "--lpips", s.lpips or "off",
-               "--batch-size", str(s.batch_size)]
-    if s.device:
-        command += ["--device", s.device]
-    if s.cache_dir:
-        command += ["--cache-dir", s.cache_dir]
-    return command
+    return score_argv(sweep.scoring, run.images_dir, sweep.benchmark.dir, run.metrics_dir, sweep.benchmark.identifier)
 
 
 def subprocess_env(cuda_visible_devices: Optional[str]) -> dict:

@@ -3,7 +3,6 @@
 Nothing here writes to disk: `--dry-run` and a refused sweep leave the file system as they found it.
 """
 import dataclasses
-import importlib.util
 import os
 import re
 import typing
@@ -13,7 +12,6 @@ from typing import Literal, Optional, Union
 
 import yaml
 
-from eval.generate_benchmark import PAPER_NEGATIVE_PROMPT, PAPER_SEEDS
 from eval.protocol import (
     DEFAULT_IDENTIFIER,
     PROMPTS_FILE,
@@ -23,7 +21,7 @@ from eval.protocol import (
     load_benchmark,
     real_image_paths,
 )
-from eval.score import CLIP_T_PROMPTS, LPIPS_NETS
+from eval.sweep.stages import GenerationSettings, ScoringSettings, check_stage_settings
 from eval.tiny_benchmark import tiny_benchmark
 from waveft.config import coerce_value, read_yaml_mapping
 from waveft.errors import UserError
@@ -53,65 +51,7 @@ class MethodSpec:
     overrides: dict = field(default_factory=dict)  # run-config keys, applied after the sweep's overrides
 
 
-# ---- the settings of the stage CLIs (one spot, to become eval's own settings dataclasses) ----------------
-
-
-@dataclass
-class GenerationSettings:
-    """eval.generate_benchmark's settings; defaults are the paper's."""
-
-    seeds: list[int] = field(default_factory=lambda: list(PAPER_SEEDS))  # images per prompt, one per seed
-    scheduler: str = "dpmpp_2m"
-    steps: int = 30
-    guidance_scale: float = 7.5
-    negative_prompt: str = PAPER_NEGATIVE_PROMPT
-    resolution: int = 1024
-    batch_size: int = 4
-    dtype: Literal["fp32", "fp16", "bf16"] = "bf16"
-
-
-@dataclass
-class ScoringSettings:
-    """eval.score's settings; None means eval.score's default."""
-
-    dino: Optional[str] = None
-    clip: Optional[str] = None  # CLIP-I and CLIP-T
-    cmmd_clip: Optional[str] = None
-    # Smoke-test encoders: built here with eval.tiny_encoders if missing, used for DINO, CLIP and CMMD.
-    tiny_encoders: Optional[str] = None
-    clip_t_prompt: str = "without-identifier"  # one of eval.score's CLIP_T_PROMPTS
-    lpips: Optional[str] = None  # LPIPS diversity's network (alex, vgg, squeeze); null: not computed
-    batch_size: int = 32
-    device: Optional[str] = None
-    cache_dir: Optional[str] = None  # real-image embedding cache
-
-
-def check_stage_settings(generation: GenerationSettings, scoring: ScoringSettings, source: str) -> None:
-    g, s = generation, scoring
-    if not g.seeds or len(set(g.seeds)) != len(g.seeds):
-        raise UserError(f"{source}: key 'generation.seeds' must list distinct seeds, got {g.seeds}")
-    if g.steps <= 0 or g.batch_size <= 0 or g.resolution <= 0 or g.resolution % 8:
-        raise UserError(f"{source}: keys 'generation.steps' and 'generation.batch_size' must be > 0 and "
-                        f"'generation.resolution' a positive multiple of 8")
-    if s.tiny_encoders and (s.dino or s.clip or s.cmmd_clip):
-        raise UserError(f"{source}: key 'scoring.tiny_encoders' replaces 'scoring.dino', 'scoring.clip' and "
-                        "'scoring.cmmd_clip': set either")
-    if s.batch_size <= 0:
-        raise UserError(f"{source}: key 'scoring.batch_size' must be > 0")
-    if s.clip_t_prompt not in CLIP_T_PROMPTS:
-        raise UserError(f"{source}: key 'scoring.clip_t_prompt' must be one of {', '.join(CLIP_T_PROMPTS)}, "
-                        f"got {s.clip_t_prompt!r}")
-    if s.lpips is not None:
-        networks = [net for net in LPIPS_NETS if net != "off"]
-        if s.lpips not in networks:
-            raise UserError(f"{source}: key 'scoring.lpips' must be one of {', '.join(networks)} or null, "
-                            f"got {s.lpips!r}")
-        if importlib.util.find_spec("lpips") is None:
-            raise UserError(f"{source}: key 'scoring.lpips' is {s.lpips!r}, which needs the lpips package "
-                            "(pip install lpips==0.1.4; it pulls torchvision); or set scoring.lpips=null")
-
-
-# ---- the rest of the sweep file ----------------------------------------------------------------------------
+# ---- the sweep file -----------------------------------------------------------------------------------------
 
 
 @dataclass
