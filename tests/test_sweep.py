@@ -175,8 +175,8 @@ def test_paper_sweeps_validate(tmp_path, benchmark, sweep_file, runs, monkeypatc
 
 @pytest.mark.slow
 def test_a_run_another_sweep_is_working_on_is_left_alone(tmp_path, benchmark, tiny_sdxl_dir, monkeypatch):
-    from eval.sweep.runner import Children
-    from eval.sweep.runs import execute_run, expand_runs, subprocess_env
+    from eval.sweep.runner import Children, device_env
+    from eval.sweep.runs import execute_run, expand_runs
     from eval.sweep.schema import load_sweep, validate_sweep
 
     monkeypatch.chdir(REPO)
@@ -185,7 +185,7 @@ def test_a_run_another_sweep_is_working_on_is_left_alone(tmp_path, benchmark, ti
     run.dir.mkdir(parents=True)
     with open(run.dir / "lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        outcome = execute_run(sweep, run, subprocess_env(None), Children())
+        outcome = execute_run(sweep, run, device_env(None), Children())
     assert not outcome.ok and "another sweep process" in outcome.message
     assert sorted(p.name for p in run.dir.iterdir()) == ["lock"]  # nothing started, nothing recorded
 

@@ -44,6 +44,7 @@ def local_report(tmp_path_factory, benchmark, tiny_sdxl_dir) -> str:  # noqa: F8
     return report_table(tmp_path / "sweep")
 
 
+@pytest.mark.slow
 def test_no_wait_then_report_only_gives_the_local_report(tmp_path, benchmark, tiny_sdxl_dir, local_report):  # noqa: F811
     args = sweep_args(tmp_path, benchmark, tiny_sdxl_dir, *ONE_RUN, *SLURM)
     result = run_sweep(args + ["--no-wait"])
@@ -63,6 +64,7 @@ def test_no_wait_then_report_only_gives_the_local_report(tmp_path, benchmark, ti
     assert "| waveft | 1 | 1 |" in (out / "report" / "cost.md").read_text()
 
 
+@pytest.mark.slow
 def test_cancelled_task_resumes_from_its_checkpoint_when_submitted_again(tmp_path, benchmark, tiny_sdxl_dir):  # noqa: F811
     """The tiny sweep's two runs one task at a time; the second is cancelled (scancel) once it has written its
     first checkpoint, of 4 (time enough for scancel to land before it finishes)."""
@@ -131,6 +133,7 @@ def test_no_sbatch_says_how_to_run_locally(tmp_path, benchmark, tiny_sdxl_dir, m
     assert error.startswith("error: launcher.type is slurm, but sbatch") and "launcher.type=local" in error
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag, cancelled", [("--cancel-on-interrupt", True), (None, False)])
 def test_ctrl_c_while_waiting(tmp_path, benchmark, tiny_sdxl_dir, flag, cancelled):  # noqa: F811
     """Ctrl-C cancels the job with --cancel-on-interrupt; without it (and no terminal to ask on) the job goes on."""
@@ -159,6 +162,7 @@ def test_ctrl_c_while_waiting(tmp_path, benchmark, tiny_sdxl_dir, flag, cancelle
     assert not done_markers(tmp_path / "sweep")
 
 
+@pytest.mark.slow
 def test_task_signalled_for_its_time_limit_is_requeued_and_resumes(tmp_path, benchmark, tiny_sdxl_dir):  # noqa: F811
     """Slurm's warning before the time limit (USR2, as submitit asks for) mid-training: submitit requeues the
     task, which resumes the run from its checkpoint; the waiting command just goes on waiting."""

@@ -33,7 +33,15 @@ import yaml
 from tqdm.auto import tqdm
 
 from eval.sweep.cost import write_cost_table
-from eval.sweep.runner import Children, LocalLauncher, Outcome, error_line, sigterm_as_interrupt, worker_devices
+from eval.sweep.runner import (
+    Children,
+    LocalLauncher,
+    Outcome,
+    device_env,
+    error_line,
+    sigterm_as_interrupt,
+    worker_devices,
+)
 from eval.sweep.runs import (
     Run,
     RunWork,
@@ -42,7 +50,6 @@ from eval.sweep.runs import (
     generate_command,
     result_settings,
     score_command,
-    subprocess_env,
     train_command,
 )
 from eval.sweep.schema import SweepConfig, benchmark_is_to_be_built, load_sweep, validate_sweep
@@ -64,7 +71,7 @@ def ensure_tiny_encoders(sweep: SweepConfig, children: Children) -> None:
     if all((tiny / name / "config.json").is_file() for name in ("dino", "clip")):
         return
     log = Path(sweep.output_dir, "logs", "tiny_encoders.log")
-    if children.run([sys.executable, "-m", "eval.tiny_encoders", str(tiny)], log, subprocess_env(None)) != 0:
+    if children.run([sys.executable, "-m", "eval.tiny_encoders", str(tiny)], log, device_env(None)) != 0:
         raise UserError(f"could not build the tiny encoders in {tiny}: {error_line(log)} (log: {log})")
 
 
@@ -89,7 +96,7 @@ def write_reports(sweep: SweepConfig, finished: list[Run], children: Children) -
     for runs, folder in jobs:
         log = out / "report.log"
         status = children.run(report_command([run.metrics_dir / "metrics.json" for run in runs], folder), log,
-                              subprocess_env(None))
+                              device_env(None))
         if status != 0:
             failures.append(Outcome("report", False, "report", f"exit status {status}: {error_line(log)}", log))
         else:
@@ -130,12 +137,12 @@ def print_plan(sweep: SweepConfig, source: str, runs: list[Run], launcher) -> No
 def make_launcher(sweep: SweepConfig, args, pending: int):
     """The launcher the sweep asks for, with its checks against the machine or cluster made (nothing submitted)."""
     if sweep.launcher.type == "slurm":
-        from eval.sweep.slurm import SlurmLauncher, setup_lines
+        from eval.sweep.slurm import SlurmLauncher
 
         if args.gpus is not None:
             raise UserError("--gpus is for launcher.type=local; on Slurm set launcher.gpus_per_run")
         return SlurmLauncher(sweep.launcher, Path(sweep.output_dir, "slurm").resolve(), pending,
-                             setup_lines(subprocess_env(None)["PYTHONPATH"]), wait=not args.no_wait,
+                             wait=not args.no_wait,
                              cancel_on_interrupt=args.cancel_on_interrupt)
     if args.no_wait or args.cancel_on_interrupt:
         raise UserError("--no-wait and --cancel-on-interrupt are for launcher.type=slurm")

@@ -11,6 +11,7 @@ from pathlib import Path
 from eval.sweep.runs import Run
 from eval.tables import csv_text, markdown_table
 from waveft.files import write_text_atomic
+from waveft.run_folder import RunFolder
 
 COLUMNS = ("method", "budget", "runs", "train s", "peak memory GiB", "adapter MiB", "images/s")
 GENERATION_RECORD = "generation.json"  # eval.generate_benchmark's throughput, beside manifest.jsonl
@@ -25,15 +26,14 @@ def _read(path: Path) -> dict:
 
 def run_cost(run: Run) -> dict:
     """One finished run's cost: {"train_seconds", "peak_memory_bytes", "adapter_bytes", "images_per_second"}
-    (None where not recorded). The adapter is measured on disk; the rest is read from what the stages wrote."""
-    info = _read(run.train_dir / "run_info.json")
+    (None where not recorded), as the trainer (run_info.json) and benchmark generation (generation.json) wrote."""
+    info = _read(Path(RunFolder(run.train_dir).run_info))
     generation = _read(run.images_dir / GENERATION_RECORD)
-    adapter = run.train_dir / "adapter"
     return {
         "train_seconds": info.get("train_seconds"),
         "peak_memory_bytes": info.get("peak_memory_bytes"),
-        "adapter_bytes": sum(p.stat().st_size for p in adapter.rglob("*") if p.is_file()) if adapter.is_dir() else None,
-        "images_per_second": generation.get("images_per_second", info.get("images_per_second")),
+        "adapter_bytes": info.get("adapter_bytes"),
+        "images_per_second": generation.get("images_per_second"),
     }
 
 

@@ -29,6 +29,7 @@ from eval.sweep.stages import generate_argv, score_argv
 from waveft.config import load_config
 from waveft.errors import UserError
 from waveft.files import write_text_atomic
+from waveft.run_folder import RunFolder
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = REPO / "train_dreambooth_waveft.py"
@@ -75,7 +76,7 @@ class Run:
             return "done"
         if (self.dir / FAILED).is_file():
             return "failed"
-        return "partial" if (self.train_dir / "config.yaml").is_file() else "todo"
+        return "partial" if os.path.isfile(RunFolder(self.train_dir).config) else "todo"
 
 
 def override_arg(key: str, value) -> str:
@@ -156,14 +157,6 @@ def score_command(sweep: SweepConfig, run: Run) -> list[str]:
     return score_argv(sweep.scoring, run.images_dir, sweep.benchmark.dir, run.metrics_dir, sweep.benchmark.identifier)
 
 
-def subprocess_env(cuda_visible_devices: Optional[str]) -> dict:
-    env = device_env(cuda_visible_devices)
-    # `python -m eval.*` must find this repository from any working directory.
-    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(REPO)]
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *paths])
-    return env
-
-
 # ---- the work on one run -------------------------------------------------------------------------------
 
 
@@ -182,7 +175,7 @@ def _execute_locked(sweep: SweepConfig, run: Run, env: dict, children: Children)
     (run.dir / FAILED).unlink(missing_ok=True)
     logs = run.dir / "logs"
     stages = [("generate", generate_command(sweep, run)), ("score", score_command(sweep, run))]
-    if not (run.train_dir / "run_info.json").is_file():  # written once the adapter is saved
+    if not os.path.isfile(RunFolder(run.train_dir).run_info):  # written once the adapter is saved
         stages.insert(0, ("train", train_command(run)))
     seconds = {}
     for stage, command in stages:
@@ -218,7 +211,7 @@ class RunWork:
     sweep: SweepConfig
 
     def __call__(self, run: Run, device: Optional[str], children: Children) -> Outcome:
-        return execute_run(self.sweep, run, subprocess_env(device), children)
+        return execute_run(self.sweep, run, device_env(device), children)
 
     def failed(self, run: Run, outcome: Outcome) -> Outcome:
         return record_failure(run, outcome)

@@ -9,7 +9,6 @@ too often) is recorded as failed through `Work.failed`. submitit's files (pickle
 `<folder>/<array id>_<task>/`.
 """
 import math
-import shlex
 import shutil
 import signal
 import subprocess
@@ -46,10 +45,10 @@ class SlurmTask(submitit.helpers.Checkpointable):
         return self.work(item, None, children)
 
 
-def sbatch_parameters(settings: LauncherSettings, setup: list[str]) -> dict:
+def sbatch_parameters(settings: LauncherSettings) -> dict:
     """submitit's SlurmExecutor parameters for `settings` (one task per run; its GPUs, CPUs, memory, time)."""
     parameters = {"job_name": "sweep", "time": settings.time_minutes, "cpus_per_task": settings.cpus_per_run,
-                  "stderr_to_stdout": True, "setup": setup, "additional_parameters": dict(settings.extra_sbatch)}
+                  "stderr_to_stdout": True, "additional_parameters": dict(settings.extra_sbatch)}
     for key in ("partition", "account", "qos"):
         if getattr(settings, key):
             parameters[key] = getattr(settings, key)
@@ -104,13 +103,13 @@ def _ask(question: str) -> bool:
 
 
 class SlurmLauncher:
-    def __init__(self, settings: LauncherSettings, folder: Path, tasks: int, setup: list[str], wait: bool = True,
+    def __init__(self, settings: LauncherSettings, folder: Path, tasks: int, wait: bool = True,
                  cancel_on_interrupt: bool = False):
         if shutil.which("sbatch") is None or shutil.which("srun") is None:
             raise UserError("launcher.type is slurm, but sbatch/srun are not on PATH (no Slurm client on this "
                             "machine); run on this machine instead with launcher.type=local")
         self.settings, self.folder, self.wait, self.cancel_on_interrupt = settings, folder, wait, cancel_on_interrupt
-        self.parameters = sbatch_parameters(settings, setup)
+        self.parameters = sbatch_parameters(settings)
         check_with_slurm(self.parameters, folder, tasks)
 
     def describe(self) -> str:
@@ -176,8 +175,3 @@ class SlurmLauncher:
                 return outcome
         return work.failed(item, Outcome(item.id, False, "slurm", f"Slurm task {job.job_id} ended before its run "
                                          "finished (cancelled, preempted, killed or out of time)", log))
-
-
-def setup_lines(pythonpath: str) -> list[str]:
-    """sbatch script lines before the task starts: the project importable as on the submitting side."""
-    return [f"export PYTHONPATH={shlex.quote(pythonpath)}"]
