@@ -68,6 +68,9 @@ def main() -> None:
         for repeat in range(args.repeats):
             for name in results:
                 results[name].append(run_once(args, work, f"{name}-{repeat}", cache, cached=name == "cached"))
+                row = results[name][-1]
+                print(f"repeat {repeat} {name}: {1000 * row['step_s']:.1f} ms/step, {row['peak_mib']:.0f} MiB, "
+                      f"{row['wall_s']:.1f} s", flush=True)
 
     median = {name: {key: statistics.median(r[key] for r in rows) for key in ("step_s", "peak_mib", "wall_s")}
               for name, rows in results.items()}
