@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from waveft.data import load_rgb
 from waveft.errors import UserError
 from waveft.files import write_atomic
 
@@ -30,14 +31,6 @@ SMOKE_TEST_MARKER = "SMOKE_TEST_ENCODER.md"
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-
-
-def load_rgb(path: str | Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise UserError(f"cannot read image {path}: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ METRICS = {
     "lpips_div": ("LPIPS-div", 3),
     "dino_div": ("DINO-div", 3),
     "cmmd": ("CMMD", 3),
+    "drift": ("Drift", 3),  # 1: the adapter leaves prompts without the subject untouched
 }
 SMOKE_TEST_BANNER = ("SMOKE TEST: tiny random-weight encoders (eval.tiny_encoders); "
                      "these numbers check that the evaluation runs, not image quality")
