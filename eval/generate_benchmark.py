@@ -312,10 +312,9 @@ def parse_args(argv=None):
     return args, settings
 
 
-def plan_targets(runs: list[TrainedRun], benchmark, settings: BenchmarkGenerationSettings, out: Path,
-                 drift_root: Path) -> tuple[list[Target], list[Target], dict[str, Path]]:
+def plan_targets(runs: list[TrainedRun], benchmark, settings: BenchmarkGenerationSettings, prompts: list[str],
+                 out: Path, drift_root: Path) -> tuple[list[Target], list[Target], dict[str, Path]]:
     """The runs' targets (benchmark, then drift), the base-model drift targets, and each run's base folder."""
-    prompts = settings.drift_prompt_list() if settings.drift else []
     run_targets, base_targets, base_of = [], {}, {}
     for run in runs:
         run_targets.append(Target("benchmark", out / run.name, run.name, benchmark_jobs(run, benchmark, settings.seeds)))
@@ -338,6 +337,7 @@ def main(argv=None) -> None:
     from waveft.generate import load_pipeline
 
     args, settings = parse_args(argv)
+    drift_prompts = settings.drift_prompt_list() if settings.drift else []
     benchmark = load_benchmark(args.benchmark)
     runs = [read_run(run_dir) for run_dir in args.runs]
     names = [run.name for run in runs]
@@ -345,7 +345,7 @@ def main(argv=None) -> None:
     if duplicates:
         raise UserError(f"runs share folder names {', '.join(duplicates)}: their outputs would collide in --out; "
                         "give the run folders distinct names")
-    run_targets, base_targets, base_of = plan_targets(runs, benchmark, settings, args.out,
+    run_targets, base_targets, base_of = plan_targets(runs, benchmark, settings, drift_prompts, args.out,
                                                       args.drift_base_dir or args.out / "drift-base")
     pending_jobs(run_targets + base_targets, settings.generation())  # other settings in a folder: refused now
 
