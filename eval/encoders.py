@@ -169,8 +169,8 @@ def dinov2_preprocessing(name_or_path: str) -> Preprocessing:
     except (OSError, ValueError):
         processor = {}
     size, crop = processor.get("size") or {}, processor.get("crop_size") or {}
-    return Preprocessing(size.get("shortest_edge", 256), crop.get("height", 224),
-                         tuple(processor.get("image_mean", IMAGENET_MEAN)), tuple(processor.get("image_std", IMAGENET_STD)))
+    mean, std = processor.get("image_mean", IMAGENET_MEAN), processor.get("image_std", IMAGENET_STD)
+    return Preprocessing(size.get("shortest_edge", 256), crop.get("height", 224), tuple(mean), tuple(std))
 
 
 class ClipEncoder(ImageEncoder):

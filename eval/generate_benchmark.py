@@ -317,7 +317,8 @@ def plan_targets(runs: list[TrainedRun], benchmark, settings: BenchmarkGeneratio
     """The runs' targets (benchmark, then drift), the base-model drift targets, and each run's base folder."""
     run_targets, base_targets, base_of = [], {}, {}
     for run in runs:
-        run_targets.append(Target("benchmark", out / run.name, run.name, benchmark_jobs(run, benchmark, settings.seeds)))
+        jobs = benchmark_jobs(run, benchmark, settings.seeds)
+        run_targets.append(Target("benchmark", out / run.name, run.name, jobs))
         if not prompts:
             continue
         run_targets.append(Target("drift", out / run.name / DRIFT_DIR, run.name,

@@ -1,10 +1,10 @@
 """Tiny random DINO, DINOv2 and CLIP encoders for offline smoke tests: `python -m eval.tiny_encoders DIR`.
 
-Writes DIR/dino (a ViTModel), DIR/dinov2 (a Dinov2Model) and DIR/clip (a CLIPModel with a locally built byte-level CLIP tokenizer) as
-standard `from_pretrained` folders with their preprocessing configs, so that they load through the same code
-as `facebook/dino-vits16`, `facebook/dinov2-base` and `openai/clip-vit-*`. Their weights are random (seeded): the numbers they give
-test the plumbing, not the images, and each folder carries a SMOKE_TEST_ENCODER.md marker that makes every
-table label them as smoke-test numbers.
+Writes DIR/dino (a ViTModel), DIR/dinov2 (a Dinov2Model) and DIR/clip (a CLIPModel with a locally built
+byte-level CLIP tokenizer) as standard `from_pretrained` folders with their preprocessing configs, so that they
+load through the same code as `facebook/dino-vits16`, `facebook/dinov2-base` and `openai/clip-vit-*`. Their
+weights are random (seeded): the numbers they give test the plumbing, not the images, and each folder carries
+a SMOKE_TEST_ENCODER.md marker that makes every table label them as smoke-test numbers.
 """
 import argparse
 from pathlib import Path

@@ -124,8 +124,7 @@ def train_tiny_run(run_dir: Path, tiny_sdxl_dir: str, subject_dir: str) -> None:
          f"model.pretrained={tiny_sdxl_dir}", f"data.instance_dir={subject_dir}", "data.subject=dog",
          "data.class_noun=dog", "data.resolution=32", "train.max_steps=3", "train.learning_rate=0.05",
          "train.checkpointing_steps=0", "train.report_to=none", "validation.final=false",
-         "validation.every_steps=0"], cwd=REPO, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "PYTHONPATH": str(REPO)})
+         "validation.every_steps=0"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
 

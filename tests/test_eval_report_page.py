@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from eval.tables import METRICS, format_mean_se
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # a whole tiny sweep in subprocesses, then a browser
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # As root in a container: no sandbox, no GPU, nothing fetched from the network.
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -24,7 +25,7 @@ METHODS = ("methods=[{name: waveft, adapter: waveft}, "
 
 def run(*args, timeout=900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
+                          timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 @pytest.fixture(scope="module")
