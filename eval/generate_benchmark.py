@@ -43,6 +43,7 @@ from waveft.generation_settings import (
     GenerationSettings,
     SchedulerName,
 )
+from waveft.run_folder import RunFolder
 
 # The negative prompt as the paper's protocol gives it; the source quotes it ending in "...", so this is the
 # part that is known.
@@ -61,7 +62,7 @@ DEFAULT_DRIFT_PROMPTS = (
     "a forest path covered in autumn leaves",
     "a sailing boat on a calm sea at sunset",
 )
-RUN_INFO = "run_info.json"
+RUN_INFO = RunFolder.RUN_INFO
 PART_MANIFEST = "manifest.part{rank}.jsonl"  # one per process, merged into manifest.jsonl by the main process
 DRIFT_DIR = "drift"  # under each run's output folder
 DRIFT_BASE = "base.json"  # in DRIFT_DIR: {"dir": the base-model drift folder, relative to DRIFT_DIR}

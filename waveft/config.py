@@ -146,7 +146,7 @@ class ValidationLossConfig:
 @dataclass
 class ValidationConfig:
     """Training-time samples. The generation keys are GenerationSettings' (waveft.generation_settings), with its
-    defaults; waveft.training builds the GenerationSettings from them."""
+    defaults; waveft.sampling builds the GenerationSettings from them."""
 
     prompts: list[str] = field(default_factory=list)  # "{instance}" is replaced by the instance prompt
     every_steps: int = 0  # 0: only the final samples
