@@ -1,9 +1,11 @@
-"""Image and text encoders for the metrics: DINO (ViTModel) and CLIP (CLIPModel), from Hub ids or local folders.
+"""Image and text encoders for the metrics: DINO (ViTModel or Dinov2Model) and CLIP (CLIPModel), from Hub ids or
+local folders.
 
 Preprocessing is done here with PIL and numpy rather than transformers' image processors: those pick a
 torchvision backend when torchvision is installed and a PIL one when it is not, and the two round
 differently; doing it here gives the same numbers on every machine. The recipes follow the protocol:
   DINO: resize the short side to crop*256/224 (256 for 224 px models), bicubic; centre crop; ImageNet mean/std.
+  DINOv2: its preprocessor_config.json's (facebook/dinov2-*: short side 256, bicubic, centre crop 224, ImageNet).
   CLIP: resize the short side to the model's image size, bicubic; centre crop; CLIP mean/std.
 Embeddings come back L2-normalised, float32, one row per input.
 
@@ -20,6 +22,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from waveft.data import load_rgb
 from waveft.errors import UserError
 from waveft.files import write_atomic
 
@@ -30,14 +33,6 @@ SMOKE_TEST_MARKER = "SMOKE_TEST_ENCODER.md"
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-
-
-def load_rgb(path: str | Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise UserError(f"cannot read image {path}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -100,6 +95,7 @@ class ImageEncoder:
     """An image encoder with its preprocessing; subclasses say how a pixel batch becomes embeddings."""
 
     kind: str  # "dino" or "clip"
+    architecture: str | None = None  # said in describe() where one kind has several
 
     def __init__(self, name_or_path: str, model, preprocessing: Preprocessing, device: str):
         self.name = name_or_path
@@ -111,7 +107,8 @@ class ImageEncoder:
 
     def describe(self) -> str:
         label = " [SMOKE TEST: tiny random weights]" if self.smoke_test else ""
-        return f"{self.kind} {self.name}{label}; {self.preprocessing.describe()}"
+        kind = f"{self.kind} ({self.architecture})" if self.architecture else self.kind
+        return f"{kind} {self.name}{label}; {self.preprocessing.describe()}"
 
     def _features(self, pixels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -136,21 +133,44 @@ class ImageEncoder:
 
 
 class DinoEncoder(ImageEncoder):
-    """DINO ViT: the CLS token of the last hidden state (DINO checkpoints carry no pooler weights)."""
+    """DINO ViT (facebook/dino-vits16) or DINOv2 (facebook/dinov2-base): the CLS token of the last hidden state
+    (DINO checkpoints carry no pooler weights; DINOv2's pooler output is the layer-normed CLS token, which the
+    last hidden state already holds). The architecture is read from the checkpoint's config."""
 
     kind = "dino"
 
     @classmethod
     def load(cls, name_or_path: str = DEFAULT_DINO, device: str | None = None) -> "DinoEncoder":
-        from transformers import ViTModel
+        from transformers import AutoConfig, Dinov2Model, ViTModel
 
-        model = _load(ViTModel, name_or_path, add_pooling_layer=False)
-        crop = model.config.image_size
-        preprocessing = Preprocessing(round(crop * 256 / 224), crop, IMAGENET_MEAN, IMAGENET_STD)
-        return cls(name_or_path, model, preprocessing, device or default_device())
+        config = _load(AutoConfig, name_or_path)
+        if config.model_type == "dinov2":
+            model = _load(Dinov2Model, name_or_path)
+            preprocessing = dinov2_preprocessing(name_or_path)
+        else:
+            model = _load(ViTModel, name_or_path, add_pooling_layer=False)
+            crop = model.config.image_size
+            preprocessing = Preprocessing(round(crop * 256 / 224), crop, IMAGENET_MEAN, IMAGENET_STD)
+        encoder = cls(name_or_path, model, preprocessing, device or default_device())
+        encoder.architecture = config.model_type  # "vit" or "dinov2", named in every table's settings
+        return encoder
 
     def _features(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=pixels).last_hidden_state[:, 0]
+
+
+def dinov2_preprocessing(name_or_path: str) -> Preprocessing:
+    """DINOv2's own recipe, from its preprocessor_config.json (facebook/dinov2-*: resize the short side to 256,
+    bicubic, centre crop 224, ImageNet mean/std); those values where the checkpoint has no such file."""
+    from transformers.image_processing_utils import ImageProcessingMixin
+
+    try:
+        processor, _ = ImageProcessingMixin.get_image_processor_dict(name_or_path)
+    except (OSError, ValueError):
+        processor = {}
+    size, crop = processor.get("size") or {}, processor.get("crop_size") or {}
+    mean, std = processor.get("image_mean", IMAGENET_MEAN), processor.get("image_std", IMAGENET_STD)
+    return Preprocessing(size.get("shortest_edge", 256), crop.get("height", 224), tuple(mean), tuple(std))
 
 
 class ClipEncoder(ImageEncoder):

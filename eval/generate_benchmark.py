@@ -1,4 +1,5 @@
-"""Generate the DreamBooth benchmark images for trained runs: every prompt of the subject's list x seeds.
+"""Generate the DreamBooth benchmark images for trained runs: every prompt of the subject's list x seeds,
+and the drift images: everyday prompts that name no subject, by the adapted model and by the base model.
 
     python -m eval.generate_benchmark --runs RUN_DIR... --benchmark DATASET_DIR --out DIR [settings]
     accelerate launch -m eval.generate_benchmark ...      (several GPUs: the pending images are split between them)
@@ -6,16 +7,27 @@
 A run folder is what the trainer writes: config.yaml (model.pretrained, model.vae), run_info.json (subject,
 class_noun, identifier, method, budget, ...) and adapter/ (PEFT files). The adapter is merged into the base
 model through `waveft.generate`. Each run's images go to DIR/<run folder name>/ with manifest.jsonl (one row
-per image: file, subject, prompt, prompt_index, seed, the settings, ...) and a copy of run_info.json, ready
-for `python -m eval.score --images DIR/<run>`.
+per image: file, subject, prompt, prompt_index, seed, the settings, ...), a copy of run_info.json (with the
+adapter's scaling and file size added), generation.json (images per second) and drift/ (the drift prompts x
+seeds with the adapter; drift/base.json names the base-model folder to compare with), ready for
+`python -m eval.score --images DIR/<run>`.
+
+The base model's drift images (adapters disabled) go to --drift-base-dir/<key>/, one folder per base model,
+VAE, settings and prompt list, made once and reused by every run and every later call (a lock keeps two
+concurrent calls from making them twice).
 
 Defaults are the paper's: seeds 42-45, DPM-Solver++ (2M) 30 steps, guidance 7.5, its negative prompt,
 1024 px, bf16. Resumable: images already listed in the manifest and present on disk are kept and skipped;
 re-running with other generation settings into the same folder is refused rather than mixed.
 """
 import argparse
-import dataclasses
+import fcntl
+import hashlib
 import json
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
 
@@ -23,18 +35,75 @@ import yaml
 
 from eval.files import MANIFEST, read_json
 from eval.protocol import fill_prompt, load_benchmark
+from waveft.cli_settings import CliSettings, cli
 from waveft.errors import UserError, cli_entry
 from waveft.files import write_text_atomic
+from waveft.generation_settings import (
+    GenerationDtype,
+    GenerationSettings,
+    SchedulerName,
+)
+from waveft.run_folder import RunFolder
 
 # The negative prompt as the paper's protocol gives it; the source quotes it ending in "...", so this is the
 # part that is known.
 PAPER_NEGATIVE_PROMPT = "low quality, bad anatomy, worst quality, low res, blurry"
 PAPER_SEEDS = (42, 43, 44, 45)
-RUN_INFO = "run_info.json"
+# Everyday scenes that name none of the benchmark's subjects or classes: what an adapter should leave alone.
+DEFAULT_DRIFT_PROMPTS = (
+    "a busy city street at night with neon signs",
+    "a bowl of fresh fruit on a wooden kitchen table",
+    "a mountain lake at sunrise with pine trees",
+    "a cozy living room with a sofa and a reading lamp",
+    "a bicycle leaning against a brick wall",
+    "a plate of pasta with tomato sauce and basil",
+    "a lighthouse on a rocky coast under a cloudy sky",
+    "a cup of coffee next to an open book",
+    "a forest path covered in autumn leaves",
+    "a sailing boat on a calm sea at sunset",
+)
+RUN_INFO = RunFolder.RUN_INFO
 PART_MANIFEST = "manifest.part{rank}.jsonl"  # one per process, merged into manifest.jsonl by the main process
+DRIFT_DIR = "drift"  # under each run's output folder
+DRIFT_BASE = "base.json"  # in DRIFT_DIR: {"dir": the base-model drift folder, relative to DRIFT_DIR}
+GENERATION_TIMING = "generation.json"
+TIMING_PART = "generation.part{rank}.json"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclass
+class BenchmarkGenerationSettings(CliSettings):
+    """eval.generate_benchmark's settings (the sweep's `generation:` section); defaults are the paper's."""
+
+    seeds: list[int] = field(default_factory=lambda: list(PAPER_SEEDS), metadata=cli("one image per prompt and seed"))
+    scheduler: SchedulerName = field(default="dpmpp_2m", metadata=cli("sampler"))
+    steps: int = field(default=30, metadata=cli("denoising steps"))
+    guidance_scale: float = field(default=7.5, metadata=cli("classifier-free guidance scale"))
+    negative_prompt: str = field(default=PAPER_NEGATIVE_PROMPT, metadata=cli("negative prompt"))
+    resolution: int = field(default=1024, metadata=cli("image height and width"))
+    batch_size: int = field(default=4, metadata=cli("images per call (each image has its own generator)"))
+    dtype: GenerationDtype = field(default="bf16", metadata=cli("pipeline dtype"))
+    drift: bool = field(default=True, metadata=cli("also generate the drift prompts, adapted and base model"))
+    drift_prompts: str | None = field(default=None, metadata=cli(
+        "file of drift prompts, one per line (default: DEFAULT_DRIFT_PROMPTS, ten everyday scenes)"))
+
+    def generation(self) -> GenerationSettings:
+        return GenerationSettings(scheduler=self.scheduler, steps=self.steps, guidance_scale=self.guidance_scale,
+                                  negative_prompt=self.negative_prompt, height=self.resolution,
+                                  width=self.resolution, batch_size=self.batch_size, dtype=self.dtype)
+
+    def problems(self) -> list[tuple[str, str]]:
+        found = [("seeds", f"must list distinct seeds, got {self.seeds}")] if (
+            not self.seeds or len(set(self.seeds)) != len(self.seeds)) else []
+        renamed = {"height": "resolution", "width": "resolution"}
+        return found + list(dict.fromkeys((renamed.get(k, k), m) for k, m in self.generation().problems()))
+
+    def drift_prompt_list(self) -> list[str]:
+        from waveft.generate import read_prompts_file
+
+        return read_prompts_file(self.drift_prompts) if self.drift_prompts else list(DEFAULT_DRIFT_PROMPTS)
+
+
+@dataclass(frozen=True)
 class TrainedRun:
     run_dir: Path
     base_model: str
@@ -76,12 +145,47 @@ def benchmark_jobs(run: TrainedRun, benchmark, seeds) -> list[dict]:
                             identifier=run.info["identifier"], run=run.name)
 
 
-def _image_settings(settings) -> dict:
-    """The settings that change the pictures (batching does not: every image has its own generator)."""
-    return {k: v for k, v in dataclasses.asdict(settings).items() if k != "batch_size"}
+def adapter_facts(adapter_dir: Path) -> dict:
+    """What reports show beside a run's scores: the adapter's scaling (lambda, where the method has one) and its
+    weights' size in bytes."""
+    config = read_json(adapter_dir / "adapter_config.json")
+    facts = {}
+    if isinstance(config.get("scaling"), (int, float)) and not isinstance(config.get("scaling"), bool):
+        facts["scaling"] = config["scaling"]
+    weights = adapter_dir / "adapter_model.safetensors"
+    if weights.is_file():
+        facts["adapter_bytes"] = weights.stat().st_size
+    return facts
 
 
-def existing_rows(folder: Path, settings) -> dict[str, dict]:
+def drift_jobs(prompts: list[str], seeds, **extra) -> list[dict]:
+    from waveft.generate import prompt_seed_jobs
+
+    return prompt_seed_jobs(prompts, list(seeds), drift=True, **extra)
+
+
+def drift_base_folder(root: Path, run: TrainedRun, settings: BenchmarkGenerationSettings,
+                      prompts: list[str]) -> tuple[Path, dict]:
+    """The base model's drift folder for this run's base model, VAE, image settings, prompts and seeds."""
+    identity = {"base_model": run.base_model, "vae": run.vae, **settings.generation().image_settings(),
+                "prompts": prompts, "seeds": list(settings.seeds)}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    name = "".join(c if c.isalnum() or c in "._-" else "_" for c in Path(run.base_model).name) or "base"
+    return root / f"{name}-{digest}", identity
+
+
+@dataclass
+class Target:
+    """One folder of images made by one pipeline: a run's benchmark or drift images, or base-model drift images."""
+
+    kind: str  # "benchmark", "drift" or "base-model drift"
+    folder: Path
+    pipeline: str  # the key of the pipeline that makes them
+    jobs: list[dict]
+    identity: dict | None = None  # base-model drift: what the folder's images depend on (its settings.json)
+
+
+def existing_rows(folder: Path, settings: GenerationSettings) -> dict[str, dict]:
     """Manifest rows already in `folder` (manifest.jsonl and per-process parts left by an interrupted run), by
     file; read only. Refuses a folder whose images were made with other settings."""
     from waveft.generate import read_manifest
@@ -89,7 +193,7 @@ def existing_rows(folder: Path, settings) -> dict[str, dict]:
     rows = {}
     for path in [folder / MANIFEST] + sorted(folder.glob(PART_MANIFEST.format(rank="*"))):
         rows.update(read_manifest(str(path)))
-    wanted = _image_settings(settings)
+    wanted = settings.image_settings()
     for row in rows.values():
         differing = [(k, row.get(k), v) for k, v in wanted.items() if row.get(k) != v]
         if differing:
@@ -112,40 +216,119 @@ def merge_manifests(folder: Path) -> None:
         part.unlink()
 
 
-def pending_jobs(runs: list[TrainedRun], jobs_by_run: dict, out: Path, settings) -> list[tuple[str, dict]]:
-    """(run name, job) for every image not yet listed and present, in a fixed order (all processes agree)."""
+def pending_jobs(targets: list[Target], settings: GenerationSettings) -> list[tuple[int, dict]]:
+    """(target index, job) for every image not yet listed and present, in a fixed order (all processes agree)."""
     pending = []
-    for run in runs:
-        folder = out / run.name
-        rows = existing_rows(folder, settings) if folder.is_dir() else {}
-        pending += [(run.name, job) for job in jobs_by_run[run.name]
-                    if not (job["file"] in rows and (folder / job["file"]).is_file())]
+    for index, target in enumerate(targets):
+        rows = existing_rows(target.folder, settings) if target.folder.is_dir() else {}
+        pending += [(index, job) for job in target.jobs
+                    if not (job["file"] in rows and (target.folder / job["file"]).is_file())]
     return pending
 
 
-def parse_args(argv=None):
-    from waveft.generate import SCHEDULERS, GenerationSettings
+@contextmanager
+def folder_lock(folder: Path, held_here: bool):
+    """An exclusive lock on folder/lock, taken by the main process only: concurrent calls (sweep workers) that
+    share a base-model drift folder make its images once; the other processes of this call follow the main one."""
+    if not held_here:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
+
+def make_images(state, targets: list[Target], settings: BenchmarkGenerationSettings, pipelines: dict) -> dict:
+    """Generate every pending image of `targets`, split between the processes; returns, for this process,
+    {folder: (images, seconds)} of the images it made."""
+    import torch
+
+    from waveft.generate import generate_images
+
+    # Every process reads the same files, so all agree on the list (and all stop alike on bad input) ...
+    pending = pending_jobs(targets, settings.generation())
+    # ... and none writes before all have read.
+    state.wait_for_everyone()
+    if state.is_main_process:
+        for kind in dict.fromkeys(t.kind for t in targets):
+            total = sum(len(t.jobs) for t in targets if t.kind == kind)
+            todo = sum(1 for index, _ in pending if targets[index].kind == kind)
+            print(f"{total} {kind} images in {sum(t.kind == kind for t in targets)} folder(s): {total - todo} done, "
+                  f"{todo} to generate on {state.num_processes} process(es)")
+    timing = {}
+    with state.split_between_processes(pending) as mine:
+        for key, items in groupby(mine, key=lambda item: targets[item[0]].pipeline):
+            pipe = pipelines[key]()
+            for index, group in groupby(items, key=lambda item: item[0]):
+                jobs = [job for _, job in group]
+                started = time.perf_counter()
+                generate_images(pipe, jobs, str(targets[index].folder), settings.generation(),
+                                progress=state.is_local_main_process,
+                                manifest_name=PART_MANIFEST.format(rank=state.process_index))
+                timing[targets[index].folder] = (len(jobs), time.perf_counter() - started)
+            del pipe
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        for target in targets:
+            merge_manifests(target.folder)
+    return timing
+
+
+def record_timing(state, folder: Path, timing: dict, settings: BenchmarkGenerationSettings) -> None:
+    """generation.json: benchmark images per second over this call's processes (wall clock of the slowest)."""
+    if folder in timing:
+        images, seconds = timing[folder]
+        write_text_atomic(folder / TIMING_PART.format(rank=state.process_index),
+                          json.dumps({"images": images, "seconds": seconds}) + "\n")
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return
+    parts = sorted(folder.glob(TIMING_PART.format(rank="*")))
+    measured = [read_json(part) for part in parts]
+    if measured:
+        images, seconds = sum(m["images"] for m in measured), max(m["seconds"] for m in measured)
+        write_text_atomic(folder / GENERATION_TIMING, json.dumps({
+            "images": images, "seconds": round(seconds, 3), "images_per_second": images / max(seconds, 1e-9),
+            "processes": state.num_processes, "device": state.device.type, "resolution": settings.resolution,
+            "steps": settings.steps, "dtype": settings.dtype}, indent=2) + "\n")
+    for part in parts:
+        part.unlink()
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", type=Path, required=True, help="trained run folders")
     parser.add_argument("--benchmark", type=Path, required=True,
                         help="DreamBooth benchmark folder (holding dataset/prompts_and_classes.txt)")
     parser.add_argument("--out", type=Path, required=True, help="output folder; one subfolder per run")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(PAPER_SEEDS))
-    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="dpmpp_2m")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--guidance-scale", type=float, default=7.5)
-    parser.add_argument("--negative-prompt", default=PAPER_NEGATIVE_PROMPT)
-    parser.add_argument("--resolution", type=int, default=1024, help="image height and width")
-    parser.add_argument("--batch-size", type=int, default=GenerationSettings.batch_size)
-    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="bf16")
+    parser.add_argument("--drift-base-dir", type=Path, default=None,
+                        help="where the base model's drift images are kept and reused (default: OUT/drift-base)")
+    BenchmarkGenerationSettings.add_arguments(parser)
     args = parser.parse_args(argv)
-    if args.resolution % 8 or args.resolution <= 0 or args.steps <= 0 or args.batch_size <= 0:
-        raise UserError("--resolution must be a positive multiple of 8; --steps and --batch-size must be positive")
-    settings = GenerationSettings(scheduler=args.scheduler, steps=args.steps, guidance_scale=args.guidance_scale,
-                                  negative_prompt=args.negative_prompt, height=args.resolution, width=args.resolution,
-                                  batch_size=args.batch_size, dtype=args.dtype)
+    settings = BenchmarkGenerationSettings.from_args(args)
+    settings.check()
     return args, settings
+
+
+def plan_targets(runs: list[TrainedRun], benchmark, settings: BenchmarkGenerationSettings, prompts: list[str],
+                 out: Path, drift_root: Path) -> tuple[list[Target], list[Target], dict[str, Path]]:
+    """The runs' targets (benchmark, then drift), the base-model drift targets, and each run's base folder."""
+    run_targets, base_targets, base_of = [], {}, {}
+    for run in runs:
+        jobs = benchmark_jobs(run, benchmark, settings.seeds)
+        run_targets.append(Target("benchmark", out / run.name, run.name, jobs))
+        if not prompts:
+            continue
+        run_targets.append(Target("drift", out / run.name / DRIFT_DIR, run.name,
+                                  drift_jobs(prompts, settings.seeds, subject=run.info["subject"], run=run.name)))
+        folder, identity = drift_base_folder(drift_root, run, settings, prompts)
+        base_of[run.name] = folder
+        base_targets.setdefault(folder, Target("base-model drift", folder, f"base:{run.name}",
+                                               drift_jobs(prompts, settings.seeds), identity))
+    return run_targets, list(base_targets.values()), base_of
 
 
 @cli_entry
@@ -153,9 +336,10 @@ def main(argv=None) -> None:
     import torch
     from accelerate import PartialState
 
-    from waveft.generate import generate_images, load_pipeline
+    from waveft.generate import load_pipeline
 
     args, settings = parse_args(argv)
+    drift_prompts = settings.drift_prompt_list() if settings.drift else []
     benchmark = load_benchmark(args.benchmark)
     runs = [read_run(run_dir) for run_dir in args.runs]
     names = [run.name for run in runs]
@@ -163,36 +347,36 @@ def main(argv=None) -> None:
     if duplicates:
         raise UserError(f"runs share folder names {', '.join(duplicates)}: their outputs would collide in --out; "
                         "give the run folders distinct names")
-    jobs_by_run = {run.name: benchmark_jobs(run, benchmark, args.seeds) for run in runs}
+    run_targets, base_targets, base_of = plan_targets(runs, benchmark, settings, drift_prompts, args.out,
+                                                      args.drift_base_dir or args.out / "drift-base")
+    pending_jobs(run_targets + base_targets, settings.generation())  # other settings in a folder: refused now
 
     # cpu=True lets several CPU processes (torchrun, tests) split the work too instead of each doing all of it.
     state = PartialState(cpu=not torch.cuda.is_available())
-    # Every process reads the same files, so all agree on the list (and all stop alike on bad input) ...
-    pending = pending_jobs(runs, jobs_by_run, args.out, settings)
-    # ... and none writes before all have read.
-    state.wait_for_everyone()
+    device = str(state.device)
+    pipelines = {}
+    for run in runs:  # the adapted model, and the base model with no adapter
+        pipelines[run.name] = lambda run=run: load_pipeline(run.base_model, str(run.run_dir / "adapter"), run.vae,
+                                                            settings.dtype, device, settings.scheduler)
+        pipelines[f"base:{run.name}"] = lambda run=run: load_pipeline(run.base_model, None, run.vae, settings.dtype,
+                                                                      device, settings.scheduler)
+    # The base model's drift images first, each folder under its lock, so that concurrent calls make them once.
+    for target in base_targets:
+        with folder_lock(target.folder, state.is_main_process):
+            if state.is_main_process:
+                write_text_atomic(target.folder / "settings.json", json.dumps(target.identity, indent=2) + "\n")
+            make_images(state, [target], settings, pipelines)
     if state.is_main_process:
         for run in runs:
-            write_text_atomic(args.out / run.name / RUN_INFO, json.dumps(run.info, indent=2) + "\n")
-        total = sum(len(jobs) for jobs in jobs_by_run.values())
-        print(f"{total} benchmark images for {len(runs)} run(s): {total - len(pending)} done, {len(pending)} to "
-              f"generate on {state.num_processes} process(es)")
-    runs_by_name = {run.name: run for run in runs}
-    with state.split_between_processes(pending) as mine:
-        for name, items in groupby(mine, key=lambda item: item[0]):
-            run = runs_by_name[name]
-            pipe = load_pipeline(run.base_model, str(run.run_dir / "adapter"), run.vae, settings.dtype,
-                                 str(state.device), settings.scheduler)
-            generate_images(pipe, [job for _, job in items], str(args.out / name), settings,
-                            progress=state.is_local_main_process,
-                            manifest_name=PART_MANIFEST.format(rank=state.process_index))
-            del pipe
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-    state.wait_for_everyone()
+            write_text_atomic(args.out / run.name / RUN_INFO,
+                              json.dumps({**adapter_facts(run.run_dir / "adapter"), **run.info}, indent=2) + "\n")
+    timing = make_images(state, run_targets, settings, pipelines)
+    for run in runs:
+        record_timing(state, args.out / run.name, timing, settings)
     if state.is_main_process:
-        for run in runs:
-            merge_manifests(args.out / run.name)
+        for name, base in base_of.items():
+            drift = args.out / name / DRIFT_DIR
+            write_text_atomic(drift / DRIFT_BASE, json.dumps({"dir": os.path.relpath(base, drift)}, indent=2) + "\n")
         print(f"wrote the benchmark images and {MANIFEST} of {len(runs)} run(s) under {args.out}")
 
 

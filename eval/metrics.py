@@ -1,6 +1,7 @@
 """The paper's metrics as plain functions over embeddings (rows = items) or images.
 
-DINO and CLIP-I: mean cosine over every (real, generated) pair. CLIP-T: cosine of each generated image with
+DINO and CLIP-I: mean cosine over every (real, generated) pair. Drift: mean DINO cosine between base-model and
+adapted images of the same prompt and seed, on prompts that name no subject. CLIP-T: cosine of each generated image with
 its prompt, x100. Diversity: mean distance over the i<j pairs of one subject-and-prompt's images, with LPIPS
 (DreamBooth's DIV) or 1 - DINO cosine. CMMD: RBF-kernel MMD between two embedding sets (Jayasumana et al. 2024).
 """
@@ -29,9 +30,20 @@ def mean_pairwise_cosine(real: np.ndarray, generated: np.ndarray) -> float:
     return float((_unit_rows(real) @ _unit_rows(generated).T).mean())
 
 
+def paired_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """cosine(a[i], b[i]) for each row i; (n, d) x (n, d) -> (n,)."""
+    return (_unit_rows(a) * _unit_rows(b)).sum(axis=-1)
+
+
 def clip_t_scores(image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> np.ndarray:
     """CLIP-T per image: 100 x cosine(image i, its prompt i), not clipped at 0 (torchmetrics' CLIPScore clips)."""
-    return 100.0 * (_unit_rows(image_embeddings) * _unit_rows(text_embeddings)).sum(axis=-1)
+    return 100.0 * paired_cosines(image_embeddings, text_embeddings)
+
+
+def drift_scores(base_embeddings: np.ndarray, adapted_embeddings: np.ndarray) -> np.ndarray:
+    """Drift per image pair: the DINO cosine between the base model's image and the adapted model's image of the
+    same prompt and seed (1: the adapter left that unrelated prompt untouched)."""
+    return paired_cosines(base_embeddings, adapted_embeddings)
 
 
 def mean_pairwise_distance(items: Sequence[Item], distance: Callable[[Item, Item], float]) -> float:

@@ -1,13 +1,16 @@
 """Compare scored runs: a paper-style table and plots, grouped by (method, budget).
 
-    python -m eval.report RUN_OR_METRICS... --out DIR
+    python -m eval.report RUN_OR_METRICS... --out DIR [--allow-mixed] [--comparison-budget B]
 
 Each argument is a metrics.json written by `eval.score`, or a folder searched recursively for them (a run
 folder, a sweep's output folder). Runs of the same method and budget (typically one per subject) form one
 row: each subject's scores are averaged over its runs, then the row gives the mean and the standard error
-over subjects. Writes report.md, report.csv, report.tex, tradeoff.png (DINO vs CLIP-T) and
-metrics_vs_budget.png (each metric vs budget, one line per method) to DIR, and prints the table.
-All inputs must have been scored with the same settings (encoders, CLIP-T prompt, LPIPS), or the report stops.
+over subjects. Writes to DIR: index.html (the page to open: settings, tables, plots, qualitative grid; see
+eval.report_page), report.md, report.csv, report.tex, tradeoff.png (DINO vs CLIP-T), metrics_vs_budget.png,
+metrics_vs_scaling.png (each metric vs the adapter's scaling lambda), cost.png (train time, peak memory, adapter
+size, images/s, where recorded), qualitative.png and the grid's images/ and thumbs/; and prints the table.
+All inputs must have been scored with the same settings (encoders, CLIP-T prompt, LPIPS, drift prompts), or the
+report stops, naming both (--allow-mixed reports them together and lists the differences).
 """
 import argparse
 import math
@@ -17,9 +20,28 @@ from pathlib import Path
 import numpy as np
 
 from eval.files import read_json
-from eval.tables import METRICS, SMOKE_TEST_BANNER, csv_text, format_mean_se, is_missing, latex_table, markdown_table
+from eval.generate_benchmark import GENERATION_TIMING
+from eval.qualitative import grid_rows, save_qualitative_png, write_grid_images
+from eval.report_page import render_page
+from eval.report_plots import (
+    plot_costs,
+    plot_metrics_vs_budget,
+    plot_metrics_vs_scaling,
+    plot_tradeoff,
+)
+from eval.tables import (
+    COSTS,
+    METRICS,
+    SMOKE_TEST_BANNER,
+    csv_text,
+    format_budget,
+    format_mean_se,
+    is_missing,
+    latex_table,
+    markdown_table,
+)
 from waveft.errors import UserError, cli_entry
-from waveft.files import write_atomic, write_text_atomic
+from waveft.files import write_text_atomic
 
 METRICS_FILE = "metrics.json"
 
@@ -33,6 +55,13 @@ class ScoredRun:
     per_subject: dict[str, dict]
     settings: dict
     smoke_test: bool
+    images_dir: Path | None = None  # the scored images (for the qualitative grid), if still there
+    run: dict = field(default_factory=dict)  # run_info.json as eval.generate_benchmark copied it
+    generation: dict = field(default_factory=dict)  # generation.json: benchmark images per second
+
+    @property
+    def scaling(self) -> float | None:
+        return self.run.get("scaling")
 
 
 def load_scored_run(path: Path) -> ScoredRun:
@@ -43,8 +72,12 @@ def load_scored_run(path: Path) -> ScoredRun:
     run = result.get("run") or {}
     # Images scored without a run_info.json (e.g. hand-made folders) are named after their folder.
     method = run.get("method") or Path(result.get("images_dir", path.parent)).name
+    images_dir = Path(result["images_dir"]) if result.get("images_dir") else None
+    images_dir = images_dir if images_dir and images_dir.is_dir() else None
+    timing = images_dir / GENERATION_TIMING if images_dir else None
     return ScoredRun(path, method, run.get("budget"), run.get("trainable_parameters"), result["per_subject"],
-                     result["settings"], result["smoke_test"])
+                     result["settings"], result["smoke_test"], images_dir, run,
+                     read_json(timing) if timing and timing.is_file() else {})
 
 
 def find_metrics_files(inputs: list[Path]) -> list[Path]:
@@ -62,14 +95,25 @@ def find_metrics_files(inputs: list[Path]) -> list[Path]:
     return sorted(set(p.resolve() for p in found))
 
 
-def check_same_settings(runs: list[ScoredRun]) -> None:
-    first = runs[0]
+def mixed_settings(runs: list[ScoredRun]) -> list[str]:
+    """One line per setting on which some run differs from the first: both values, both files."""
+    first, found = runs[0], []
     for run in runs[1:]:
         for key in sorted(set(first.settings) | set(run.settings)):
             if first.settings.get(key) != run.settings.get(key):
-                raise UserError(f"{run.path} was scored with other settings than {first.path} ({key}: "
-                                f"{run.settings.get(key)!r} vs {first.settings.get(key)!r}); "
-                                "metrics from different settings cannot share one table")
+                found.append(f"{run.path} was scored with other settings than {first.path} ({key}: "
+                             f"{run.settings.get(key)!r} vs {first.settings.get(key)!r})")
+    return found
+
+
+def check_same_settings(runs: list[ScoredRun], allow_mixed: bool = False) -> list[str]:
+    """Refuse runs scored with different settings in one table (unless allowed: then the differences are
+    returned, for the report to print)."""
+    found = mixed_settings(runs)
+    if found and not allow_mixed:
+        raise UserError(f"{found[0]}; metrics from different settings cannot share one table "
+                        "(--allow-mixed to report them together anyway)")
+    return found
 
 
 @dataclass
@@ -99,6 +143,22 @@ class Group:
     def subjects(self) -> int:
         return len({s for r in self.runs for s in r.per_subject})
 
+    @property
+    def label(self) -> str:
+        return self.method if self.budget is None else f"{self.method} (budget {self.budget:g})"
+
+    def run_mean(self, key: str) -> float | None:
+        """A cost (COSTS) averaged over the runs that recorded it: run_info.json's, or generation.json's."""
+        values = [(r.generation if key == "images_per_second" else r.run).get(key) for r in self.runs]
+        values = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        return float(np.mean(values)) if values else None
+
+    @property
+    def scaling(self) -> float | None:
+        """The adapter's scaling lambda, when every run of the group recorded the same one."""
+        values = {r.scaling for r in self.runs}
+        return values.pop() if len(values) == 1 else None
+
     def mean_se(self, key: str) -> tuple[float, float]:
         values = self.subject_values(key)
         if not values:
@@ -115,25 +175,25 @@ def group_runs(runs: list[ScoredRun]) -> list[Group]:
     return sorted(groups.values(), key=lambda g: (g.method, g.budget is not None, g.budget or 0.0))
 
 
-def _format_budget(budget: float | None) -> str:
-    return "-" if budget is None else f"{budget:g}"
-
 
 TABLE_HEADER = ["method", "budget", "trainable params", "subjects"] + [label for label, _ in METRICS.values()]
 
 
 def table_rows(groups: list[Group]) -> list[list[str]]:
-    return [[g.method, _format_budget(g.budget), g.trainable_parameters(), str(g.subjects)]
+    return [[g.method, format_budget(g.budget), g.trainable_parameters(), str(g.subjects)]
             + [format_mean_se(key, *g.mean_se(key)) for key in METRICS] for g in groups]
 
 
 def report_csv(groups: list[Group], smoke_test: bool) -> str:
     header = ["method", "budget", "trainable_parameters", "subjects", "runs"]
-    header += [f"{key}_{stat}" for key in METRICS for stat in ("mean", "se")] + ["smoke_test"]
+    header += [f"{key}_{stat}" for key in METRICS for stat in ("mean", "se")]
+    header += ["scaling"] + list(COSTS) + ["smoke_test"]
     rows = []
     for g in groups:
         stats = [value for key in METRICS for value in g.mean_se(key)]
-        rows.append([g.method, g.budget, g.trainable_parameters(False), g.subjects, len(g.runs)] + stats + [smoke_test])
+        costs = [g.run_mean(key) for key in COSTS]
+        rows.append([g.method, g.budget, g.trainable_parameters(False), g.subjects, len(g.runs)] + stats
+                    + [g.scaling] + costs + [smoke_test])
     return csv_text(header, rows)
 
 
@@ -156,61 +216,41 @@ def report_latex(groups: list[Group], runs: list[ScoredRun], smoke_test: bool) -
     return latex_table(TABLE_HEADER, table_rows(groups), caption)
 
 
-def _save_figure(figure, path: Path) -> None:
-    write_atomic(path, lambda f: figure.savefig(f, format="png", dpi=150, bbox_inches="tight"))
+def default_comparison_budget(groups: list[Group]) -> float | None:
+    """The budget that most methods were run at (ties: the smallest); None when no run has a budget."""
+    counts: dict[float, int] = {}
+    for g in groups:
+        if g.budget is not None:
+            counts[g.budget] = counts.get(g.budget, 0) + 1
+    return min(counts, key=lambda b: (-counts[b], b)) if counts else None
 
 
-def plot_tradeoff(groups: list[Group], path: Path, smoke_test: bool) -> None:
-    """DINO (subject fidelity) against CLIP-T (prompt fidelity), one line per method through its budgets."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6, 4.5))
-    for method in sorted({g.method for g in groups}):
-        points = [(g, g.mean_se("clip_t"), g.mean_se("dino")) for g in groups if g.method == method]
-        xs, xerr = [p[1][0] for p in points], [p[1][1] for p in points]
-        ys, yerr = [p[2][0] for p in points], [p[2][1] for p in points]
-        axes.errorbar(xs, ys, xerr=np.nan_to_num(xerr), yerr=np.nan_to_num(yerr), marker="o", capsize=3,
-                      label=method)
-        for (g, _, _), x, y in zip(points, xs, ys):
-            if g.budget is not None:
-                axes.annotate(_format_budget(g.budget), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    axes.set_xlabel("CLIP-T (prompt fidelity)")
-    axes.set_ylabel("DINO (subject fidelity)")
-    axes.set_title("Fidelity trade-off" + (" [SMOKE TEST]" if smoke_test else ""))
-    axes.legend()
-    _save_figure(figure, path)
-    plt.close(figure)
+def write_plots(groups: list[Group], out: Path, smoke_test: bool) -> list[tuple[str, str]]:
+    """Every plot that has something to show; returns (file, title) of those written."""
+    plot_tradeoff(groups, out / "tradeoff.png", smoke_test)
+    plots = [("tradeoff.png", "Fidelity trade-off: DINO vs CLIP-T")]
+    for file, title, plot in (("metrics_vs_budget.png", "Metrics vs budget", plot_metrics_vs_budget),
+                              ("metrics_vs_scaling.png", "Metrics vs scaling lambda", plot_metrics_vs_scaling),
+                              ("cost.png", "Cost per run", plot_costs)):
+        if plot(groups, out / file, smoke_test):
+            plots.append((file, title))
+        else:
+            print(f"nothing to plot in {file} (no budgets, scalings or costs recorded for it)")
+    return plots
 
 
-def plot_metrics_vs_budget(groups: list[Group], path: Path, smoke_test: bool) -> bool:
-    """One panel per metric, one line per method; returns False (and writes nothing) when no run has a budget."""
-    budgeted = [g for g in groups if g.budget is not None]
-    keys = [key for key in METRICS if any(not math.isnan(g.mean_se(key)[0]) for g in budgeted)]
-    if not budgeted or not keys:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.4), squeeze=False)
-    for axis, key in zip(axes[0], keys):
-        for method in sorted({g.method for g in budgeted}):
-            line = [g for g in budgeted if g.method == method]
-            stats = [g.mean_se(key) for g in line]
-            axis.errorbar([g.budget for g in line], [s[0] for s in stats], yerr=np.nan_to_num([s[1] for s in stats]),
-                          marker="o", capsize=3, label=method)
-        axis.set_xlabel("budget (LoRA rank-1 units)")
-        axis.set_title(METRICS[key][0])
-    axes[0][0].legend()
-    figure.suptitle("Metrics vs budget" + (" [SMOKE TEST]" if smoke_test else ""))
-    figure.tight_layout()
-    _save_figure(figure, path)
-    plt.close(figure)
-    return True
+def write_qualitative(groups: list[Group], out: Path, budget, prompt_indices: list[int], seed,
+                      smoke_test: bool) -> tuple:
+    """The qualitative grid's images under out/ and qualitative.png; returns (rows, labels, seed)."""
+    columns = [g for g in groups if g.budget is None or budget is None or g.budget == budget]
+    rows, seed = grid_rows(columns, prompt_indices, seed)
+    labels = [g.label for g in columns]
+    if rows:
+        write_grid_images(rows, out)
+        save_qualitative_png(rows, labels, out / "qualitative.png", seed, smoke_test)
+    else:
+        print("no scored images found where metrics.json says: qualitative grid not drawn")
+    return rows, labels, seed
 
 
 @cli_entry
@@ -218,25 +258,35 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", type=Path, metavar="RUN_OR_METRICS",
                         help="metrics.json files, or folders searched recursively for them")
-    parser.add_argument("--out", type=Path, required=True, help="folder for report.md/.csv/.tex and the plots")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="folder for index.html, report.md/.csv/.tex, the plots and the qualitative grid")
+    parser.add_argument("--allow-mixed", action="store_true",
+                        help="report runs scored with different settings together (the page lists the differences)")
+    parser.add_argument("--comparison-budget", type=float, default=None,
+                        help="budget of the method comparison table and the qualitative grid "
+                             "(default: the budget most methods were run at)")
+    parser.add_argument("--grid-prompts", type=int, nargs="+", default=[0],
+                        help="prompt indices (in each subject's list) shown in the qualitative grid (default: 0)")
+    parser.add_argument("--grid-seed", type=int, default=None, help="image seed of the grid (default: the lowest)")
     args = parser.parse_args(argv)
     runs = [load_scored_run(path) for path in find_metrics_files(args.inputs)]
-    check_same_settings(runs)
+    mixed = check_same_settings(runs, args.allow_mixed)
     groups = group_runs(runs)
     smoke_test = any(r.smoke_test for r in runs)
+    budget = args.comparison_budget if args.comparison_budget is not None else default_comparison_budget(groups)
 
-    plots = ["tradeoff.png"]
-    plot_tradeoff(groups, args.out / "tradeoff.png", smoke_test)
-    if plot_metrics_vs_budget(groups, args.out / "metrics_vs_budget.png", smoke_test):
-        plots.append("metrics_vs_budget.png")
-    else:
-        print("no run has a budget: metrics_vs_budget.png not drawn")
-    markdown = report_markdown(groups, runs, smoke_test, plots)
+    plots = write_plots(groups, args.out, smoke_test)
+    grid = write_qualitative(groups, args.out, budget, args.grid_prompts, args.grid_seed, smoke_test)
+    markdown = report_markdown(groups, runs, smoke_test, [file for file, _ in plots]
+                               + (["qualitative.png"] if grid[0] else []))
     write_text_atomic(args.out / "report.md", markdown)
     write_text_atomic(args.out / "report.csv", report_csv(groups, smoke_test))
     write_text_atomic(args.out / "report.tex", report_latex(groups, runs, smoke_test))
+    write_text_atomic(args.out / "index.html", render_page(groups, runs, smoke_test, plots, grid, budget, mixed))
     print(markdown)
-    print(f"wrote {args.out}/report.md, report.csv, report.tex, plots")
+    for line in mixed:
+        print(f"warning: {line}")
+    print(f"wrote {args.out}/index.html, report.md, report.csv, report.tex, plots")
 
 
 if __name__ == "__main__":

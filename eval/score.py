@@ -8,14 +8,18 @@ metrics.csv and metrics.md to --out, and prints the overall and per-subject tabl
 
 Aggregation: per prompt, DINO and CLIP-I average over real x that prompt's images, diversity over the pairs of
 that prompt's images; per subject, DINO and CLIP-I average over real x all the subject's images, CLIP-T over
-its images, diversity over its prompts, and CMMD compares all its images with its real images; overall is
+its images, diversity over its prompts, CMMD compares all its images with its real images, and drift averages
+the DINO cosine of each drift image (DIR/drift/, a prompt without the subject) with the base model's image of
+the same prompt and seed (the folder DIR/drift/base.json names) over the subject's run; overall is
 the mean over subjects (so that each subject counts once, as the report's standard errors assume).
 LPIPS diversity is computed only with --lpips NET (it needs `pip install lpips`); otherwise its column says n/a.
 """
 import argparse
+import typing
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -28,9 +32,9 @@ from eval.encoders import (
     DinoEncoder,
     EmbeddingCache,
     default_cache_dir,
-    load_rgb,
 )
-from eval.files import MANIFEST, read_json, read_manifest
+from eval.files import MANIFEST, read_json, scorable_rows
+from eval.generate_benchmark import DRIFT_BASE, DRIFT_DIR, RUN_INFO
 from eval.metrics import (
     CMMD_SCALE,
     CMMD_SIGMA,
@@ -38,29 +42,56 @@ from eval.metrics import (
     clip_t_scores,
     cmmd,
     dino_diversity,
+    drift_scores,
     mean_pairwise_cosine,
     mean_pairwise_distance,
 )
-from eval.protocol import DEFAULT_IDENTIFIER, PROMPTS_FILE, load_benchmark, real_image_paths, remove_identifier
-from eval.tables import METRICS, SMOKE_TEST_BANNER, csv_text, format_metric, json_text, markdown_table
+from eval.protocol import (
+    DEFAULT_IDENTIFIER,
+    PROMPTS_FILE,
+    load_benchmark,
+    real_image_paths,
+    remove_identifier,
+)
+from eval.tables import (
+    METRICS,
+    SMOKE_TEST_BANNER,
+    csv_text,
+    format_metric,
+    json_text,
+    markdown_table,
+)
+from waveft.cli_settings import CliSettings, cli
+from waveft.data import load_rgb
 from waveft.errors import UserError, cli_entry
 from waveft.files import write_text_atomic
 
-RUN_INFO = "run_info.json"
-CLIP_T_PROMPTS = ("without-identifier", "as-generated")
-LPIPS_NETS = ("off", "alex", "vgg", "squeeze")
+ClipTPrompt = Literal["without-identifier", "as-generated"]
+LpipsNet = Literal["alex", "vgg", "squeeze"]
+CLIP_T_PROMPTS = typing.get_args(ClipTPrompt)
+LPIPS_NETS = typing.get_args(LpipsNet)
 
 
 @dataclass(frozen=True)
-class ScoreSettings:
-    dino: str = DEFAULT_DINO
-    clip: str = DEFAULT_CLIP  # CLIP-I and CLIP-T
-    cmmd_clip: str = DEFAULT_CMMD_CLIP
-    clip_t_prompt: str = "without-identifier"  # CLIP sees 'a dog in the snow', not 'a zjw dog in the snow'
-    identifier: str = DEFAULT_IDENTIFIER  # for manifest rows that do not name their identifier
-    lpips: str = "off"
-    batch_size: int = 32
-    device: str | None = None
+class ScoreSettings(CliSettings):
+    """eval.score's settings (the sweep's `scoring:` section): the encoders and how they are used."""
+
+    dino: str = field(default=DEFAULT_DINO, metadata=cli(
+        "DINO encoder, Hub id or folder: a DINO ViT (facebook/dino-vits16) or a DINOv2 (facebook/dinov2-base)"))
+    clip: str = field(default=DEFAULT_CLIP, metadata=cli("CLIP for CLIP-I and CLIP-T: Hub id or folder"))
+    cmmd_clip: str = field(default=DEFAULT_CMMD_CLIP, metadata=cli("CLIP for CMMD: Hub id or folder"))
+    # CLIP sees 'a dog in the snow', not 'a zjw dog in the snow'
+    clip_t_prompt: ClipTPrompt = field(default="without-identifier", metadata=cli(
+        "text that CLIP-T compares with: the prompt without the identifier token, or as generated"))
+    lpips: LpipsNet | None = field(default=None, metadata=cli(
+        "LPIPS network for LPIPS diversity; off by default (needs: pip install lpips)", none="off"))
+    batch_size: int = field(default=32, metadata=cli("images per encoder call"))
+    device: str | None = field(default=None, metadata=cli("default: cuda if available, else cpu"))
+    cache_dir: str | None = field(default=None, metadata=cli(
+        f"cache of real- and base-image embeddings (default: {default_cache_dir()})"))
+
+    def problems(self) -> list[tuple[str, str]]:
+        return [("batch_size", "must be > 0")] if self.batch_size <= 0 else []
 
 
 @dataclass
@@ -75,7 +106,7 @@ class _Encoders:
         clip = ClipEncoder.load(settings.clip, settings.device)
         cmmd_clip = (clip if settings.cmmd_clip == settings.clip
                      else ClipEncoder.load(settings.cmmd_clip, settings.device))
-        lpips = None if settings.lpips == "off" else LpipsDistance(settings.lpips, clip.device)
+        lpips = None if settings.lpips is None else LpipsDistance(settings.lpips, clip.device)
         return cls(DinoEncoder.load(settings.dino, settings.device), clip, cmmd_clip, lpips)
 
     @property
@@ -83,13 +114,13 @@ class _Encoders:
         return self.dino.smoke_test or self.clip.smoke_test or self.cmmd.smoke_test
 
 
-def _clip_t_text(row: dict, settings: ScoreSettings) -> str:
+def _clip_t_text(row: dict, settings: ScoreSettings, identifier: str) -> str:
     if settings.clip_t_prompt == "as-generated":
         return row["prompt"]
-    return remove_identifier(row["prompt"], row.get("identifier", settings.identifier))
+    return remove_identifier(row["prompt"], row.get("identifier", identifier))
 
 
-def _describe_settings(settings: ScoreSettings, encoders: _Encoders) -> dict:
+def _describe_settings(settings: ScoreSettings, encoders: _Encoders, drift: list[dict]) -> dict:
     lpips = (f"LPIPS ({settings.lpips}), inputs in [-1, 1]" if encoders.lpips
              else "not computed (pass --lpips alex; needs: pip install lpips, which pulls torchvision)")
     return {
@@ -98,16 +129,50 @@ def _describe_settings(settings: ScoreSettings, encoders: _Encoders) -> dict:
         "cmmd": f"{encoders.cmmd.describe()}; RBF sigma {CMMD_SIGMA}, scale {CMMD_SCALE}, vs the subject's real images",
         "clip_t_prompt": settings.clip_t_prompt,
         "lpips_div": lpips,
+        "drift": (f"DINO cosine (the DINO encoder above) between base-model and adapted images of the same prompt "
+                  f"and seed: {len({d['prompt'] for d in drift})} prompts without the subject x "
+                  f"{len({d['seed'] for d in drift})} seeds" if drift
+                  else "not computed (no drift images: eval.generate_benchmark makes them unless --no-drift)"),
         "aggregation": "overall = mean over subjects; subject = all real x generated pairs; diversity = mean over "
                        "the subject's prompts of the mean over i<j image pairs",
     }
 
 
+def drift_pairs(images_dir: Path) -> list[tuple[dict, Path, Path]] | None:
+    """(adapted row, adapted image, base-model image) for each of the run's drift images, matched by prompt and
+    seed; None when the folder has no drift images."""
+    drift_dir = images_dir / DRIFT_DIR
+    if not (drift_dir / MANIFEST).is_file():
+        return None
+    adapted = scorable_rows(drift_dir)
+    pointer = read_json(drift_dir / DRIFT_BASE)
+    if not isinstance(pointer, dict) or not isinstance(pointer.get("dir"), str):
+        raise UserError(f"{drift_dir / DRIFT_BASE}: expected {{\"dir\": <the base-model drift folder>}}")
+    base_dir = (drift_dir / pointer["dir"]).resolve()
+    base = {(r["prompt"], r["seed"]): r for r in scorable_rows(base_dir, ("file", "prompt", "seed"))}
+    pairs = []
+    for row in adapted:
+        match = base.get((row["prompt"], row["seed"]))
+        if match is None:
+            raise UserError(f"{base_dir} has no base-model image for drift prompt {row['prompt']!r}, seed "
+                            f"{row['seed']} (make it with: python -m eval.generate_benchmark)")
+        pairs.append((row, drift_dir / row["file"], base_dir / match["file"]))
+    return pairs
+
+
+def score_drift(pairs, encoders: "_Encoders", settings: ScoreSettings, cache: EmbeddingCache | None) -> list[dict]:
+    """Drift per image pair. Base-model images are shared by every run, so their embeddings are cached."""
+    adapted = encoders.dino.embed_files([p[1] for p in pairs], settings.batch_size, desc="DINO, drift adapted")
+    base = encoders.dino.embed_files([p[2] for p in pairs], settings.batch_size, cache, desc="DINO, drift base")
+    return [{"subject": row["subject"], "prompt": row["prompt"], "seed": row["seed"], "file": row["file"],
+             "drift": float(value)} for (row, _, _), value in zip(pairs, drift_scores(base, adapted))]
+
+
 def score_images(images_dir: str | Path, benchmark_dir: str | Path, settings: ScoreSettings,
-                 cache: EmbeddingCache | None) -> dict:
+                 cache: EmbeddingCache | None, identifier: str = DEFAULT_IDENTIFIER) -> dict:
     """Everything metrics.json holds. Raises UserError on bad input before any model is loaded where it can."""
     images_dir = Path(images_dir)
-    rows = read_manifest(images_dir)
+    rows = scorable_rows(images_dir)
     run_info = read_json(images_dir / RUN_INFO) if (images_dir / RUN_INFO).is_file() else None
     rows_by_subject = defaultdict(list)
     for index, row in enumerate(rows):
@@ -118,6 +183,7 @@ def score_images(images_dir: str | Path, benchmark_dir: str | Path, settings: Sc
         raise UserError(f"subjects in {images_dir / MANIFEST} missing from the benchmark's {PROMPTS_FILE}: "
                         f"{', '.join(unknown)}")
     real_paths = {subject: real_image_paths(benchmark_dir, subject) for subject in rows_by_subject}
+    pairs = drift_pairs(images_dir)
 
     encoders = _Encoders.load(settings)
     generated = [images_dir / row["file"] for row in rows]
@@ -125,11 +191,12 @@ def score_images(images_dir: str | Path, benchmark_dir: str | Path, settings: Sc
     gen_clip = encoders.clip.embed_files(generated, settings.batch_size, desc="CLIP, generated")
     gen_cmmd = gen_clip if encoders.cmmd is encoders.clip else encoders.cmmd.embed_files(
         generated, settings.batch_size, desc="CMMD CLIP, generated")
-    texts = [_clip_t_text(row, settings) for row in rows]
+    texts = [_clip_t_text(row, settings, identifier) for row in rows]
     unique_texts = sorted(set(texts))
     text_embeddings = dict(zip(unique_texts, encoders.clip.embed_texts(unique_texts)))
     clip_t = clip_t_scores(gen_clip, np.stack([text_embeddings[t] for t in texts]))
 
+    drift = score_drift(pairs, encoders, settings, cache) if pairs else []
     per_prompt, per_subject = [], {}
     for subject, indices in tqdm(sorted(rows_by_subject.items()), desc="subjects", unit="subject"):
         real = real_paths[subject]
@@ -153,6 +220,7 @@ def score_images(images_dir: str | Path, benchmark_dir: str | Path, settings: Sc
                 "lpips_div": lpips_div,
                 "dino_div": dino_diversity(gen_dino[group]),
                 "cmmd": None,  # a handful of images per prompt is too few for an MMD estimate
+                "drift": None,  # a property of the adapter (drift prompts), not of a benchmark prompt
             })
         per_prompt += prompt_scores
         per_subject[subject] = {
@@ -163,6 +231,7 @@ def score_images(images_dir: str | Path, benchmark_dir: str | Path, settings: Sc
             "lpips_div": _nanmean([p["lpips_div"] for p in prompt_scores]),
             "dino_div": _nanmean([p["dino_div"] for p in prompt_scores]),
             "cmmd": cmmd(gen_cmmd[indices], real_cmmd),
+            "drift": _nanmean([d["drift"] for d in drift if d["subject"] == subject]),
         }
     overall = {"subjects": len(per_subject), "images": len(rows)}
     overall.update({key: _nanmean([s[key] for s in per_subject.values()]) for key in METRICS})
@@ -171,8 +240,9 @@ def score_images(images_dir: str | Path, benchmark_dir: str | Path, settings: Sc
         result["smoke_test_note"] = SMOKE_TEST_BANNER
     result.update({
         "images_dir": str(images_dir.resolve()), "benchmark_dir": str(Path(benchmark_dir).resolve()),
-        "settings": _describe_settings(settings, encoders), "score_settings": asdict(settings), "run": run_info,
-        "overall": overall, "per_subject": per_subject, "per_prompt": per_prompt,
+        "settings": _describe_settings(settings, encoders, drift), "score_settings": asdict(settings),
+        "run": run_info, "overall": overall, "per_subject": per_subject, "per_prompt": per_prompt,
+        "per_drift_image": drift,
     })
     return result
 
@@ -231,25 +301,14 @@ def main(argv=None) -> None:
     parser.add_argument("--images", type=Path, required=True, help="folder with manifest.jsonl and the images")
     parser.add_argument("--real", type=Path, required=True, help="DreamBooth benchmark folder (holding dataset/)")
     parser.add_argument("--out", type=Path, required=True, help="folder for metrics.json, metrics.csv, metrics.md")
-    defaults = ScoreSettings()
-    parser.add_argument("--dino", default=defaults.dino, help="DINO ViTModel: Hub id or folder (default %(default)s)")
-    parser.add_argument("--clip", default=defaults.clip,
-                        help="CLIP for CLIP-I and CLIP-T: Hub id or folder (default %(default)s)")
-    parser.add_argument("--cmmd-clip", default=defaults.cmmd_clip, help="CLIP for CMMD (default %(default)s)")
-    parser.add_argument("--clip-t-prompt", choices=CLIP_T_PROMPTS, default=defaults.clip_t_prompt,
-                        help="text that CLIP-T compares with: the prompt without the identifier token, or as generated")
-    parser.add_argument("--identifier", default=defaults.identifier,
+    parser.add_argument("--identifier", default=DEFAULT_IDENTIFIER,
                         help="identifier token for manifest rows that do not name one (default %(default)s)")
-    parser.add_argument("--lpips", choices=LPIPS_NETS, default=defaults.lpips,
-                        help="LPIPS network for LPIPS diversity; off by default (needs: pip install lpips)")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
-                        help="cache of real-image embeddings (default %(default)s)")
+    ScoreSettings.add_arguments(parser)
     args = parser.parse_args(argv)
-    settings = ScoreSettings(args.dino, args.clip, args.cmmd_clip, args.clip_t_prompt, args.identifier, args.lpips,
-                             args.batch_size, args.device)
-    result = score_images(args.images, args.real, settings, EmbeddingCache(args.cache_dir))
+    settings = ScoreSettings.from_args(args)
+    settings.check()
+    cache = EmbeddingCache(settings.cache_dir or default_cache_dir())
+    result = score_images(args.images, args.real, settings, cache, args.identifier)
     write_metrics(result, args.out)
     print(metrics_markdown(result))
     print(f"wrote {args.out / 'metrics.json'}, metrics.csv, metrics.md")

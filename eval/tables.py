@@ -12,6 +12,15 @@ METRICS = {
     "lpips_div": ("LPIPS-div", 3),
     "dino_div": ("DINO-div", 3),
     "cmmd": ("CMMD", 3),
+    "drift": ("Drift", 4),  # 1: the adapter leaves prompts without the subject untouched; differences are small
+}
+# What a run cost, where it was recorded: run_info.json key (images_per_second: generation.json's) ->
+# label, factor from the recorded unit, shown unit.
+COSTS = {
+    "train_seconds": ("train time", 1 / 60, "min"),
+    "peak_memory_bytes": ("peak memory", 1 / 2**30, "GiB"),
+    "adapter_bytes": ("adapter size", 1 / 2**20, "MiB"),
+    "images_per_second": ("benchmark generation", 1.0, "images/s"),
 }
 SMOKE_TEST_BANNER = ("SMOKE TEST: tiny random-weight encoders (eval.tiny_encoders); "
                      "these numbers check that the evaluation runs, not image quality")
@@ -23,6 +32,14 @@ def is_missing(value) -> bool:
 
 def format_metric(key: str, value) -> str:
     return "n/a" if is_missing(value) else f"{value:.{METRICS[key][1]}f}"
+
+
+def format_budget(budget: float | None) -> str:
+    return "-" if budget is None else f"{budget:g}"
+
+
+def format_cost(key: str, value) -> str:
+    return "-" if is_missing(value) else f"{value * COSTS[key][1]:.3g} {COSTS[key][2]}"
 
 
 def format_mean_se(key: str, mean, se) -> str:

@@ -115,3 +115,63 @@ def test_bad_run_folder_is_a_one_line_error(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {tmp_path / 'not_a_run'} is not a finished training run: config.yaml is missing")
+
+
+def train_tiny_run(run_dir: Path, tiny_sdxl_dir: str, subject_dir: str) -> None:
+    """A few real training steps of WaveFT on the tiny SDXL, at a learning rate that moves the weights."""
+    result = subprocess.run(
+        [sys.executable, "train_dreambooth_waveft.py", "--config", "configs/tiny.yaml", f"output_dir={run_dir}",
+         f"model.pretrained={tiny_sdxl_dir}", f"data.instance_dir={subject_dir}", "data.subject=dog",
+         "data.class_noun=dog", "data.resolution=32", "train.max_steps=3", "train.learning_rate=0.05",
+         "train.checkpointing_steps=0", "train.report_to=none", "validation.final=false",
+         "validation.every_steps=0"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_drift_is_one_for_a_zero_adapter_and_lower_for_a_trained_one(tiny_sdxl_dir, subject_dir, tmp_path):
+    bench = write_benchmark(tmp_path / "bench")
+    zero, trained = tmp_path / "runs" / "zero", tmp_path / "runs" / "trained"
+    write_trained_run(zero, tiny_sdxl_dir)  # LoRA as initialised: B = 0, the base model's weights exactly
+    train_tiny_run(trained, tiny_sdxl_dir, subject_dir)
+    prompts = tmp_path / "drift.txt"
+    prompts.write_text("a bowl of fruit on a table\n\na lighthouse at dusk\n")
+    base_dir = tmp_path / "drift-base"
+    drift_args = ("--drift-prompts", str(prompts), "--drift-base-dir", str(base_dir))
+    generate(zero, bench, tmp_path / "out", *drift_args)
+    (base,) = base_dir.iterdir()  # one folder per base model and settings
+    made = {p.name: p.stat().st_mtime_ns for p in base.glob("*.png")}
+    assert len(made) == 2 * len(SEEDS)
+    generate(trained, bench, tmp_path / "out", *drift_args)  # another call, another run: the same base images
+    assert {p.name: p.stat().st_mtime_ns for p in base.glob("*.png")} == made and list(base_dir.iterdir()) == [base]
+    rows = [json.loads(line) for line in (tmp_path / "out/trained/drift/manifest.jsonl").read_text().splitlines()]
+    assert {(r["prompt"], r["seed"]) for r in rows} == {(p, int(s)) for p in ("a bowl of fruit on a table",
+                                                                             "a lighthouse at dusk") for s in SEEDS}
+    timing = json.loads((tmp_path / "out/trained/generation.json").read_text())
+    assert timing["images"] == len(LIVE_TEMPLATES) * len(SEEDS) and timing["images_per_second"] > 0
+
+    encoders = tmp_path / "encoders"
+    write_tiny_encoders(encoders)
+    settings = ScoreSettings(str(encoders / "dino"), str(encoders / "clip"), str(encoders / "clip"), device="cpu")
+    cache = EmbeddingCache(tmp_path / "cache")
+    unchanged = score_images(tmp_path / "out/zero", bench, settings, cache)
+    changed = score_images(tmp_path / "out/trained", bench, settings, cache)
+    assert unchanged["per_subject"]["dog"]["drift"] == pytest.approx(1.0, abs=1e-6)
+    assert unchanged["overall"]["drift"] == pytest.approx(1.0, abs=1e-6)
+    assert len(changed["per_drift_image"]) == 2 * len(SEEDS)
+    assert changed["overall"]["drift"] < 1.0 - 1e-4 and "2 prompts without the subject" in changed["settings"]["drift"]
+    assert changed["run"]["scaling"] == 25.0 and changed["run"]["adapter_bytes"] > 0
+
+
+def test_bad_drift_prompt_files_are_one_line_errors(tmp_path):
+    bench = write_benchmark(tmp_path / "bench")
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00bad")
+    for name, message in (("empty.txt", "holds no prompts"), ("binary.txt", "cannot read prompts file"),
+                          ("absent.txt", "cannot read prompts file")):
+        result = subprocess.run([sys.executable, "-m", "eval.generate_benchmark", "--runs", str(tmp_path),
+                                 "--benchmark", str(bench), "--out", str(tmp_path / "out"),
+                                 "--drift-prompts", str(tmp_path / name)],
+                                cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and message in last and name in last

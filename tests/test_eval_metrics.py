@@ -143,3 +143,32 @@ def test_embedding_cache_reuses_and_refreshes(tiny_encoders, tmp_path, monkeypat
     refreshed = dino.embed_files(paths, cache=cache)
     assert encoded == [1] and not np.allclose(refreshed[1], first[1])
     np.testing.assert_array_equal(refreshed[[0, 2]], first[[0, 2]])
+
+
+def test_dinov2_from_a_folder_uses_its_own_preprocessing(tmp_path):
+    write_tiny_encoders(tmp_path)
+    dinov2 = DinoEncoder.load(str(tmp_path / "dinov2"), "cpu")
+    assert dinov2.architecture == "dinov2" and "dino (dinov2)" in dinov2.describe()
+    # Its preprocessor_config.json (short side 36, crop 32), not DINO ViT's 256/224 rule (which would give 37).
+    assert (dinov2.preprocessing.resize, dinov2.preprocessing.crop) == (36, 32)
+    images = [Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)) for _ in range(2)]
+    embeddings = dinov2.embed_images(images + images[:1])
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
+    assert mean_pairwise_cosine(embeddings[:1], embeddings[2:]) == pytest.approx(1.0, abs=1e-6)
+    assert mean_pairwise_cosine(embeddings[:1], embeddings[1:2]) < 0.9999
+
+
+def test_scoring_sees_images_as_training_does(tiny_encoders, tmp_path):
+    """One loader: EXIF orientation applied and transparency composited onto white, as waveft.data does."""
+    dino, _ = tiny_encoders
+    upright = Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: viewers turn it 90 degrees clockwise
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "phone.jpg", exif=exif, quality=100)
+    upright.save(tmp_path / "upright.jpg", quality=100)
+    transparent = Image.new("RGBA", (40, 40), (10, 200, 30, 0))
+    transparent.save(tmp_path / "clear.png")
+    Image.new("RGB", (40, 40), "white").save(tmp_path / "white.png")
+    e = dino.embed_files([tmp_path / name for name in ("phone.jpg", "upright.jpg", "clear.png", "white.png")])
+    assert load_rgb(tmp_path / "phone.jpg").size == (60, 40)
+    assert mean_pairwise_cosine(e[:1], e[1:2]) > 0.99 and mean_pairwise_cosine(e[2:3], e[3:]) == pytest.approx(1.0)

@@ -12,6 +12,7 @@ import yaml
 from waveft.adapters.methods import validate_adapter_settings
 from waveft.errors import UserError
 from waveft.files import write_text_atomic
+from waveft.generation_settings import GenerationSettings, SchedulerName
 from waveft.schema import apply_override, coerce_value, read_yaml_extending
 
 SDXL_ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -144,14 +145,17 @@ class ValidationLossConfig:
 
 @dataclass
 class ValidationConfig:
+    """Training-time samples. The generation keys are GenerationSettings' (waveft.generation_settings), with its
+    defaults; waveft.sampling builds the GenerationSettings from them."""
+
     prompts: list[str] = field(default_factory=list)  # "{instance}" is replaced by the instance prompt
     every_steps: int = 0  # 0: only the final samples
     final: bool = True  # sample with the merged adapter once training ends
     seeds: list[int] = field(default_factory=lambda: [0, 1])
-    scheduler: str = "dpmpp_2m"
-    steps: int = 30
-    guidance_scale: float = 7.5
-    negative_prompt: str = ""
+    scheduler: SchedulerName = GenerationSettings.scheduler
+    steps: int = GenerationSettings.steps
+    guidance_scale: float = GenerationSettings.guidance_scale
+    negative_prompt: str = GenerationSettings.negative_prompt
     resolution: Optional[int] = None  # default: data.resolution
     # Validation and final samples at this (height, width), e.g. a bucket's size; default: resolution square.
     size: Optional[list[int]] = None

@@ -40,12 +40,13 @@ def _open_upright(path: str) -> Image.Image:
         with Image.open(path) as img:
             img.load()
             return ImageOps.exif_transpose(img)
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise UserError(f"cannot read image {path}: {exc}") from None
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Open an image upright (EXIF orientation) in RGB; transparency is composited onto white."""
+def load_rgb(path) -> Image.Image:
+    """Open an image upright (EXIF orientation) in RGB; transparency is composited onto white. The one image
+    loader of the project: training, scoring and reports see the same pixels."""
     img = _open_upright(path)
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")

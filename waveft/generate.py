@@ -10,7 +10,6 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -19,35 +18,10 @@ from tqdm.auto import tqdm
 
 from waveft.errors import UserError, cli_entry
 from waveft.files import write_atomic, write_text_atomic
+from waveft.generation_settings import SCHEDULERS, GenerationSettings
 from waveft.models import DTYPES
 
 MANIFEST_NAME = "manifest.jsonl"
-# Keyword arguments of diffusers schedulers, by the names this project uses.
-SCHEDULERS = {
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2)),
-    "dpmpp_2m_karras": (
-        "DPMSolverMultistepScheduler",
-        dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True),
-    ),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
-
-
-@dataclass
-class GenerationSettings:
-    scheduler: str = "dpmpp_2m"
-    steps: int = 30
-    guidance_scale: float = 7.5
-    negative_prompt: str = ""
-    height: int = 1024
-    width: int = 1024
-    batch_size: int = 4
-    dtype: str = "fp32"
-
-
 def set_scheduler(pipe, name: str) -> None:
     import diffusers
 
@@ -110,16 +84,39 @@ def load_pipeline(
     return pipe.to(device)
 
 
-def read_manifest(path: str) -> dict[str, dict]:
-    """Rows of a manifest.jsonl keyed by file name."""
-    rows = {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                if line.strip():
-                    row = json.loads(line)
-                    rows[row["file"]] = row
+def read_manifest(path, required_keys: tuple[str, ...] = ("file",)) -> dict[str, dict]:
+    """Rows of a manifest.jsonl keyed by file name, in file order; {} when there is no such file. A line that
+    is not a JSON object, lacks one of `required_keys` or names a file twice is a UserError naming the line."""
+    rows: dict[str, dict] = {}
+    if not os.path.isfile(path):
+        return rows
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{number}: not a JSON row ({exc})") from None
+            missing = [k for k in required_keys if k not in row] if isinstance(row, dict) else list(required_keys)
+            if missing:
+                raise UserError(f"{path}:{number}: missing keys {', '.join(missing)}")
+            if row["file"] in rows:
+                raise UserError(f"{path}:{number}: {row['file']} is listed twice")
+            rows[row["file"]] = row
     return rows
+
+
+def read_prompts_file(path: str) -> list[str]:
+    """One prompt per non-blank line; a missing, unreadable or empty file is a UserError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read prompts file {path}: {exc}") from None
+    if not prompts:
+        raise UserError(f"prompts file {path} holds no prompts")
+    return prompts
 
 
 def write_manifest(path: str, rows: dict[str, dict]) -> None:
@@ -213,15 +210,7 @@ def parse_args(argv=None):
     parser.add_argument("--prompts-file", help="text file with one prompt per line")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", required=True, help="output folder for PNGs, manifest.jsonl and grid.png")
-    defaults = GenerationSettings()
-    parser.add_argument("--scheduler", default=defaults.scheduler, choices=sorted(SCHEDULERS))
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale)
-    parser.add_argument("--negative-prompt", default=defaults.negative_prompt)
-    parser.add_argument("--height", type=int, default=defaults.height)
-    parser.add_argument("--width", type=int, default=defaults.width)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--dtype", default=defaults.dtype, choices=["fp32", "fp16", "bf16"])
+    GenerationSettings.add_arguments(parser)
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     return parser.parse_args(argv)
 
@@ -229,28 +218,15 @@ def parse_args(argv=None):
 @cli_entry
 def main(argv=None) -> None:
     args = parse_args(argv)
-    prompts = list(args.prompt)
-    if args.prompts_file:
-        if not os.path.isfile(args.prompts_file):
-            raise UserError(f"prompts file not found: {args.prompts_file}")
-        with open(args.prompts_file) as f:
-            prompts += [line.strip() for line in f if line.strip()]
+    prompts = list(args.prompt) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
     if not prompts:
         raise UserError("no prompts: pass --prompt or --prompts-file")
     base = args.base or (read_adapter_run_info(args.adapter).get("base_model") if args.adapter else None)
     if base is None:
         raise UserError("no base model: pass --base (the adapter folder does not name one)")
-    settings = GenerationSettings(
-        scheduler=args.scheduler,
-        steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        negative_prompt=args.negative_prompt,
-        height=args.height,
-        width=args.width,
-        batch_size=args.batch_size,
-        dtype=args.dtype,
-    )
-    pipe = load_pipeline(base, args.adapter, args.vae, args.dtype, args.device, args.scheduler)
+    settings = GenerationSettings.from_args(args)
+    settings.check()
+    pipe = load_pipeline(base, args.adapter, args.vae, settings.dtype, args.device, settings.scheduler)
     rows = generate_images(pipe, prompt_seed_jobs(prompts, args.seeds, base_model=base, adapter=args.adapter),
                            args.out, settings)
     save_grid([os.path.join(args.out, r["file"]) for r in rows], os.path.join(args.out, "grid.png"), len(args.seeds))

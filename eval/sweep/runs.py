@@ -150,7 +150,8 @@ def train_command(run: Run) -> list[str]:
 
 
 def generate_command(sweep: SweepConfig, run: Run) -> list[str]:
-    return generate_argv(sweep.generation, run.train_dir, sweep.benchmark.dir, run.bench_dir)
+    return generate_argv(sweep.generation, run.train_dir, sweep.benchmark.dir, run.bench_dir,
+                         Path(sweep.output_dir, "drift-base"))
 
 
 def score_command(sweep: SweepConfig, run: Run) -> list[str]:

@@ -12,6 +12,7 @@ from typing import Literal, Optional, Union
 
 import yaml
 
+from eval.generate_benchmark import BenchmarkGenerationSettings
 from eval.protocol import (
     DEFAULT_IDENTIFIER,
     PROMPTS_FILE,
@@ -21,7 +22,7 @@ from eval.protocol import (
     load_benchmark,
     real_image_paths,
 )
-from eval.sweep.stages import GenerationSettings, ScoringSettings, check_stage_settings
+from eval.sweep.stages import ScoringSettings, check_stage_settings
 from eval.tiny_benchmark import tiny_benchmark
 from waveft.errors import UserError
 from waveft.schema import coerce_value, read_yaml_mapping
@@ -87,7 +88,7 @@ class SweepConfig:
     methods: list[MethodSpec] = field(default_factory=list)
     budgets: list[float] = field(default_factory=list)  # adapter.budget, in LoRA-rank-1 units
     seeds: list[int] = field(default_factory=lambda: [42])  # training seeds
-    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    generation: BenchmarkGenerationSettings = field(default_factory=BenchmarkGenerationSettings)
     scoring: ScoringSettings = field(default_factory=ScoringSettings)
     report: ReportSettings = field(default_factory=ReportSettings)
     launcher: LauncherSettings = field(default_factory=LauncherSettings)

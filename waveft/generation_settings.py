@@ -1,0 +1,47 @@
+"""How images are made: the settings of `waveft.generate`, shared by benchmark generation and training-time
+sampling. Importing this module loads no model library, so run configs can check scheduler names early."""
+from dataclasses import dataclass, field
+from typing import Literal
+
+from waveft.cli_settings import CliSettings, cli
+
+# Keyword arguments of diffusers schedulers, by the names this project uses.
+SCHEDULERS = {
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+SchedulerName = Literal[tuple(SCHEDULERS)]  # type: ignore[valid-type]  (the names above, one list)
+GenerationDtype = Literal["fp32", "fp16", "bf16"]
+
+
+@dataclass
+class GenerationSettings(CliSettings):
+    """Everything but the prompts and seeds that decides a generated image (batch_size only decides speed)."""
+
+    scheduler: SchedulerName = field(default="dpmpp_2m", metadata=cli("sampler"))
+    steps: int = field(default=30, metadata=cli("denoising steps"))
+    guidance_scale: float = field(default=7.5, metadata=cli("classifier-free guidance scale"))
+    negative_prompt: str = field(default="", metadata=cli("negative prompt"))
+    height: int = field(default=1024, metadata=cli("image height in pixels"))
+    width: int = field(default=1024, metadata=cli("image width in pixels"))
+    batch_size: int = field(default=4, metadata=cli("images per call (each image has its own generator)"))
+    dtype: GenerationDtype = field(default="fp32", metadata=cli("pipeline dtype"))
+
+    def image_settings(self) -> dict:
+        """The settings that change the pictures: all but batch_size."""
+        return {k: v for k, v in vars(self).items() if k != "batch_size"}
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(field, what is wrong) for values no pipeline can use."""
+        found = [(name, "must be > 0") for name in ("steps", "batch_size") if getattr(self, name) <= 0]
+        found += [(name, "must be a positive multiple of 8") for name in ("height", "width")
+                  if getattr(self, name) <= 0 or getattr(self, name) % 8]
+        return found
+
