@@ -11,9 +11,9 @@ then, and `--dry-run` writes nothing at all). Each run is three subprocesses: th
 (the default) runs them on this machine, one worker per GPU; `launcher.type: slurm` submits one Slurm job array,
 one task per unfinished run (`eval.sweep.slurm`). Then `eval.report` compares all finished runs:
 
-    report/             `report.dir`: eval.report over every finished run (table, metrics vs budget), cost.md
-                        (train seconds, peak memory, adapter size, images/s per method and budget), sweep.yaml
-                        (the resolved sweep, rewritten at every start) and report.log
+    report/             `report.dir`: eval.report over every finished run (tables with each method's cost per run:
+                        train time, peak memory, adapter size, images/s; plots; index.html), sweep.yaml (the
+                        resolved sweep, rewritten at every start) and report.log
     report/budget-<b>/  eval.report over the runs at `report.comparison_budget` (the method comparison)
 
 Sweeps may share an output_dir (with their own `report.dir`): a run that two sweeps name (same method name,
@@ -32,7 +32,6 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from eval.sweep.cost import write_cost_table
 from eval.sweep.runner import (
     Children,
     LocalLauncher,
@@ -102,8 +101,6 @@ def write_reports(sweep: SweepConfig, finished: list[Run], children: Children) -
         else:
             print(f"report: {folder / 'report.md'}")
             print((folder / "report.md").read_text().split("\nSettings:")[0])
-    print(f"cost per run: {out / 'cost.md'}")
-    print(write_cost_table(finished, out))
     return failures
 
 
