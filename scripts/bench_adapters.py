@@ -27,28 +27,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from waveft.adapters.structured_waveft import enable_structured_waveft
+from waveft.adapters.waveft_locations import shared_waveft_locations
+from waveft.tiny import SDXL_UNET_CONFIG, materialise, tiny_unet_config
 
-# stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (nothing can be downloaded here).
-SDXL_UNET_CONFIG = dict(
-    sample_size=128,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(320, 640, 1280),
-    layers_per_block=2,
-    transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20),
-    cross_attention_dim=2048,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-    use_linear_projection=True,
-    flip_sin_to_cos=True,
-    freq_shift=0,
-    norm_num_groups=32,
-    act_fn="silu",
-)
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TOKENS = 77
 VARIANTS = ["base", "lora_r1", "peft_waveft", "structured_waveft"]
@@ -100,8 +81,9 @@ def target_module_names(model) -> list:
     ]
 
 
-def add_adapter(model, variant: str):
-    """Put `variant` on every attention projection of `model` at the LoRA r=1 budget; returns the trainable params."""
+def add_adapter(model, variant: str, budget: int = 1):
+    """Put `variant` on every attention projection of `model` at `budget` LoRA-rank-1 units (LoRA r=budget,
+    WaveFT n_frequency = budget * (in + out)); returns the trainable params."""
     from peft import LoraConfig, WaveFTConfig, inject_adapter_in_model
 
     model.requires_grad_(False)
@@ -109,14 +91,15 @@ def add_adapter(model, variant: str):
         return []
     names = target_module_names(model)
     if variant == "lora_r1":
-        config = LoraConfig(r=1, lora_alpha=1, target_modules=TARGET_MODULES)
+        config = LoraConfig(r=budget, lora_alpha=budget, target_modules=TARGET_MODULES)
     else:
-        budget = {}
+        n_frequency = {}
         for name in names:
             layer = model.get_submodule(name)
-            budget[name] = layer.in_features + layer.out_features
-        config = WaveFTConfig(n_frequency=2592, n_frequency_pattern=budget, target_modules=TARGET_MODULES)
-    inject_adapter_in_model(config, model)
+            n_frequency[name] = budget * (layer.in_features + layer.out_features)
+        config = WaveFTConfig(n_frequency=2592, n_frequency_pattern=n_frequency, target_modules=TARGET_MODULES)
+    with shared_waveft_locations():
+        inject_adapter_in_model(config, model)
     if variant == "structured_waveft":
         enable_structured_waveft(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -134,11 +117,22 @@ class Measurement:
     peak_bytes: int
 
 
+def cuda_event_seconds(step) -> float:
+    """Seconds `step` takes on the current CUDA stream, by CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
 CLOCKS = {
     "wall": time.perf_counter,
     # CPU time of the calling thread: with --threads 1 all of torch's CPU work runs on it, and time spent
     # descheduled by other tenants of the machine is not counted.
     "thread": time.thread_time,
+    "cuda-events": cuda_event_seconds,  # CUDA only
 }
 
 
@@ -151,6 +145,9 @@ def interleaved_medians(steps: dict, warmup: int, repeats: int, synchronize, clo
     for _ in range(repeats):
         for name, step in steps.items():
             synchronize()
+            if clock is cuda_event_seconds:
+                times[name].append(cuda_event_seconds(step))
+                continue
             start = clock()
             step()
             synchronize()
@@ -221,13 +218,13 @@ class OneProjection(torch.nn.Module):
         self.to_q = torch.nn.Linear(in_features, out_features)
 
 
-def bench_projection(shape: ProjectionShape, device, dtype, warmup, repeats, clock) -> dict:
+def bench_projection(shape: ProjectionShape, device, dtype, warmup, repeats, clock, variants=VARIANTS, budget=1):
     torch.manual_seed(0)
     base = OneProjection(shape.in_features, shape.out_features).to(device, dtype)
     models = {}
-    for variant in VARIANTS:
+    for variant in variants:
         models[variant] = copy.deepcopy(base)
-        add_adapter(models[variant], variant)
+        add_adapter(models[variant], variant, budget)
     x = torch.randn(shape.tokens, shape.in_features, device=device, dtype=dtype, requires_grad=True)
     grad_out = torch.randn(shape.tokens, shape.out_features, device=device, dtype=dtype)
 
@@ -241,7 +238,45 @@ def bench_projection(shape: ProjectionShape, device, dtype, warmup, repeats, clo
 
     steps = {variant: step_of(model) for variant, model in models.items()}
     seconds = interleaved_medians(steps, warmup, repeats, synchronizer(device), clock)
-    return {v: Measurement(seconds[v], peak_memory(steps[v], device)) for v in VARIANTS}
+    return {v: Measurement(seconds[v], peak_memory(steps[v], device)) for v in variants}
+
+
+def bench_budget_growth(budgets, device, dtype, warmup, repeats, clock) -> dict:
+    """{budget: {variant: Measurement}} for LoRA r=budget and structured WaveFT at the same budget over SDXL's
+    560 projections at 1024-px token counts (time: sum over the 560; memory: the largest projection's)."""
+    variants = ["lora_r1", "structured_waveft"]
+    growth = {}
+    for budget in budgets:
+        total = {v: 0.0 for v in variants}
+        largest = {v: 0 for v in variants}
+        for shape in sdxl_projection_shapes():
+            measured = bench_projection(shape, device, dtype, warmup, repeats, clock, variants, budget)
+            for v in variants:
+                total[v] += shape.count * measured[v].seconds
+                largest[v] = max(largest[v], measured[v].peak_bytes)
+        growth[budget] = {v: Measurement(total[v], largest[v]) for v in variants}
+        print(f"budget {budget}: " + ", ".join(f"{v} {m.seconds:.2f} s" for v, m in growth[budget].items()))
+    return growth
+
+
+def budget_growth_table(growth: dict) -> str:
+    lines = [
+        "### (d) Cost growth with the budget: all 560 SDXL projections, forward + backward, 1024-px token counts",
+        "",
+        "| budget (LoRA rank) | LoRA time (ms) | structured WaveFT time (ms) | structured / LoRA "
+        "| LoRA time / budget 1 | structured time / budget 1 | LoRA peak (MiB) | structured peak (MiB) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    first = growth[min(growth)]
+    for budget, m in growth.items():
+        lora, structured = m["lora_r1"], m["structured_waveft"]
+        lines.append(
+            f"| {budget} | {lora.seconds * 1e3:.1f} | {structured.seconds * 1e3:.1f} | "
+            f"{ratio(structured.seconds, lora.seconds)} | {ratio(lora.seconds, first['lora_r1'].seconds)} | "
+            f"{ratio(structured.seconds, first['structured_waveft'].seconds)} | {lora.peak_bytes / 2**20:.1f} | "
+            f"{structured.peak_bytes / 2**20:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- (b) one UNet training step
@@ -265,15 +300,16 @@ def bench_unet_step(config, device, dtype, warmup, repeats, clock, gradient_chec
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    base = UNet2DConditionModel.from_config(config).requires_grad_(False)
-    if (device.type, dtype) != ("cpu", torch.float32):
-        base = base.to(device, dtype)
+    with torch.device("meta"):
+        base = UNet2DConditionModel.from_config(config)
+    base = materialise(base, dtype, device).requires_grad_(False)  # never a full fp32 copy on the way
     size = config["sample_size"]
+    pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
     inputs = dict(
         timestep=torch.tensor([500], device=device),
-        encoder_hidden_states=torch.randn(1, TEXT_TOKENS, 2048, device=device, dtype=dtype),
+        encoder_hidden_states=torch.randn(1, TEXT_TOKENS, config["cross_attention_dim"], device=device, dtype=dtype),
         added_cond_kwargs=dict(
-            text_embeds=torch.randn(1, 1280, device=device, dtype=dtype),
+            text_embeds=torch.randn(1, pooled, device=device, dtype=dtype),
             time_ids=torch.tensor([[size * 8, size * 8, 0, 0, size * 8, size * 8]], device=device, dtype=dtype),
         ),
     )
@@ -382,39 +418,32 @@ def main():
         default="wall",
         help="wall: elapsed time; thread: CPU time of the main thread, for --threads 1 on a shared machine",
     )
+    parser.add_argument(
+        "--sections", default="a,b",
+        help="comma-separated: a (projections), b (reduced UNet step), c (full-size UNet step at "
+        "--full-resolution, gradient checkpointing), d (cost growth with the budget, 1/3/10)",
+    )  # fmt: skip
+    parser.add_argument("--full-resolution", type=int, default=256, help="image size of section c, in pixels")
+    parser.add_argument("--step-repeats", type=int, help="timed repeats per UNet step (default: 7 in b, 2 in c)")
+    parser.add_argument(
+        "--tiny-unet", action="store_true", help="section c on the built-in tiny UNet: a test of this script"
+    )
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
+    if not sections <= set("abcd"):
+        parser.error(f"--sections: unknown {sorted(sections - set('abcd'))}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.clock == "thread" and (device.type == "cuda" or torch.get_num_threads() != 1):
         parser.error("--clock thread measures only the main thread: use it with --threads 1 on CPU")
+    if args.clock == "cuda-events" and device.type != "cuda":
+        parser.error("--clock cuda-events needs CUDA")
     clock = CLOCKS[args.clock]
     load_at_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     warmup, repeats = (1, 3) if args.quick else (3, 15)
-
-    projection_rows, shape_total = [], {v: 0.0 for v in VARIANTS}
-    for shape in sdxl_projection_shapes():
-        measured = bench_projection(shape, device, dtype, warmup, repeats, clock)
-        projection_rows.append((shape.label, measured))
-        for variant in VARIANTS:
-            shape_total[variant] += shape.count * measured[variant].seconds
-        print(f"projection {shape.label}: " + ", ".join(f"{v} {m.seconds * 1e3:.1f} ms" for v, m in measured.items()))
-    largest = {v: max(m[v].peak_bytes for _, m in projection_rows) for v in VARIANTS}
-    set_total = {v: Measurement(shape_total[v], largest[v]) for v in VARIANTS}
-    projection_rows.append(("all 560 SDXL projections (time: sum; memory: largest)", set_total))
-
-    latent = 16 if args.quick else 48
-    step_repeats = 2 if args.quick else 7
-    step, counts = bench_unet_step(unet_config(True, latent), device, dtype, 1, step_repeats, clock)
-    label = f"SDXL UNet, latent {latent}x{latent}, " + ", ".join(f"{k} {v}" for k, v in REDUCED_UNET.items())
-    step_rows = [(label, step)]
-    print(f"UNet step ({label}): " + ", ".join(f"{v} {m.seconds:.2f} s" for v, m in step.items()))
-    if device.type == "cuda":
-        full, _ = bench_unet_step(unet_config(False, 128), device, dtype, 2, 5, clock, gradient_checkpointing=True)
-        step_rows.append(("full SDXL UNet, 1024 px (latent 128x128), bf16, gradient checkpointing", full))
-        step = full
-
+    step_repeats = args.step_repeats or (2 if args.quick else 7)
     clock_name = "CPU time of the main thread" if args.clock == "thread" else "wall clock"
     report = [
         "## Adapter training cost: LoRA r1 vs PEFT WaveFT vs structured WaveFT",
@@ -427,13 +456,57 @@ def main():
         f"Times ({clock_name}): medians of interleaved repeats ({repeats} per projection, {step_repeats} per UNet",
         "step) after warm-up runs. Peak memory: bytes of tensors allocated during the step, at their peak.",
         "",
-        table("(a) One attention projection, forward + backward, 1024-px SDXL token counts", projection_rows),
-        table("(b) One UNet training step (forward, backward, AdamW)", step_rows),
-        "Trainable parameters in (b): "
-        + ", ".join(f"{VARIANT_TITLES[v]} {n:,}" for v, n in counts.items() if v != "base")
-        + ". Frozen base: backward to the input latents, no optimizer.\n",
-        targets_summary(shape_total, step),
     ]
+    shape_total = step = None
+    if "a" in sections:
+        projection_rows, shape_total = [], {v: 0.0 for v in VARIANTS}
+        for shape in sdxl_projection_shapes():
+            measured = bench_projection(shape, device, dtype, warmup, repeats, clock)
+            projection_rows.append((shape.label, measured))
+            for variant in VARIANTS:
+                shape_total[variant] += shape.count * measured[variant].seconds
+            times = ", ".join(f"{v} {m.seconds * 1e3:.1f} ms" for v, m in measured.items())
+            print(f"projection {shape.label}: {times}")
+        largest = {v: max(m[v].peak_bytes for _, m in projection_rows) for v in VARIANTS}
+        set_total = {v: Measurement(shape_total[v], largest[v]) for v in VARIANTS}
+        projection_rows.append(("all 560 SDXL projections (time: sum; memory: largest)", set_total))
+        title = "(a) One attention projection, forward + backward, 1024-px SDXL token counts"
+        report.append(table(title, projection_rows))
+    if "b" in sections:
+        latent = 16 if args.quick else 48
+        step, counts = bench_unet_step(unet_config(True, latent), device, dtype, 1, step_repeats, clock)
+        label = f"SDXL UNet, latent {latent}x{latent}, " + ", ".join(f"{k} {v}" for k, v in REDUCED_UNET.items())
+        step_rows = [(label, step)]
+        print(f"UNet step ({label}): " + ", ".join(f"{v} {m.seconds:.2f} s" for v, m in step.items()))
+        if device.type == "cuda":
+            full, _ = bench_unet_step(unet_config(False, 128), device, dtype, 2, 5, clock, gradient_checkpointing=True)
+            step_rows.append(("full SDXL UNet, 1024 px (latent 128x128), bf16, gradient checkpointing", full))
+            step = full
+        report.append(table("(b) One UNet training step (forward, backward, AdamW)", step_rows))
+        report.append(
+            "Trainable parameters in (b): "
+            + ", ".join(f"{VARIANT_TITLES[v]} {n:,}" for v, n in counts.items() if v != "base")
+            + ". Frozen base: backward to the input latents, no optimizer.\n"
+        )
+    if "c" in sections:
+        latent = args.full_resolution // 8
+        config = dict(tiny_unet_config(), sample_size=latent) if args.tiny_unet else unet_config(False, latent)
+        repeats_c = args.step_repeats or 2
+        full, counts = bench_unet_step(config, device, dtype, 1, repeats_c, clock, gradient_checkpointing=True)
+        unet_name = "tiny UNet" if args.tiny_unet else "full SDXL UNet (all 560 projections)"
+        label = f"{unet_name}, {args.full_resolution} px, {dtype}, gradient checkpointing"
+        print(f"UNet step ({label}): " + ", ".join(f"{v} {m.seconds:.2f} s" for v, m in full.items()))
+        title = f"(c) One training step of the full-size UNet (1 warm-up, median of {repeats_c})"
+        report.append(table(title, [(label, full)]))
+        report.append(
+            "Trainable parameters in (c): "
+            + ", ".join(f"{VARIANT_TITLES[v]} {n:,}" for v, n in counts.items() if v != "base")
+            + ".\n"
+        )
+    if "d" in sections:
+        report.append(budget_growth_table(bench_budget_growth((1, 3, 10), device, dtype, 1, repeats // 3, clock)))
+    if shape_total is not None and step is not None:
+        report.append(targets_summary(shape_total, step))
     text = "\n".join(report)
     print(text)
     if args.out:

@@ -1,0 +1,31 @@
+"""scripts/gpu_check.sh end to end on CPU at a tiny size (no CUDA needed to import or run it there)."""
+import os
+import subprocess
+
+import pytest
+
+from tests.helpers import REPO
+
+pytestmark = pytest.mark.slow  # the benchmark and the trainer in subprocesses
+
+
+def test_gpu_check_runs_on_cpu_at_a_tiny_size_and_writes_its_table(tmp_path):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run(
+        ["bash", "scripts/gpu_check.sh", "--tiny", "--out", str(tmp_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (tmp_path / "gpu_check.md").read_text()
+    for variant in ("frozen base", "LoRA r1", "PEFT WaveFT", "structured WaveFT"):
+        assert f"| {variant} |" in report
+    assert "| steps | 2 |" in report and "| adapted_layers |" in report
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_gpu_mode_refuses_a_machine_without_cuda(tmp_path):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run(
+        ["bash", "scripts/gpu_check.sh", "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert result.returncode != 0 and "error: no CUDA device" in result.stderr
