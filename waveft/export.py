@@ -210,26 +210,33 @@ def check_recorded_shapes(source: SourceAdapter, unet, base: str) -> None:
 def check_saved_shapes(source: SourceAdapter, unet, base: str, adapter_name: str) -> None:
     """Every saved tensor must be one the base model's layers take, of the shape they take."""
     from peft import get_peft_model_state_dict
+    from peft.tuners.tuners_utils import BaseTunerLayer
     from safetensors import safe_open
 
     from waveft.checkpointing import PEFT_MODEL_PREFIX
 
     expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(unet, adapter_name=adapter_name).items()}
-    modules = dict(unet.named_modules())
+    tuner_layers = {n: m for n, m in unet.named_modules() if isinstance(m, BaseTunerLayer)}
     with safe_open(os.path.join(source.path, ADAPTER_WEIGHTS_NAME), framework="pt") as f:
         saved = {k.removeprefix(PEFT_MODEL_PREFIX): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+    def layer_of(key: str) -> str:
+        parts = key.split(".")
+        prefixes = (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1))
+        return next((p for p in prefixes if p in tuner_layers), key.rsplit(".", 2)[0])
+
     for key in sorted(set(saved) | set(expected)):
-        layer = next((n for n in sorted(modules, key=len, reverse=True) if n and key.startswith(n + ".")), key)
+        layer = layer_of(key)
         if key not in expected:
             raise UserError(f"{source.path}: layer {layer} ({key}) is not an adapted layer of the base model {base}")
         if key not in saved:
             raise UserError(f"{source.path}: the base model {base} has layer {layer}, which the adapter lacks "
                             f"({key}); was it trained on another model?")
         if saved[key] != expected[key]:
-            shape = f"{modules[layer].out_features}x{modules[layer].in_features}" if layer in modules else "?"
+            module = tuner_layers[layer]
             raise UserError(f"{source.path}: layer {layer} does not match the base model {base}: "
-                            f"{key} is {list(saved[key])} in the adapter, the base model's {shape} layer "
-                            f"needs {list(expected[key])}")
+                            f"{key.removeprefix(layer + '.')} is {list(saved[key])} in the adapter, the base "
+                            f"model's {module.out_features}x{module.in_features} layer needs {list(expected[key])}")
 
 
 @torch.no_grad()
