@@ -4,18 +4,19 @@ metadata, and every bad input (one line, exit 2, nothing written)."""
 import hashlib
 import json
 import os
+import re
 import shutil
 
 import pytest
 import torch
 
-from tests.conftest import unet_output
+from tests.helpers import unet_output
 from waveft.adapters.attach import attach_adapter
 from waveft.checkpointing import ADAPTER_WEIGHTS_NAME, save_adapter
 from waveft.config import AdapterConfig
 from waveft.export import ExportRequest, export_adapter, kohya_name, main
 
-WAVEFT = dict(n_frequency=300)
+WAVEFT = {"n_frequency": 300}
 # One adapter of each method on the tiny model, small enough that the UNet stays in its normal range.
 METHOD_SETTINGS = {
     "waveft": WAVEFT, "shira": {"r": 2}, "lora": {"r": 2}, "loha": {"r": 2}, "lokr": {"r": 4},
@@ -102,7 +103,7 @@ def test_lora_loads_in_diffusers_and_equals_peft_converted_lora(tiny_sdxl_dir, w
     assert max(r.relative_error for r in result.lora_layers) > 0.1  # rank 8 of a WaveFT difference is lossy
 
 
-@pytest.mark.parametrize("size", [dict(rank=64), dict(energy=1.0)])
+@pytest.mark.parametrize("size", [{"rank": 64}, {"energy": 1.0}])
 def test_lora_at_full_rank_reproduces_the_merged_waveft_unet(tiny_sdxl_dir, waveft_adapter, tmp_path, size):
     result = export(waveft_adapter, tmp_path / "full.safetensors", "lora", dtype="fp32", **size)
     assert max(r.relative_error for r in result.lora_layers) < 1e-3
@@ -154,7 +155,7 @@ def test_metadata_round_trips(tiny_sdxl_dir, waveft_adapter, tmp_path):
         sha256 = hashlib.sha256(f.read()).hexdigest()
     with open(os.path.join(waveft_adapter, "waveft_run.json")) as f:
         run_info = json.load(f)
-    for fmt, kwargs in [("full-diff", {}), ("lora", dict(rank=4))]:
+    for fmt, kwargs in [("full-diff", {}), ("lora", {"rank": 4})]:
         result = export(waveft_adapter, tmp_path / f"{fmt}.safetensors", fmt, **kwargs)
         with safe_open(result.path, framework="pt") as f:
             metadata = f.metadata()
@@ -295,3 +296,53 @@ def test_interrupted_export_leaves_the_earlier_file(waveft_adapter, tmp_path, mo
         export(waveft_adapter, out, "full-diff", overwrite=True)
     assert out.read_bytes() == b"earlier export" and os.listdir(tmp_path) == ["x.safetensors"]
     shutil.rmtree(tmp_path)
+
+
+# ---- the trainer's `export:` section ------------------------------------------------------------------------------
+
+
+def test_a_run_exports_the_files_its_config_asks_for_and_its_card_says_where_they_load(
+        tiny_sdxl_dir, subject_dir, tmp_path):
+    from tests.test_training import tiny_cfg
+    from waveft.training import train
+
+    cfg = tiny_cfg(tiny_sdxl_dir, subject_dir, tmp_path / "run", "train.max_steps=2",
+                   "train.gradient_accumulation_steps=1", "train.checkpointing_steps=0",
+                   "export.formats=[lora, full-diff]", "export.lora_rank=4", "export.dtype=fp32")
+    train(cfg)
+    adapter = tmp_path / "run" / "adapter"
+    lora, diff = adapter / "toy_ball_waveft_lora_r4.safetensors", adapter / "toy_ball_waveft_full_diff.safetensors"
+    assert lora.is_file() and diff.is_file()
+    card = (adapter / "README.md").read_text()
+    assert "<lora:toy_ball_waveft_lora_r4:1>" in card and "Load LoRA" in card and "load_lora_weights" in card
+    assert "`toy_ball_waveft_full_diff.safetensors` | full weight difference" in card
+    unet = load_unet(tiny_sdxl_dir)
+    apply_full_diff(unet, str(diff))
+    torch.testing.assert_close(unet_output(unet), unet_output(merged_unet(tiny_sdxl_dir, str(adapter))))
+    lora_pipeline_output(tiny_sdxl_dir, str(lora))  # loads in diffusers
+
+
+@pytest.mark.parametrize("override, message", [
+    ("export.formats=[lora, lora]", "names a format twice"),
+    ("export.formats=[lycoris]", "export.formats[0]"),
+    ("export.lora_energy=1.5", "'export.lora_energy' must be in (0, 1]"),
+    ("export.lora_rank=0", "'export.lora_rank' must be > 0"),
+    ("export.lora_rnk=4", "unknown key 'export.lora_rnk'"),
+])
+def test_export_settings_are_checked_with_the_config(override, message):
+    from waveft.config import load_config
+    from waveft.errors import UserError
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_config(None, ("output_dir=x", "data.instance_dir=y", "export.formats=[lora]", override))
+
+
+def test_a_lora_rank_too_large_for_a_layer_stops_the_run_before_training(tiny_sdxl_dir, subject_dir, tmp_path):
+    from tests.test_training import tiny_cfg
+    from waveft.errors import UserError
+    from waveft.training import train
+
+    cfg = tiny_cfg(tiny_sdxl_dir, subject_dir, tmp_path / "run", "export.formats=[lora]", "export.lora_rank=65")
+    with pytest.raises(UserError, match=r"export.lora_rank=65 is larger than layer .* at most 64"):
+        train(cfg)
+    assert not (tmp_path / "run" / "config.yaml").exists()

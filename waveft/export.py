@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
+from waveft.checkpointing import ADAPTER_WEIGHTS_NAME, PEFT_MODEL_PREFIX, load_adapter_weights
 from waveft.errors import UserError, cli_entry
 from waveft.files import write_atomic
 
@@ -49,7 +50,6 @@ NOT_ADDITIVE = {
     "BOFT": "BOFT multiplies the weight by a learned rotation: its change depends on the base weights",
     "LN_TUNING": "LN tuning replaces norm layers, it adds no weight difference to the adapted layers",
 }
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 def kohya_name(module_path: str) -> str:
@@ -85,8 +85,10 @@ def read_source_adapter(path: str) -> SourceAdapter:
     try:
         with open(config_file) as f:
             peft_config = json.load(f)
-        run_file = os.path.join(path, "waveft_run.json")
-        run_info = json.load(open(run_file)) if os.path.isfile(run_file) else {}
+        run_info = {}
+        if os.path.isfile(os.path.join(path, "waveft_run.json")):
+            with open(os.path.join(path, "waveft_run.json")) as f:
+                run_info = json.load(f)
     except json.JSONDecodeError as exc:
         raise UserError(f"--adapter {path}: not valid JSON ({exc})") from None
     digest = hashlib.sha256()
@@ -168,8 +170,7 @@ def attach_source_adapter(source: SourceAdapter, base: str, adapter_name: str = 
 
     import waveft.adapters.wara  # noqa: F401  (registers WaRA with PEFT, so its adapters load)
     from waveft.adapters.attach import inject_adapter
-    from waveft.adapters.fast_waveft import enable_fast_waveft
-    from waveft.checkpointing import load_adapter_weights
+    from waveft.adapters.structured_waveft import enable_structured_waveft
 
     unet = unet_skeleton(read_unet_config(base))
     check_recorded_shapes(source, unet, base)
@@ -181,7 +182,7 @@ def attach_source_adapter(source: SourceAdapter, base: str, adapter_name: str = 
         raise UserError(f"{source.path} could not be attached to {base}'s UNet: {str(exc).splitlines()[0]}") from None
     check_saved_shapes(source, unet, base, adapter_name)
     load_adapter_weights(unet, source.path, adapter_name)
-    enable_fast_waveft(unet)  # our WaveFT layer builds the difference for wavelets PEFT's layer cannot run
+    enable_structured_waveft(unet)  # our WaveFT layer builds the difference for wavelets PEFT's layer cannot run
     layers = []
     for name, module in unet.named_modules():
         if isinstance(module, BaseTunerLayer):
@@ -213,12 +214,11 @@ def check_saved_shapes(source: SourceAdapter, unet, base: str, adapter_name: str
     from peft.tuners.tuners_utils import BaseTunerLayer
     from safetensors import safe_open
 
-    from waveft.checkpointing import PEFT_MODEL_PREFIX
-
     expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(unet, adapter_name=adapter_name).items()}
     tuner_layers = {n: m for n, m in unet.named_modules() if isinstance(m, BaseTunerLayer)}
     with safe_open(os.path.join(source.path, ADAPTER_WEIGHTS_NAME), framework="pt") as f:
-        saved = {k.removeprefix(PEFT_MODEL_PREFIX): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        names = f.keys()  # noqa: SIM118 (safe_open is no dict)
+        saved = {k.removeprefix(PEFT_MODEL_PREFIX): tuple(f.get_slice(k).get_shape()) for k in names}
 
     def layer_of(key: str) -> str:
         parts = key.split(".")
@@ -372,7 +372,8 @@ def write_safetensors_streamed(f, specs: list[tuple[str, torch.dtype, tuple]], t
     header, offset = {"__metadata__": metadata}, 0
     for name, dtype, shape in specs:
         size = torch.Size(shape).numel() * dtype.itemsize
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)  # the tensors start 8-byte aligned
@@ -396,7 +397,7 @@ def export_metadata(source: SourceAdapter, base: str, fmt: str, dtype_name: str,
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.title": title,
         "modelspec.resolution": "1024x1024",
-        "modelspec.date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S"),
         "modelspec.description": f"{source.method} adapter exported as {fmt} ({layers} UNet layers)",
         "waveft.format": fmt,
         "waveft.dtype": dtype_name,
@@ -502,6 +503,46 @@ def export_adapter(request: ExportRequest, progress: bool = True, say=print) -> 
         result = ExportResult(request.out, os.path.getsize(request.out), metadata, len(layers), results)
     say(f"wrote {request.out}: {request.format}, {len(layers)} layers, {request.dtype}, {result.bytes / 1e6:.1f} MB")
     return result
+
+
+# ---- at the end of a training run (the `export:` section) --------------------------------------------------------
+
+
+def planned_exports(export_cfg, run_info: dict) -> list[dict]:
+    """The files an `export:` section asks for, named so that A1111's `<lora:NAME:1>` says what they are."""
+    stem = "_".join(str(run_info.get(k) or "") for k in ("subject", "method")).strip("_") or "adapter"
+    stem = "".join(c if c.isalnum() or c in "-_" else "-" for c in stem)
+    planned = []
+    for fmt in export_cfg.formats:
+        if fmt == "full-diff":
+            planned.append({"format": fmt, "file": f"{stem}_full_diff.safetensors", "dtype": export_cfg.dtype})
+        elif export_cfg.lora_energy is not None:
+            planned.append({"format": fmt, "file": f"{stem}_lora_energy{export_cfg.lora_energy:g}.safetensors",
+                            "energy": export_cfg.lora_energy, "dtype": export_cfg.dtype})
+        else:
+            rank = export_cfg.lora_rank or DEFAULT_LORA_RANK
+            planned.append({"format": fmt, "file": f"{stem}_lora_r{rank}.safetensors", "rank": rank,
+                            "dtype": export_cfg.dtype})
+    return planned
+
+
+def check_export_fits(export_cfg, layers) -> None:
+    """Before training: a fixed LoRA rank must fit every adapted layer (`layers`: rows with out/in_features)."""
+    if "lora" not in export_cfg.formats or export_cfg.lora_energy is not None:
+        return
+    rank = export_cfg.lora_rank or DEFAULT_LORA_RANK
+    for layer in layers:
+        if rank > min(layer.out_features, layer.in_features):
+            raise UserError(f"export.lora_rank={rank} is larger than layer {layer.name} ({layer.out_features}x"
+                            f"{layer.in_features}) allows: at most {min(layer.out_features, layer.in_features)}")
+
+
+def export_run(adapter_dir: str, planned: list[dict], say=print) -> None:
+    """Write the planned files into the saved adapter folder (each atomically, replacing an earlier export)."""
+    for item in planned:
+        request = ExportRequest(adapter=adapter_dir, format=item["format"], out=os.path.join(adapter_dir, item["file"]),
+                                rank=item.get("rank"), energy=item.get("energy"), dtype=item["dtype"], overwrite=True)
+        export_adapter(request, say=say)
 
 
 def parse_args(argv=None) -> ExportRequest:
