@@ -22,11 +22,10 @@ import time
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from scripts.bench_adapters import SDXL_UNET_CONFIG
+from waveft.config import AdapterConfig
 
-from scripts.bench_adapters import SDXL_UNET_CONFIG  # noqa: E402
-from waveft.config import AdapterConfig  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY_SETTINGS = [("full-diff", []), ("lora", ["--rank", "4"]), ("lora", ["--rank", "8"]), ("lora", ["--rank", "16"]),
                  ("lora", ["--rank", "32"]), ("lora", ["--energy", "0.9"]), ("lora", ["--energy", "0.99"])]
@@ -39,7 +38,7 @@ def make_waveft_adapter(path: str, base: str, unet, n_frequency: int, target_mod
     from waveft.checkpointing import save_adapter
 
     layers = attach_adapter(unet, AdapterConfig(type="waveft", target_modules=target_modules,
-                                                peft={"n_frequency": n_frequency}))
+                                                peft={"n_frequency": n_frequency})).layers
     torch.manual_seed(0)
     for param in unet.parameters():
         if param.requires_grad:
@@ -59,8 +58,7 @@ def run_export(adapter: str, out: str, fmt: str, extra: list[str]) -> dict:
     command = [sys.executable, "-m", "waveft.export", "--adapter", adapter, "--format", fmt, "--out", out,
                "--overwrite", *extra]
     started = time.time()
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               env=dict(os.environ, PYTHONPATH=REPO))
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     stderr = process.stderr.read()
     _, status, usage = os.wait4(process.pid, 0)
     if status != 0:

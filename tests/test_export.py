@@ -34,7 +34,7 @@ def make_adapter(path, tiny_sdxl_dir, method="waveft", peft=None, std=2e-3, reco
     """A saved adapter of `method` whose trainable weights are random (as after training), with its run record."""
     unet = load_unet(tiny_sdxl_dir)
     layers = attach_adapter(unet, AdapterConfig(type=method, peft=dict(METHOD_SETTINGS[method], **(peft or {}))),
-                            total_steps=10)
+                            total_steps=10).layers
     torch.manual_seed(1)
     for param in unet.parameters():
         if param.requires_grad:
@@ -187,7 +187,7 @@ def test_sdxl_kohya_names_are_the_560_attention_projections(tmp_path):
     base = tmp_path / "sdxl"
     unet = unet_skeleton(SDXL_UNET_CONFIG)
     unet.save_config(base / "unet")
-    layers = attach_adapter(unet, AdapterConfig(type="lora"))  # the names do not depend on the method
+    layers = attach_adapter(unet, AdapterConfig(type="lora")).layers  # the names do not depend on the method
     save_adapter(unet, str(tmp_path / "adapter"))
     exported = attach_source_adapter(read_source_adapter(str(tmp_path / "adapter")), str(base))
     names = [layer.kohya_name for layer in exported]
@@ -301,6 +301,7 @@ def test_interrupted_export_leaves_the_earlier_file(waveft_adapter, tmp_path, mo
 # ---- the trainer's `export:` section ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_run_exports_the_files_its_config_asks_for_and_its_card_says_where_they_load(
         tiny_sdxl_dir, subject_dir, tmp_path):
     from tests.test_training import tiny_cfg

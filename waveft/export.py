@@ -476,9 +476,23 @@ def check_request(request: ExportRequest) -> None:
         raise UserError(f"--out {request.out} exists; pass --overwrite to replace it")
 
 
+def return_freed_blocks_to_the_system() -> None:
+    """glibc raises its mmap threshold to the size of each large block freed, after which blocks of one layer's
+    size come from a heap that does not shrink: measured on SDXL, 5 MB more resident per layer exported (5.8 GB
+    for a full difference). A fixed 1 MiB threshold keeps such blocks mmapped, so freeing one returns it."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def export_adapter(request: ExportRequest, progress: bool = True, say=print) -> ExportResult:
     """Write the export file atomically: a failure at any point leaves no file (and any earlier one intact)."""
     check_request(request)
+    return_freed_blocks_to_the_system()
     source = read_source_adapter(request.adapter)
     check_exportable(source)
     base = base_model_of(source, request.base)
