@@ -33,9 +33,14 @@ SDXL_RANKS = [8, 16, 32, 64, 128, 256]
 
 
 def make_waveft_adapter(path: str, base: str, unet, n_frequency: int, target_modules: list[str]) -> int:
-    """A random WaveFT adapter on `unet` saved at `path`, recording `base` and its layer shapes; its layer count."""
+    """A random WaveFT adapter on `unet` saved at `path` (kept from an earlier run), recording `base` and its
+    layer shapes; its layer count."""
     from waveft.adapters.attach import attach_adapter
     from waveft.checkpointing import save_adapter
+
+    if os.path.isfile(os.path.join(path, "waveft_run.json")):
+        with open(os.path.join(path, "waveft_run.json")) as f:
+            return len(json.load(f)["layer_shapes"])
 
     layers = attach_adapter(unet, AdapterConfig(type="waveft", target_modules=target_modules,
                                                 peft={"n_frequency": n_frequency})).layers
