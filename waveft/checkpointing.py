@@ -55,7 +55,45 @@ pipe = StableDiffusionXLPipeline.from_pretrained("{run["base_model"]}", torch_dt
 pipe.unet = PeftModel.from_pretrained(pipe.unet, "path/to/this/folder").merge_and_unload()
 image = pipe("{run["instance_prompt"]} on the beach").images[0]
 ```
-"""  # noqa: E501 (the card's lines are markdown)
+""" + model_card_section(run)  # noqa: E501 (the card's lines are markdown)
+
+
+def model_card_section(run: dict) -> str:
+    """The model card's part on the exported files: which loads in which tool, and the lines each tool needs."""
+    planned = run.get("exports") or []
+    if not planned:
+        return ""
+    rows = []
+    for item in planned:
+        if item["format"] == "lora":
+            size = f"rank {item['rank']}" if "rank" in item else f"per-layer ranks keeping {item['energy']:g} energy"
+            rows.append(f"| `{item['file']}` | kohya LoRA, {size}, {item['dtype']} (an SVD approximation: its "
+                        f"per-layer error is in the file's metadata) | ComfyUI, Forge / A1111, InvokeAI, diffusers |")
+        else:
+            rows.append(f"| `{item['file']}` | full weight difference, {item['dtype']} (lossless) | "
+                        f"ComfyUI, Forge / A1111, InvokeAI (not diffusers) |")
+    example = next((i for i in planned if i["format"] == "lora"), planned[0])
+    name = example["file"].removesuffix(".safetensors")
+    diffusers_lines = "" if example["format"] != "lora" else f"""
+- diffusers:
+
+```python
+pipe = StableDiffusionXLPipeline.from_pretrained("{run["base_model"]}", torch_dtype=torch.float16)
+pipe.load_lora_weights("path/to/this/folder/{example["file"]}")
+```
+"""
+    return f"""
+## Use it in ComfyUI / Forge / A1111 / InvokeAI / diffusers
+
+| file | what | loads in |
+|---|---|---|
+{chr(10).join(rows)}
+
+- ComfyUI: put the file in `models/loras/`; a "Load LoRA" node between "Load Checkpoint" and the sampler, with
+  this file and strength 1.0.
+- Forge / A1111: put the file in `models/Lora/`; add `<lora:{name}:1>` to the prompt.
+- InvokeAI: Model Manager -> add the file (an SDXL LoRA); enable it in the LoRA panel at weight 1.
+{diffusers_lines}"""
 
 
 def load_adapter_weights(unet, path: str, adapter_name: str = "default") -> None:

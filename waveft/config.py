@@ -163,6 +163,16 @@ class ValidationConfig:
 
 
 @dataclass
+class ExportConfig:
+    """Files for ComfyUI / Forge / A1111 / InvokeAI / diffusers written into the adapter folder at the end of the
+    run (`waveft.export`; the model card says which loads where)."""
+    formats: list[Literal["lora", "full-diff"]] = field(default_factory=list)
+    lora_rank: Optional[int] = None  # same rank for every layer (default 32 unless lora_energy is set)
+    lora_energy: Optional[float] = None  # per-layer ranks keeping this fraction of the squared singular values
+    dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+
+
+@dataclass
 class RunConfig:
     output_dir: str = ""
     overwrite_output_dir: bool = False
@@ -172,6 +182,7 @@ class RunConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 def load_config(path: Optional[str], overrides: tuple[str, ...] = ()) -> RunConfig:
@@ -227,6 +238,7 @@ def validate(cfg: RunConfig, source: str) -> None:
         raise UserError(f"{source}: key 'adapter.target_modules' must name at least one module")
     if cfg.adapter.budget is not None:
         _positive(cfg.adapter.budget, "adapter.budget", source)
+    _validate_export(cfg.export, source)
     validate_adapter_settings(cfg.adapter, source, total_steps=cfg.train.max_steps)
     validate_trainer_features(cfg, source)
 
@@ -257,6 +269,20 @@ def validate_trainer_features(cfg: RunConfig, source: str) -> None:
                         f"got {cfg.validation.size}")
     if cfg.train.optimizer == "prodigy" and importlib.util.find_spec("prodigyopt") is None:
         raise UserError(f"{source}: train.optimizer=prodigy needs the prodigyopt package: pip install prodigyopt")
+
+
+def _validate_export(export: ExportConfig, source: str) -> None:
+    lora = "lora" in export.formats
+    if export.lora_rank is not None and export.lora_energy is not None:
+        raise UserError(f"{source}: set 'export.lora_rank' or 'export.lora_energy', not both")
+    if (export.lora_rank is not None or export.lora_energy is not None) and not lora:
+        raise UserError(f"{source}: 'export.lora_rank' / 'export.lora_energy' need 'lora' in 'export.formats'")
+    if export.lora_rank is not None:
+        _positive(export.lora_rank, "export.lora_rank", source)
+    if export.lora_energy is not None and not 0 < export.lora_energy <= 1:
+        raise UserError(f"{source}: key 'export.lora_energy' must be in (0, 1], got {export.lora_energy}")
+    if len(set(export.formats)) != len(export.formats):
+        raise UserError(f"{source}: key 'export.formats' names a format twice: {export.formats}")
 
 
 def config_to_dict(cfg: RunConfig) -> dict:

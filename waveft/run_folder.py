@@ -89,6 +89,8 @@ class RunInfo:
     train_losses: Optional[list] = _optional()  # [[step, loss], ...]
     validation_losses: Optional[list] = _optional()  # [[step, loss], ...]
     latent_cache: Optional[dict] = _optional()  # hits and misses of the latent cache
+    layer_shapes: Optional[dict] = _optional()  # adapted layer -> [out, in]: what waveft.export checks a base against
+    exports: Optional[list] = _optional()  # the export: section's files in adapter/ (waveft.export.planned_exports)
     # Set once the final samples exist (after run_info.json is written); not part of the file.
     samples: Optional[str] = field(default=None, metadata={"in_file": False})
 

@@ -22,6 +22,7 @@ from waveft.adapters.attach import AttachedAdapter, attach_adapter
 from waveft.checkpointing import list_checkpoints, load_checkpoint, save_adapter, save_checkpoint
 from waveft.config import RunConfig, config_to_dict, save_config
 from waveft.errors import UserError
+from waveft.export import check_export_fits, export_run, planned_exports
 from waveft.latent_cache import LatentCache, Latents, cache_folder, check_writable, vae_identity
 from waveft.loss import Conditioning, LossSettings, mask_weights, micro_batch_loss
 from waveft.models import DTYPES, load_sdxl
@@ -32,7 +33,8 @@ from waveft.validation_loss import ValidationLoss, plot_losses
 
 # The latent cache changes no number (a cached run equals an uncached one), so it may change too.
 SETTINGS_THAT_MAY_CHANGE_ON_RESUME = {"output_dir", "train.resume", "train.max_steps", "overwrite_output_dir",
-                                      "data.cache_latents", "data.latent_cache_dir"}
+                                      "data.cache_latents", "data.latent_cache_dir", "export.formats",
+                                      "export.lora_rank", "export.lora_energy", "export.dtype"}
 
 
 @dataclass
@@ -236,6 +238,7 @@ def attach_checked_adapter(cfg: RunConfig, unet, weight_dtype, say) -> AttachedA
     if unet.dtype != weight_dtype:
         unet.to(dtype=weight_dtype)
     attached = attach_adapter(unet, cfg.adapter, total_steps=cfg.train.max_steps)
+    check_export_fits(cfg.export, attached.layers)
     say(attached.describe())
     return attached
 
@@ -262,6 +265,7 @@ def describe_run(cfg: RunConfig, attached: AttachedAdapter, state: LoopState, tr
         budget=cfg.adapter.budget,
         trainable_parameters=attached.trainable_parameters,
         adapted_layers=len(attached.layers),
+        layer_shapes={layer.name: [layer.out_features, layer.in_features] for layer in attached.layers},
         subject=cfg.data.subject or os.path.basename(os.path.normpath(cfg.data.instance_dir)),
         class_noun=cfg.data.class_noun,
         identifier=cfg.data.identifier,
@@ -370,7 +374,9 @@ def save_run(cfg: RunConfig, accelerator, trained_unet, run_info: RunInfo) -> No
     run = RunFolder(cfg.output_dir)
     if run_info.validation_losses:
         plot_losses(run.loss_plot, run_info.train_losses, run_info.validation_losses)
+    run_info.exports = planned_exports(cfg.export, run_info.to_dict())
     save_adapter(trained_unet, run.adapter, metadata=run_info.adapter_metadata())
+    export_run(run.adapter, run_info.exports, say=accelerator.print)
     run_info.adapter_bytes = folder_bytes(run.adapter)
     run_info.write(run.run_info)
     if cfg.validation.final:
