@@ -6,14 +6,18 @@
 Each repeat trains the same run twice in fresh processes, interleaved: `data.cache_latents=false` (the VAE encodes
 every micro-batch) and `data.cache_latents=true` with a warm cache (center crops, so every latent is precomputed and
 the VAE leaves the accelerator during the loop). Step time is the loop's wall clock over its optimizer steps
-(run_info.json's train_seconds: model loading and cache filling excluded); peak memory is run_info.json's
-peak_memory_bytes (CUDA: max_memory_allocated; CPU: the process's peak RSS, which model loading dominates).
+(run_info.json's train_seconds: model loading and cache filling excluded); the process's CPU time (one compute
+thread, so that it measures work even on a busy machine; it includes loading, the same for both); peak memory is
+run_info.json's
+peak_memory_bytes (CUDA: max_memory_allocated; CPU: the process's peak RSS, which model loading
+dominates).
 Medians over repeats; the ratio column is cached / uncached. Without --model it builds the tiny SDXL; for SDXL's
 size give a full-size pipeline folder (e.g. one written by `python -m waveft.tiny --size full`) on a GPU.
 """
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -21,6 +25,8 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One compute thread per process: its CPU time then measures the work, even on a machine shared with other jobs.
+THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def run_once(args, work: str, name: str, cache: str, cached: bool) -> dict:
@@ -35,12 +41,14 @@ def run_once(args, work: str, name: str, cache: str, cached: bool) -> dict:
         f"train.mixed_precision='{args.mixed_precision}'", "train.checkpointing_steps=0", "train.report_to=none",
         "validation.final=false", "validation.every_steps=0",
     ]
-    started = time.time()
-    subprocess.run(command, check=True, capture_output=True, cwd=REPO)
+    started, cpu_before = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run(command, check=True, capture_output=True, cwd=REPO, env={**os.environ, **THREADS})
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
     with open(os.path.join(out, "run_info.json")) as f:
         info = json.load(f)
     return {"step_s": info["train_seconds"] / info["steps"], "peak_mib": info["peak_memory_bytes"] / 2**20,
-            "wall_s": time.time() - started, "memory_kind": info["peak_memory_kind"]}
+            "wall_s": time.time() - started, "cpu_s": cpu_s, "memory_kind": info["peak_memory_kind"]}
 
 
 def main() -> None:
@@ -70,22 +78,22 @@ def main() -> None:
                 results[name].append(run_once(args, work, f"{name}-{repeat}", cache, cached=name == "cached"))
                 row = results[name][-1]
                 print(f"repeat {repeat} {name}: {1000 * row['step_s']:.1f} ms/step, {row['peak_mib']:.0f} MiB, "
-                      f"{row['wall_s']:.1f} s", flush=True)
+                      f"{row['cpu_s']:.1f} s CPU, {row['wall_s']:.1f} s wall", flush=True)
 
-    median = {name: {key: statistics.median(r[key] for r in rows) for key in ("step_s", "peak_mib", "wall_s")}
+    median = {name: {key: statistics.median(r[key] for r in rows) for key in ("step_s", "peak_mib", "wall_s", "cpu_s")}
               for name, rows in results.items()}
     kind = results["cached"][0]["memory_kind"]
     print(f"model {args.model if '/tmp' not in args.model else 'tiny SDXL'}, {args.resolution} px, batch "
           f"{args.batch_size}, {args.steps} steps, mixed precision {args.mixed_precision}, {args.repeats} repeats "
           f"(medians), peak memory = {kind}")
-    print("| latents | step time (ms) | peak memory (MiB) | process wall clock (s) |")
-    print("|---|---|---|---|")
+    print("| latents | step time, wall (ms) | peak memory (MiB) | process CPU time (s) | process wall clock (s) |")
+    print("|---|---:|---:|---:|---:|")
     for name in ("uncached", "cached"):
         m = median[name]
-        print(f"| {name} | {1000 * m['step_s']:.1f} | {m['peak_mib']:.0f} | {m['wall_s']:.1f} |")
+        print(f"| {name} | {1000 * m['step_s']:.1f} | {m['peak_mib']:.0f} | {m['cpu_s']:.1f} | {m['wall_s']:.1f} |")
     u, c = median["uncached"], median["cached"]
     print(f"| ratio cached / uncached | {c['step_s'] / u['step_s']:.2f} | {c['peak_mib'] / u['peak_mib']:.2f} | "
-          f"{c['wall_s'] / u['wall_s']:.2f} |")
+          f"{c['cpu_s'] / u['cpu_s']:.2f} | {c['wall_s'] / u['wall_s']:.2f} |")
 
 
 if __name__ == "__main__":
