@@ -5,7 +5,7 @@ import torch
 from peft import PeftModel, WaveFTConfig, get_peft_model
 from peft.tuners.waveft import layer as waveft_layer
 
-from tests.conftest import tiny_unet
+from tests.helpers import tiny_unet
 from waveft.adapters.waveft_locations import shared_waveft_locations
 
 CONFIG = WaveFTConfig(target_modules=["to_q", "to_k", "to_v", "to_out.0"], n_frequency=24, random_loc_seed=7)
