@@ -107,8 +107,11 @@ def main(argv=None) -> int:
         "--dtype", "fp32", "--device", "cpu", "--out", images,
     ]))  # fmt: skip
     if importlib.util.find_spec("waveft.export") is not None:
-        stages.append(run_stage("export", [py, "-m", "waveft.export", "--adapter", adapter, "--base", MODEL,
-                                           "--out", os.path.join(args.work, "export")]))
+        os.makedirs(os.path.join(args.work, "export"), exist_ok=True)
+        stages.append(run_stage("export (waveft.export, full-diff)", [
+            py, "-m", "waveft.export", "--adapter", adapter, "--base", MODEL, "--format", "full-diff",
+            "--out", os.path.join(args.work, "export", "full-diff.safetensors"), "--overwrite",
+        ]))  # fmt: skip
     else:
         print("(no waveft.export in this tree: export stage skipped)")
     adapter_bytes = os.path.getsize(os.path.join(adapter, "adapter_model.safetensors"))

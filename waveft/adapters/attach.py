@@ -64,7 +64,8 @@ def inject_adapter(unet, peft_config, adapter_name: str = "default") -> None:
 
     tuner_class = PEFT_TYPE_TO_TUNER_MAPPING[peft_config.peft_type]
     if not tuner_class.uses_shared_state:
-        unet.add_adapter(peft_config, adapter_name=adapter_name)
+        with shared_waveft_locations():  # WaveFT: one location draw per layer size, PEFT's values
+            unet.add_adapter(peft_config, adapter_name=adapter_name)
         return
     if getattr(unet, "peft_config", None):
         raise UserError(f"{peft_config.peft_type.value} cannot be added beside another adapter of this UNet")
@@ -111,8 +112,7 @@ def attach_adapter(unet, adapter, adapter_name: str = "default", total_steps: Op
         method.check_layers(peft_config, layers)
     unet.requires_grad_(False)
     try:
-        with shared_waveft_locations():
-            inject_adapter(unet, peft_config, adapter_name)
+        inject_adapter(unet, peft_config, adapter_name)
     except ValueError as exc:
         raise UserError(f"adapter '{adapter.type}' could not be attached: {str(exc).splitlines()[0]}") from None
     if method.after_attach is not None:
