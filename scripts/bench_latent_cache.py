@@ -60,7 +60,6 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     args = parser.parse_args()
-    sys.path.insert(0, REPO)
     from waveft.data import write_synthetic_subject
 
     with tempfile.TemporaryDirectory() as work:
