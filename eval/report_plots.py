@@ -50,53 +50,45 @@ def plot_tradeoff(groups, path: Path, smoke_test: bool) -> None:
 def plot_metrics_vs_budget(groups, path: Path, smoke_test: bool) -> bool:
     """One panel per metric, one line per method; returns False (and writes nothing) when no run has a budget."""
     budgeted = [g for g in groups if g.budget is not None]
-    keys = _plotted_metrics(budgeted)
-    if not budgeted or not keys:
-        return False
-    plt = pyplot()
-    figure, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.4), squeeze=False)
-    for axis, key in zip(axes[0], keys):
-        for method in sorted({g.method for g in budgeted}):
-            line = [g for g in budgeted if g.method == method]
-            stats = [g.mean_se(key) for g in line]
-            axis.errorbar([g.budget for g in line], [s[0] for s in stats], yerr=np.nan_to_num([s[1] for s in stats]),
-                          marker="o", capsize=3, label=method)
-        axis.set_xlabel("budget (LoRA rank-1 units)")
-        axis.set_title(METRICS[key][0])
-    axes[0][0].legend()
-    figure.suptitle("Metrics vs budget" + (" [SMOKE TEST]" if smoke_test else ""))
-    figure.tight_layout()
-    save_figure(figure, path)
-    plt.close(figure)
-    return True
+    lines = {method: [g for g in budgeted if g.method == method] for method in sorted({g.method for g in budgeted})}
+    return _metric_panels(lines, lambda g: g.budget, "budget (LoRA rank-1 units)", "Metrics vs budget", path,
+                          smoke_test)
+
+
+def plot_metrics_vs_scaling(groups, path: Path, smoke_test: bool) -> bool:
+    """One panel per metric against the adapter's scaling lambda, one line per adapter type and budget; drawn
+    (True) only where some line has two scalings or more."""
+    by_key: dict[tuple, list] = {}
+    for g in groups:
+        if g.scaling is not None:
+            by_key.setdefault((g.runs[0].run.get("adapter_type", g.method), g.budget), []).append(g)
+    lines = {f"{adapter}, budget {format_budget(budget)}": sorted(line, key=lambda g: g.scaling)
+             for (adapter, budget), line in sorted(by_key.items(), key=lambda item: str(item[0]))
+             if len({g.scaling for g in line}) > 1}
+    return _metric_panels(lines, lambda g: g.scaling, "scaling lambda", "Metrics vs scaling lambda", path, smoke_test)
 
 
 def _plotted_metrics(groups) -> list[str]:
     return [key for key in METRICS if any(not math.isnan(g.mean_se(key)[0]) for g in groups)]
 
 
-def plot_metrics_vs_scaling(groups, path: Path, smoke_test: bool) -> bool:
-    """One panel per metric against the adapter's scaling lambda, one line per adapter type and budget; drawn
-    (True) only where some line has two scalings or more."""
-    lines: dict[tuple, list] = {}
-    for g in groups:
-        if g.scaling is not None:
-            lines.setdefault((g.runs[0].run.get("adapter_type", g.method), g.budget), []).append(g)
-    lines = {k: sorted(v, key=lambda g: g.scaling) for k, v in lines.items() if len({g.scaling for g in v}) > 1}
+def _metric_panels(lines: dict[str, list], x_of, x_label: str, title: str, path: Path, smoke_test: bool) -> bool:
+    """One panel per metric that some group has, one errorbar line per `lines` entry (label -> groups in x
+    order); returns False (and writes nothing) when there is no line or no metric."""
     keys = _plotted_metrics([g for line in lines.values() for g in line])
     if not lines or not keys:
         return False
     plt = pyplot()
     figure, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.4), squeeze=False)
     for axis, key in zip(axes[0], keys):
-        for (adapter, budget), line in sorted(lines.items(), key=lambda item: str(item[0])):
+        for label, line in lines.items():
             stats = [g.mean_se(key) for g in line]
-            axis.errorbar([g.scaling for g in line], [s[0] for s in stats], yerr=np.nan_to_num([s[1] for s in stats]),
-                          marker="o", capsize=3, label=f"{adapter}, budget {format_budget(budget)}")
-        axis.set_xlabel("scaling lambda")
+            axis.errorbar([x_of(g) for g in line], [s[0] for s in stats], yerr=np.nan_to_num([s[1] for s in stats]),
+                          marker="o", capsize=3, label=label)
+        axis.set_xlabel(x_label)
         axis.set_title(METRICS[key][0])
     axes[0][0].legend()
-    figure.suptitle("Metrics vs scaling lambda" + (" [SMOKE TEST]" if smoke_test else ""))
+    figure.suptitle(title + (" [SMOKE TEST]" if smoke_test else ""))
     figure.tight_layout()
     save_figure(figure, path)
     plt.close(figure)
