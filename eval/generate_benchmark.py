@@ -117,16 +117,18 @@ class TrainedRun:
 
 def read_run(run_dir: str | Path) -> TrainedRun:
     run_dir = Path(run_dir)
-    for needed in ("config.yaml", RUN_INFO, "adapter/adapter_config.json"):
+    folder = RunFolder(run_dir)
+    adapter_config = os.path.join(RunFolder.ADAPTER, "adapter_config.json")
+    for needed in (RunFolder.CONFIG, RUN_INFO, adapter_config):
         if not (run_dir / needed).is_file():
             raise UserError(f"{run_dir} is not a finished training run: {needed} is missing")
     try:
-        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        config = yaml.safe_load(Path(folder.config).read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise UserError(f"cannot read {run_dir / 'config.yaml'}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"cannot read {folder.config}: {str(exc).splitlines()[0]}") from None
     model = config.get("model") or {}
     if not model.get("pretrained"):
-        raise UserError(f"{run_dir / 'config.yaml'}: key 'model.pretrained' is missing")
+        raise UserError(f"{folder.config}: key 'model.pretrained' is missing")
     info = read_json(run_dir / RUN_INFO)
     missing = [key for key in ("subject", "class_noun", "identifier", "method") if key not in info]
     if missing:
@@ -356,7 +358,7 @@ def main(argv=None) -> None:
     device = str(state.device)
     pipelines = {}
     for run in runs:  # the adapted model, and the base model with no adapter
-        pipelines[run.name] = lambda run=run: load_pipeline(run.base_model, str(run.run_dir / "adapter"), run.vae,
+        pipelines[run.name] = lambda run=run: load_pipeline(run.base_model, RunFolder(run.run_dir).adapter, run.vae,
                                                             settings.dtype, device, settings.scheduler)
         pipelines[f"base:{run.name}"] = lambda run=run: load_pipeline(run.base_model, None, run.vae, settings.dtype,
                                                                       device, settings.scheduler)
@@ -368,8 +370,8 @@ def main(argv=None) -> None:
             make_images(state, [target], settings, pipelines)
     if state.is_main_process:
         for run in runs:
-            write_text_atomic(args.out / run.name / RUN_INFO,
-                              json.dumps({**adapter_facts(run.run_dir / "adapter"), **run.info}, indent=2) + "\n")
+            facts = adapter_facts(Path(RunFolder(run.run_dir).adapter))
+            write_text_atomic(args.out / run.name / RUN_INFO, json.dumps({**facts, **run.info}, indent=2) + "\n")
     timing = make_images(state, run_targets, settings, pipelines)
     for run in runs:
         record_timing(state, args.out / run.name, timing, settings)
