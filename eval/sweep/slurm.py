@@ -26,6 +26,7 @@ from eval.sweep.runner import Children, Outcome, Work, report_outcome
 from eval.sweep.schema import LauncherSettings
 from waveft.errors import UserError
 
+REQUEUE_GRACE_SECONDS = 30.0
 POLL_SECONDS = 2.0
 # squeue states of a task that has not ended (a requeued task is PENDING again).
 ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
@@ -147,10 +148,17 @@ class SlurmLauncher:
 
     def _follow(self, array_id: str, remaining: dict, work: Work, progress: tqdm) -> list[Outcome]:
         outcomes = []
+        inactive_since: dict = {}  # job -> when squeue first stopped listing it as active
         while remaining:
             active = active_tasks(array_id)
             for job, item in list(remaining.items()):
                 if active is None or job.job_id in active:
+                    inactive_since.pop(job, None)
+                    continue
+                # A task being requeued (preempted, or signalled before its time limit) can drop out of squeue's
+                # active states for a moment: without a result file, it has ended only once that lasts.
+                since = inactive_since.setdefault(job, time.time())
+                if not Path(job.paths.result_pickle).is_file() and time.time() - since < REQUEUE_GRACE_SECONDS:
                     continue
                 outcomes.append(self._collect(job, item, work))
                 del remaining[job]
