@@ -186,7 +186,9 @@ def test_task_signalled_for_its_time_limit_is_requeued_and_resumes(tmp_path, ben
             assert waiting.poll() is None and time.time() < deadline, (tmp_path / "sweep.log").read_text()
             time.sleep(0.2)
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
-        assert waiting.wait(timeout=900) == 0, (tmp_path / "sweep.log").read_text()
+        status = waiting.wait(timeout=900)
+    task_log = "".join(p.read_text() for p in (out / "slurm" / job_id).glob("*_log.out"))
+    assert status == 0, (tmp_path / "sweep.log").read_text() + "\n--- Slurm task log ---\n" + task_log[-6000:]
     assert (run / "done.json").is_file() and not (run / "failed.json").exists()
     assert "resumed from" in (run / "logs" / "train.log").read_text()
-    assert "Requeued job" in next((out / "slurm" / job_id).glob("*_log.out")).read_text()
+    assert "Requeued job" in task_log

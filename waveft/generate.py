@@ -6,6 +6,7 @@ The same `generate_images` serves the CLI, validation during training and benchm
 resumable: an image whose file and manifest row both exist is skipped.
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -55,6 +56,14 @@ def merge_adapter(unet, adapter_dir: str):
     return peft_model.merge_and_unload()
 
 
+@contextlib.contextmanager
+def _base_model_errors(base_model: str):
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        raise UserError(f"could not load the base model {base_model!r}: {str(exc).splitlines()[0]}") from None
+
+
 def load_pipeline(
     base_model: str,
     adapter_dir: Optional[str] = None,
@@ -64,20 +73,23 @@ def load_pipeline(
     scheduler: str = "dpmpp_2m",
 ):
     """A StableDiffusionXLPipeline from a Hub id or folder, with the adapter (if any) merged."""
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 
     if adapter_dir is not None and not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
         raise UserError(f"no adapter_config.json in adapter folder {adapter_dir}")
     torch_dtype = DTYPES[dtype]
-    kwargs = {"dtype": torch_dtype}
-    try:
+    # The UNet first, alone: its checkpoint's pages (mapped while it converts to `dtype`) are released before the
+    # text encoders load, so the peak is the UNet's own. Full-size SDXL in fp32 on CPU: 14.8 GB peak RSS, against
+    # 14.8-18.2 GB (varying run to run) with the pipeline loading every component itself.
+    with _base_model_errors(base_model):
+        unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet", dtype=torch_dtype)
+    if adapter_dir is not None:
+        unet = merge_adapter(unet, adapter_dir)
+    with _base_model_errors(base_model):
+        kwargs = {"unet": unet, "dtype": torch_dtype}
         if vae is not None:
             kwargs["vae"] = AutoencoderKL.from_pretrained(vae, dtype=torch_dtype)
         pipe = StableDiffusionXLPipeline.from_pretrained(base_model, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"could not load the base model {base_model!r}: {str(exc).splitlines()[0]}") from None
-    if adapter_dir is not None:
-        pipe.unet = merge_adapter(pipe.unet, adapter_dir)
     set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

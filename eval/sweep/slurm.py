@@ -40,6 +40,9 @@ class SlurmTask(submitit.helpers.Checkpointable):
         self.work = work
 
     def __call__(self, item) -> Outcome:
+        # A requeued task starts again beside the result its interrupted attempt may have left: drop it, so that
+        # the waiting command never reads that attempt's "interrupted" as this one's end.
+        submitit.JobEnvironment().paths.result_pickle.unlink(missing_ok=True)
         children = Children()
         # Slurm signals every process of a cancelled or preempted task: a stage killed then has not failed.
         signal.signal(signal.SIGTERM, lambda signum, frame: children.stopping.set())
@@ -156,9 +159,9 @@ class SlurmLauncher:
                     inactive_since.pop(job, None)
                     continue
                 # A task being requeued (preempted, or signalled before its time limit) can drop out of squeue's
-                # active states for a moment: without a result file, it has ended only once that lasts.
+                # active states for a moment: unless it left a final result, it has ended only once that lasts.
                 since = inactive_since.setdefault(job, time.time())
-                if not Path(job.paths.result_pickle).is_file() and time.time() - since < REQUEUE_GRACE_SECONDS:
+                if not self._has_final_result(job) and time.time() - since < REQUEUE_GRACE_SECONDS:
                     continue
                 outcomes.append(self._collect(job, item, work))
                 del remaining[job]
@@ -167,6 +170,17 @@ class SlurmLauncher:
             if remaining:
                 time.sleep(POLL_SECONDS)
         return outcomes
+
+    @staticmethod
+    def _has_final_result(job) -> bool:
+        """Whether the task's result file holds its end: an Outcome or an error, not an interrupted attempt."""
+        if not Path(job.paths.result_pickle).is_file():
+            return False
+        try:
+            outcome = job.result()
+        except Exception:  # the task raised: that is its end
+            return True
+        return outcome.ok or outcome.message != "interrupted"
 
     @staticmethod
     def _collect(job, item, work: Work) -> Outcome:
