@@ -444,6 +444,7 @@ def main():
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     warmup, repeats = (1, 3) if args.quick else (3, 15)
     step_repeats = args.step_repeats or (2 if args.quick else 7)
+    repeats_c = args.step_repeats or 2
     clock_name = "CPU time of the main thread" if args.clock == "thread" else "wall clock"
     report = [
         "## Adapter training cost: LoRA r1 vs PEFT WaveFT vs structured WaveFT",
@@ -453,8 +454,9 @@ def main():
         "",
         "Same trainable-parameter budget: LoRA rank 1 and WaveFT with n_frequency = in + out on every",
         f"to_q/to_k/to_v/to_out.0 (wavelet db1, use_idwt=True). {dtype} weights, fp32 adapter parameters.",
-        f"Times ({clock_name}): medians of interleaved repeats ({repeats} per projection, {step_repeats} per UNet",
-        "step) after warm-up runs. Peak memory: bytes of tensors allocated during the step, at their peak.",
+        f"Times ({clock_name}): medians of interleaved repeats ({repeats} per projection, {step_repeats} per reduced",
+        f"UNet step, {repeats_c} per full-size step) after warm-up runs. Peak memory: bytes of tensors allocated",
+        "during the step, at their peak.",
         "",
     ]
     shape_total = step = None
@@ -491,7 +493,6 @@ def main():
     if "c" in sections:
         latent = args.full_resolution // 8
         config = dict(tiny_unet_config(), sample_size=latent) if args.tiny_unet else unet_config(False, latent)
-        repeats_c = args.step_repeats or 2
         full, counts = bench_unet_step(config, device, dtype, 1, repeats_c, clock, gradient_checkpointing=True)
         unet_name = "tiny UNet" if args.tiny_unet else "full SDXL UNet (all 560 projections)"
         label = f"{unet_name}, {args.full_resolution} px, {dtype}, gradient checkpointing"

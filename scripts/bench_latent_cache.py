@@ -1,6 +1,6 @@
 """Step time and peak memory of training with and without the latent cache, measured side by side.
 
-    python scripts/bench_latent_cache.py [--model DIR] [--resolution 64] [--steps 20] [--repeats 3]
+    python scripts/bench_latent_cache.py [--model DIR] [--config YAML] [--resolution 64] [--steps 20] [--repeats 3]
                                          [--mixed-precision no|bf16|fp16] [--batch-size 1]
 
 Each repeat trains the same run twice in fresh processes, interleaved: `data.cache_latents=false` (the VAE encodes
@@ -32,8 +32,7 @@ THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 def run_once(args, work: str, name: str, cache: str, cached: bool) -> dict:
     out = os.path.join(work, name)
     command = [
-        sys.executable, os.path.join(REPO, "train_dreambooth_waveft.py"), "--config", os.path.join(REPO, "configs",
-                                                                                              "tiny.yaml"),
+        sys.executable, os.path.join(REPO, "train_dreambooth_waveft.py"), "--config", args.config,
         f"output_dir={out}", "overwrite_output_dir=true", f"model.pretrained={args.model}",
         f"data.instance_dir={os.path.join(work, 'subject')}", f"data.resolution={args.resolution}",
         "data.crop=center", f"data.cache_latents={'true' if cached else 'false'}", f"data.latent_cache_dir={cache}",
@@ -54,6 +53,8 @@ def run_once(args, work: str, name: str, cache: str, cached: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="SDXL pipeline folder (default: build the tiny one)")
+    parser.add_argument("--config", default=os.path.join(REPO, "configs", "tiny.yaml"),
+                        help="the run config (its adapter, text conditioning, gradient checkpointing)")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
@@ -82,7 +83,8 @@ def main() -> None:
     median = {name: {key: statistics.median(r[key] for r in rows) for key in ("step_s", "peak_mib", "wall_s", "cpu_s")}
               for name, rows in results.items()}
     kind = results["cached"][0]["memory_kind"]
-    print(f"model {args.model if '/tmp' not in args.model else 'tiny SDXL'}, {args.resolution} px, batch "
+    model = args.model if "/tmp" not in args.model else "tiny SDXL"
+    print(f"model {model}, config {os.path.relpath(args.config, REPO)}, {args.resolution} px, batch "
           f"{args.batch_size}, {args.steps} steps, mixed precision {args.mixed_precision}, {args.repeats} repeats "
           f"(medians), peak memory = {kind}")
     print("| latents | step time, wall (ms) | peak memory (MiB) | process CPU time (s) | process wall clock (s) |")
