@@ -42,7 +42,7 @@ if [ "$tiny" = 1 ]; then
   bench=(--sections c --tiny-unet --full-resolution 64 --step-repeats 1)
   model="$out/tiny-sdxl"
   python -m waveft.tiny "$model"
-  train=(data.resolution=64 train.max_steps=2 train.gradient_accumulation_steps=1 "train.mixed_precision='no'"
+  train=(data.resolution=64 train.max_steps=2 train.gradient_accumulation_steps=1 train.mixed_precision=no
          adapter.peft.n_frequency=64)  # the tiny model's projections are 64 x 64
 else
   python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'error: no CUDA device (use --tiny on CPU)')"

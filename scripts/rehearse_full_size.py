@@ -93,10 +93,10 @@ def main(argv=None) -> int:
         f"output_dir={run_dir}", "overwrite_output_dir=true", f"model.pretrained={MODEL}",
         f"data.instance_dir={os.path.join(args.work, 'subject')}", "data.synthetic_if_missing=true",
         f"data.resolution={args.resolution}", f"train.max_steps={args.steps}", "train.gradient_accumulation_steps=1",
-        "train.mixed_precision='no'", "train.gradient_checkpointing=true",
+        "train.mixed_precision=no", "train.gradient_checkpointing=true",
         f"train.checkpointing_steps={args.steps + 1}", "train.report_to=none", "validation.every_steps=0",
         "validation.final=false",
-    ]  # fmt: skip  (mixed_precision quoted: YAML reads a bare no as false)
+    ]
     stages.append(run_stage("train", [py, "train_dreambooth_waveft.py", "--config", CONFIG, *overrides]))
     stages.append(run_stage("reload in stock PEFT + merge", [py, "-c", RELOAD, MODEL, adapter]))
     reload = json.loads(stages[-1].output.split("RESULT ", 1)[1].splitlines()[0])

@@ -34,6 +34,15 @@ def test_overrides_are_typed_and_nested(tmp_path):
     assert cfg.adapter.peft == {"n_frequency": 10} and cfg.validation.seeds == [1, 2]
 
 
+def test_a_bare_no_is_the_choice_no_not_false(tmp_path):
+    """YAML 1.1 reads a bare no as false; where a setting's choices spell it "no" (accelerate's mixed_precision),
+    that is what the user wrote, on the command line and in a file."""
+    assert load_config(write(tmp_path, MINIMAL), ("train.mixed_precision=no",)).train.mixed_precision == "no"
+    path = tmp_path / "bare.yaml"
+    path.write_text("output_dir: out\ndata: {instance_dir: imgs}\ntrain: {mixed_precision: no}\n")
+    assert load_config(str(path)).train.mixed_precision == "no"
+
+
 @pytest.mark.parametrize(
     "tree, overrides, message",
     [

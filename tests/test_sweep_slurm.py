@@ -192,3 +192,20 @@ def test_task_signalled_for_its_time_limit_is_requeued_and_resumes(tmp_path, ben
     assert (run / "done.json").is_file() and not (run / "failed.json").exists()
     assert "resumed from" in (run / "logs" / "train.log").read_text()
     assert "Requeued job" in task_log
+
+
+def test_scontrol_second_opinion_on_a_task(tmp_path):
+    """still_held, asked before a task squeue no longer lists is called ended: True while Slurm holds the task
+    (queued or running), False once it has ended or for an id Slurm does not know."""
+    from eval.sweep.slurm import still_held
+
+    submitted = subprocess.run(["sbatch", "--parsable", "-o", str(tmp_path / "out"), "--wrap", "sleep 60"],
+                               capture_output=True, text=True, check=True)
+    job_id = submitted.stdout.strip().split(";")[0]
+    try:
+        assert still_held(job_id)
+    finally:
+        subprocess.run(["scancel", job_id], check=True)
+    wait_for_job(job_id, timeout=60)
+    assert not still_held(job_id)
+    assert not still_held("999999")

@@ -19,6 +19,9 @@ from waveft.errors import UserError
 EXTENDS_KEY = "extends"
 
 
+YAML_BOOL_WORDS = {False: {"no", "off", "false", "n"}, True: {"yes", "on", "true", "y"}}
+
+
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -40,6 +43,9 @@ def coerce_value(value: Any, tp, key: str, source: str) -> Any:
                 pass
         raise UserError(f"{source}: key '{key}' must be {_type_name(tp)}, got {value!r}")
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads a bare no / off (yes / on) as a bool: the choice so spelled
+            spelled = [c for c in typing.get_args(tp) if isinstance(c, str) and c.lower() in YAML_BOOL_WORDS[value]]
+            value = spelled[0] if len(spelled) == 1 else value
         if value not in typing.get_args(tp):
             choices = ", ".join(repr(c) for c in typing.get_args(tp))
             raise UserError(f"{source}: key '{key}' must be one of {choices}, got {value!r}")
