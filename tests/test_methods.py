@@ -1,4 +1,5 @@
 """Every adapter method on the tiny SDXL UNet: attach, train a few steps, save in PEFT's format, reload exactly."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -128,6 +129,19 @@ def test_paper_configs_load(name):
     cfg = load_config(os.path.join(REPO, "configs", "paper", name), ("data.instance_dir=somewhere",))
     assert cfg.adapter.type in METHODS
     assert cfg.train.max_steps == 500 and cfg.train.gradient_accumulation_steps == 4
+
+
+@pytest.mark.parametrize("name", sorted(set(os.listdir(os.path.join(REPO, "configs", "paper"))) - {"shared.yaml"}))
+def test_every_method_is_compared_at_the_same_settings(name):
+    """A fair comparison: each method's paper config differs from the shared settings only in its adapter (and
+    VeRA in its learning rate, as in the paper)."""
+    shared = load_config(os.path.join(REPO, "configs", "paper", "shared.yaml"))
+    cfg = load_config(os.path.join(REPO, "configs", "paper", name))
+    for section in ("seed", "model", "data", "validation"):
+        assert getattr(cfg, section) == getattr(shared, section), section
+    learning_rate = 3.2e-3 if cfg.adapter.type == "vera" else shared.train.learning_rate
+    assert cfg.train == dataclasses.replace(shared.train, learning_rate=learning_rate)
+    assert cfg.adapter.target_modules == shared.adapter.target_modules
 
 
 def test_unknown_method_is_a_user_error():
