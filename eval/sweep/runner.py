@@ -24,6 +24,8 @@ from tqdm.auto import tqdm
 
 from waveft.errors import UserError
 
+INTERRUPTED = "interrupted"  # an Outcome's message when its item was stopped from outside (Ctrl-C, SIGTERM)
+
 
 @dataclass
 class Outcome:

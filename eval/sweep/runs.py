@@ -23,7 +23,7 @@ import yaml
 
 from eval.files import read_json
 from eval.protocol import Subject
-from eval.sweep.runner import Children, Outcome, device_env, error_line, exclusive
+from eval.sweep.runner import INTERRUPTED, Children, Outcome, device_env, error_line, exclusive
 from eval.sweep.schema import MethodSpec, SweepConfig, benchmark_dataset
 from eval.sweep.stages import generate_argv, score_argv
 from waveft.config import load_config
@@ -185,7 +185,7 @@ def _execute_locked(sweep: SweepConfig, run: Run, env: dict, children: Children)
         seconds[stage] = round(time.time() - started, 1)
         if status != 0:
             if children.stopping.is_set():
-                return Outcome(run.id, False, stage, "interrupted")
+                return Outcome(run.id, False, stage, INTERRUPTED)
             log = logs / f"{stage}.log"
             return record_failure(run, Outcome(run.id, False, stage, f"exit status {status}: {error_line(log)}", log))
     metrics = read_json(run.metrics_dir / "metrics.json")

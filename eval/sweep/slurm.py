@@ -5,12 +5,10 @@ One task per item. A task that Slurm preempts or that reaches its time limit is 
 training from its last checkpoint and keeps the images it has). The launching command follows the tasks with
 `squeue` (without an accounting database `sacct`, which submitit would ask, is unavailable) and collects each
 task's `Outcome` from submitit's result file; a task that ended without one (cancelled, killed, out of time
-too often: out of squeue's active states for 30 s, and `scontrol show job` agrees) is recorded as failed
-through `Work.failed`. submitit's files (pickles, each task's stdout) go to
-`<folder>/<array id>_<task>/`.
+too often: out of squeue's active states for 30 s) is recorded as failed through `Work.failed`. submitit's
+files (pickles, each task's stdout) go to `<folder>/<array id>_<task>/`.
 """
 import math
-import re
 import shutil
 import signal
 import subprocess
@@ -24,7 +22,7 @@ import submitit
 from submitit.slurm.slurm import _make_sbatch_string  # the script submitit submits, for `sbatch --test-only`
 from tqdm.auto import tqdm
 
-from eval.sweep.runner import Children, Outcome, Work, report_outcome
+from eval.sweep.runner import INTERRUPTED, Children, Outcome, Work, report_outcome
 from eval.sweep.schema import LauncherSettings
 from waveft.errors import UserError
 
@@ -99,19 +97,6 @@ def active_tasks(array_id: str) -> Optional[set[str]]:
     return active
 
 
-def still_held(task_id: str) -> bool:
-    """Whether Slurm still holds the task queued or running, by `scontrol show job` (its own record of the task);
-    True when scontrol does not answer, so that a silent controller is not read as a task that ended."""
-    try:
-        answer = subprocess.run(["scontrol", "show", "job", "-o", task_id], capture_output=True, text=True, timeout=60)
-    except subprocess.TimeoutExpired:
-        return True
-    if answer.returncode != 0:
-        return "Invalid job id" not in answer.stderr
-    state = re.search(r"\bJobState=(\S+)", answer.stdout)
-    return state is not None and state.group(1) in ACTIVE_STATES
-
-
 def _ask(question: str) -> bool:
     if not sys.stdin.isatty():
         return False
@@ -176,12 +161,8 @@ class SlurmLauncher:
                 # A task being requeued (preempted, or signalled before its time limit) can drop out of squeue's
                 # active states for a moment: unless it left a final result, it has ended only once that lasts.
                 since = inactive_since.setdefault(job, time.time())
-                if not self._has_final_result(job):
-                    if time.time() - since < REQUEUE_GRACE_SECONDS:
-                        continue
-                    if still_held(job.job_id):  # a second opinion on this one task before calling it ended
-                        del inactive_since[job]
-                        continue
+                if not self._has_final_result(job) and time.time() - since < REQUEUE_GRACE_SECONDS:
+                    continue
                 outcomes.append(self._collect(job, item, work))
                 del remaining[job]
                 progress.update(1)
@@ -199,20 +180,18 @@ class SlurmLauncher:
             outcome = job.result()
         except Exception:  # the task raised: that is its end
             return True
-        return outcome.ok or outcome.message != "interrupted"
+        return outcome.ok or outcome.message != INTERRUPTED
 
     @staticmethod
     def _collect(job, item, work: Work) -> Outcome:
         """The ended task's Outcome (from submitit's result file); a task that raised, was stopped or ended
         without a result is recorded as failed."""
         log = Path(job.paths.stdout)
-        if Path(job.paths.result_pickle).is_file():
-            try:
-                outcome = job.result()
-            except Exception as exc:  # the task raised: submitit stored the traceback
-                last = [line for line in str(exc).splitlines() if line.strip()][-1:] or [type(exc).__name__]
-                return work.failed(item, Outcome(item.id, False, "slurm", f"Slurm task {job.job_id}: {last[0]}", log))
-            if outcome.ok or outcome.message != "interrupted":
-                return outcome
-        return work.failed(item, Outcome(item.id, False, "slurm", f"Slurm task {job.job_id} ended before its run "
-                                         "finished (cancelled, preempted, killed or out of time)", log))
+        if not SlurmLauncher._has_final_result(job):
+            return work.failed(item, Outcome(item.id, False, "slurm", f"Slurm task {job.job_id} ended before its "
+                                             "run finished (cancelled, preempted, killed or out of time)", log))
+        try:
+            return job.result()
+        except Exception as exc:  # the task raised: submitit stored the traceback
+            last = [line for line in str(exc).splitlines() if line.strip()][-1:] or [type(exc).__name__]
+            return work.failed(item, Outcome(item.id, False, "slurm", f"Slurm task {job.job_id}: {last[0]}", log))
