@@ -6,6 +6,7 @@
 import argparse
 
 from waveft.config import load_config
+from waveft.entry import set_up_process
 from waveft.errors import cli_entry
 
 
@@ -16,8 +17,9 @@ def main(argv=None) -> None:
     parser.add_argument("overrides", nargs="*", help="key.sub=value settings applied on top of the config")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, tuple(args.overrides))
+    set_up_process()
 
-    from waveft.training import train
+    from waveft.train.loop import train
 
     train(cfg)
 

@@ -22,9 +22,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from waveft.data import load_rgb
 from waveft.errors import UserError
-from waveft.files import write_atomic
+from waveft.io.files import write_atomic
+from waveft.io.images import load_rgb
 
 DEFAULT_DINO = "facebook/dino-vits16"
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"

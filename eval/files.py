@@ -1,10 +1,10 @@
-"""File helpers shared by the eval CLIs: JSON and the generation manifest (atomic writes: waveft.files)."""
+"""File helpers shared by the eval CLIs: JSON and the generation manifest (atomic writes: waveft.io.files)."""
 import json
 from pathlib import Path
 
 from waveft.errors import UserError
-from waveft.generate import MANIFEST_NAME as MANIFEST
-from waveft.generate import read_manifest
+from waveft.infer.generation import MANIFEST_NAME as MANIFEST
+from waveft.infer.generation import read_manifest
 
 MANIFEST_KEYS = ("file", "subject", "prompt", "prompt_index", "seed")
 

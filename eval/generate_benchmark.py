@@ -35,15 +35,12 @@ import yaml
 
 from eval.files import MANIFEST, read_json
 from eval.protocol import fill_prompt, load_benchmark
-from waveft.cli_settings import CliSettings, cli
+from waveft.entry import set_up_process
 from waveft.errors import UserError, cli_entry
-from waveft.files import write_text_atomic
-from waveft.generation_settings import (
-    GenerationDtype,
-    GenerationSettings,
-    SchedulerName,
-)
-from waveft.run_folder import RunFolder
+from waveft.infer.settings import GenerationDtype, GenerationSettings, SchedulerName
+from waveft.io.cli_settings import CliSettings, cli
+from waveft.io.files import write_text_atomic
+from waveft.io.run_folder import RunFolder
 
 # The negative prompt as the paper's protocol gives it; the source quotes it ending in "...", so this is the
 # part that is known.
@@ -98,7 +95,7 @@ class BenchmarkGenerationSettings(CliSettings):
         return found + list(dict.fromkeys((renamed.get(k, k), m) for k, m in self.generation().problems()))
 
     def drift_prompt_list(self) -> list[str]:
-        from waveft.generate import read_prompts_file
+        from waveft.infer.generation import read_prompts_file
 
         return read_prompts_file(self.drift_prompts) if self.drift_prompts else list(DEFAULT_DRIFT_PROMPTS)
 
@@ -138,7 +135,7 @@ def read_run(run_dir: str | Path) -> TrainedRun:
 
 def benchmark_jobs(run: TrainedRun, benchmark, seeds) -> list[dict]:
     """The subject's prompt list (object or live) with the run's identifier and class noun, x seeds."""
-    from waveft.generate import prompt_seed_jobs
+    from waveft.infer.generation import prompt_seed_jobs
 
     subject = benchmark.subject(run.info["subject"])
     prompts = [fill_prompt(t, run.info["identifier"], run.info["class_noun"])
@@ -161,7 +158,7 @@ def adapter_facts(adapter_dir: Path) -> dict:
 
 
 def drift_jobs(prompts: list[str], seeds, **extra) -> list[dict]:
-    from waveft.generate import prompt_seed_jobs
+    from waveft.infer.generation import prompt_seed_jobs
 
     return prompt_seed_jobs(prompts, list(seeds), drift=True, **extra)
 
@@ -190,7 +187,7 @@ class Target:
 def existing_rows(folder: Path, settings: GenerationSettings) -> dict[str, dict]:
     """Manifest rows already in `folder` (manifest.jsonl and per-process parts left by an interrupted run), by
     file; read only. Refuses a folder whose images were made with other settings."""
-    from waveft.generate import read_manifest
+    from waveft.infer.generation import read_manifest
 
     rows = {}
     for path in [folder / MANIFEST] + sorted(folder.glob(PART_MANIFEST.format(rank="*"))):
@@ -207,7 +204,7 @@ def existing_rows(folder: Path, settings: GenerationSettings) -> dict[str, dict]
 
 def merge_manifests(folder: Path) -> None:
     """Fold the per-process manifests into manifest.jsonl, sorted by file, and remove them."""
-    from waveft.generate import read_manifest, write_manifest
+    from waveft.infer.generation import read_manifest, write_manifest
 
     parts = sorted(folder.glob(PART_MANIFEST.format(rank="*")))
     rows = read_manifest(str(folder / MANIFEST))
@@ -246,7 +243,7 @@ def make_images(state, targets: list[Target], settings: BenchmarkGenerationSetti
     {folder: (images, seconds)} of the images it made."""
     import torch
 
-    from waveft.generate import generate_images
+    from waveft.infer.generation import generate_images
 
     # Every process reads the same files, so all agree on the list (and all stop alike on bad input) ...
     pending = pending_jobs(targets, settings.generation())
@@ -338,9 +335,10 @@ def main(argv=None) -> None:
     import torch
     from accelerate import PartialState
 
-    from waveft.generate import load_pipeline
+    from waveft.infer.pipeline import load_pipeline
 
     args, settings = parse_args(argv)
+    set_up_process()
     drift_prompts = settings.drift_prompt_list() if settings.drift else []
     benchmark = load_benchmark(args.benchmark)
     runs = [read_run(run_dir) for run_dir in args.runs]

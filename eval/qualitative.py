@@ -7,9 +7,9 @@ from pathlib import Path
 
 from eval.files import MANIFEST
 from eval.report_plots import pyplot, save_figure
-from waveft.data import load_rgb
-from waveft.files import write_atomic
-from waveft.generate import read_manifest
+from waveft.infer.generation import read_manifest
+from waveft.io.files import write_atomic
+from waveft.io.images import load_rgb
 
 THUMBNAIL_SIZE = 256  # longest side, pixels
 

@@ -41,7 +41,7 @@ from eval.tables import (
     markdown_table,
 )
 from waveft.errors import UserError, cli_entry
-from waveft.files import write_text_atomic
+from waveft.io.files import write_text_atomic
 
 METRICS_FILE = "metrics.json"
 

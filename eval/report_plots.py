@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from eval.tables import COSTS, METRICS, format_budget
-from waveft.files import write_atomic
+from waveft.io.files import write_atomic
 
 
 def pyplot():

@@ -61,10 +61,10 @@ from eval.tables import (
     json_text,
     markdown_table,
 )
-from waveft.cli_settings import CliSettings, cli
-from waveft.data import load_rgb
 from waveft.errors import UserError, cli_entry
-from waveft.files import write_text_atomic
+from waveft.io.cli_settings import CliSettings, cli
+from waveft.io.files import write_text_atomic
+from waveft.io.images import load_rgb
 
 ClipTPrompt = Literal["without-identifier", "as-generated"]
 LpipsNet = Literal["alex", "vgg", "squeeze"]

@@ -7,8 +7,8 @@ import argparse
 import os
 
 from eval.protocol import PROMPTS_FILE, Benchmark, Subject
-from waveft.data import write_synthetic_subject
-from waveft.files import atomic_directory
+from waveft.fixtures.synthetic_subject import write_synthetic_subject
+from waveft.io.files import atomic_directory
 
 TINY_SUBJECTS = {"toy_ball": "ball", "toy_dog": "dog"}  # one object, one live subject: both prompt lists
 TINY_OBJECT_PROMPTS = ("a {0} {1} in the jungle", "a {0} {1} on the beach", "a red {0} {1}")

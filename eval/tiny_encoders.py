@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from eval.encoders import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, SMOKE_TEST_MARKER
-from waveft.files import atomic_directory
-from waveft.tiny import tiny_text_encoder_config, write_clip_tokenizer
+from waveft.fixtures.tiny import tiny_text_encoder_config, write_clip_tokenizer
+from waveft.io.files import atomic_directory
 
 TINY_SEED = 0
 TINY_IMAGE_SIZE = 32

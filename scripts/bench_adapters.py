@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_flatten
 
 from waveft.adapters.structured_waveft import enable_structured_waveft
 from waveft.adapters.waveft_locations import shared_waveft_locations
-from waveft.tiny import SDXL_UNET_CONFIG, materialise, tiny_unet_config
+from waveft.fixtures.tiny import SDXL_UNET_CONFIG, materialise, tiny_unet_config
 
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TOKENS = 77

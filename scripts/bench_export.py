@@ -36,7 +36,7 @@ def make_waveft_adapter(path: str, base: str, unet, n_frequency: int, target_mod
     """A random WaveFT adapter on `unet` saved at `path` (kept from an earlier run), recording `base` and its
     layer shapes; its layer count."""
     from waveft.adapters.attach import attach_adapter
-    from waveft.checkpointing import save_adapter
+    from waveft.io.adapter_folder import save_adapter
 
     if os.path.isfile(os.path.join(path, "waveft_run.json")):
         with open(os.path.join(path, "waveft_run.json")) as f:
@@ -91,7 +91,7 @@ HEADER = ["| export | file | rel. error median | rel. error worst | peak memory 
 def bench_tiny(out: str) -> list[str]:
     from diffusers import UNet2DConditionModel
 
-    from waveft.tiny import ensure_tiny_sdxl
+    from waveft.fixtures.tiny import ensure_tiny_sdxl
 
     base = os.path.join(out, "tiny-sdxl")
     ensure_tiny_sdxl(base)
@@ -108,7 +108,7 @@ def bench_tiny(out: str) -> list[str]:
 
 def sdxl_base(out: str) -> str:
     """A folder with SDXL's unet/config.json: all the export reads of a base model."""
-    from waveft.export import unet_skeleton
+    from waveft.export.source import unet_skeleton
 
     base = os.path.join(out, "sdxl-config")
     unet_skeleton(SDXL_UNET_CONFIG).save_config(os.path.join(base, "unet"))
@@ -120,7 +120,7 @@ def lora_file_bytes(shapes: list[tuple[int, int]], rank: int, itemsize: int = 2)
 
 
 def bench_sdxl(out: str, sample_blocks: int) -> list[str]:
-    from waveft.export import attach_source_adapter, dense_delta, read_source_adapter, unet_skeleton
+    from waveft.export.source import attach_source_adapter, dense_delta, read_source_adapter, unet_skeleton
 
     base = sdxl_base(out)
     full = os.path.join(out, "sdxl-waveft")

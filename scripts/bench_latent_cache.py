@@ -61,11 +61,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     args = parser.parse_args()
-    from waveft.data import write_synthetic_subject
+    from waveft.fixtures.synthetic_subject import write_synthetic_subject
 
     with tempfile.TemporaryDirectory() as work:
         if args.model is None:
-            from waveft.tiny import build_tiny_sdxl
+            from waveft.fixtures.tiny import build_tiny_sdxl
 
             args.model = os.path.join(work, "tiny-sdxl")
             build_tiny_sdxl(args.model)

@@ -3,9 +3,17 @@ tests/helpers.py)."""
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def process_set_up():
+    """What every entry point of the project does first (registers WaRA with PEFT)."""
+    from waveft.entry import set_up_process
+
+    set_up_process()
+
+
 @pytest.fixture(scope="session")
 def tiny_sdxl_dir(tmp_path_factory) -> str:
-    from waveft.tiny import build_tiny_sdxl
+    from waveft.fixtures.tiny import build_tiny_sdxl
 
     path = str(tmp_path_factory.mktemp("models") / "tiny-sdxl")
     build_tiny_sdxl(path)
@@ -14,7 +22,7 @@ def tiny_sdxl_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def subject_dir(tmp_path_factory) -> str:
-    from waveft.data import write_synthetic_subject
+    from waveft.fixtures.synthetic_subject import write_synthetic_subject
 
     path = str(tmp_path_factory.mktemp("data") / "toy_ball")
     write_synthetic_subject(path)

@@ -71,7 +71,7 @@ def tiny_unet():
     import torch
     from diffusers import UNet2DConditionModel
 
-    from waveft.tiny import tiny_unet_config
+    from waveft.fixtures.tiny import tiny_unet_config
 
     torch.manual_seed(0)
     return UNet2DConditionModel(**tiny_unet_config()).requires_grad_(False)

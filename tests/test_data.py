@@ -7,8 +7,9 @@ import torch
 from PIL import Image
 
 from waveft.config import DataConfig
-from waveft.data import DreamBoothDataset, collate, instance_prompt, load_rgb, prepare_image
 from waveft.errors import UserError
+from waveft.io.images import load_rgb
+from waveft.train.data import DreamBoothDataset, collate, instance_prompt, prepare_image
 
 
 def test_exif_orientation_is_honoured(tmp_path):
@@ -95,7 +96,7 @@ def test_missing_empty_and_unreadable_instance_data(tmp_path):
 
 
 def test_prior_preservation_walks_through_every_class_image(tmp_path):
-    from waveft.data import Example
+    from waveft.train.data import Example
 
     instance_dir = tmp_path / "instance"
     instance_dir.mkdir()

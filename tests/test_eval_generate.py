@@ -24,8 +24,8 @@ def write_trained_run(run_dir: Path, tiny_sdxl_dir: str, subject: str = "dog") -
     from diffusers import UNet2DConditionModel
 
     from waveft.adapters.attach import attach_adapter
-    from waveft.checkpointing import save_adapter
     from waveft.config import AdapterConfig
+    from waveft.io.adapter_folder import save_adapter
 
     unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet")
     attach_adapter(unet, AdapterConfig(type="lora"))

@@ -159,7 +159,7 @@ def test_dinov2_from_a_folder_uses_its_own_preprocessing(tmp_path):
 
 
 def test_scoring_sees_images_as_training_does(tiny_encoders, tmp_path):
-    """One loader: EXIF orientation applied and transparency composited onto white, as waveft.data does."""
+    """One loader: EXIF orientation applied and transparency composited onto white, as waveft.io.images does."""
     dino, _ = tiny_encoders
     upright = Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8))
     exif = Image.Exif()

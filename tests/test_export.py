@@ -12,9 +12,11 @@ import torch
 
 from tests.helpers import unet_output
 from waveft.adapters.attach import attach_adapter
-from waveft.checkpointing import ADAPTER_WEIGHTS_NAME, save_adapter
 from waveft.config import AdapterConfig
-from waveft.export import ExportRequest, export_adapter, kohya_name, main
+from waveft.export.cli import main
+from waveft.export.source import kohya_name
+from waveft.export.writer import ExportRequest, export_adapter
+from waveft.io.adapter_folder import ADAPTER_WEIGHTS_NAME, save_adapter
 
 WAVEFT = {"n_frequency": 300}
 # One adapter of each method on the tiny model, small enough that the UNet stays in its normal range.
@@ -55,7 +57,7 @@ def waveft_adapter(tiny_sdxl_dir, tmp_path_factory):
 
 
 def merged_unet(tiny_sdxl_dir, adapter):
-    from waveft.generate import merge_adapter
+    from waveft.infer.pipeline import merge_adapter
 
     return merge_adapter(load_unet(tiny_sdxl_dir), adapter)
 
@@ -182,7 +184,7 @@ def test_sdxl_kohya_names_are_the_560_attention_projections(tmp_path):
 
     from tests.test_budget import SDXL_UNET_CONFIG
     from waveft.config import SDXL_ATTENTION_PROJECTIONS
-    from waveft.export import attach_source_adapter, read_source_adapter, unet_skeleton
+    from waveft.export.source import attach_source_adapter, read_source_adapter, unet_skeleton
 
     base = tmp_path / "sdxl"
     unet = unet_skeleton(SDXL_UNET_CONFIG)
@@ -278,7 +280,7 @@ def test_methods_without_a_weight_difference_are_refused_with_the_reason(tiny_sd
 
 
 def test_interrupted_export_leaves_the_earlier_file(waveft_adapter, tmp_path, monkeypatch):
-    import waveft.export as export_module
+    import waveft.export.writer as export_module
 
     out = tmp_path / "x.safetensors"
     out.write_bytes(b"earlier export")
@@ -305,7 +307,7 @@ def test_interrupted_export_leaves_the_earlier_file(waveft_adapter, tmp_path, mo
 def test_a_run_exports_the_files_its_config_asks_for_and_its_card_says_where_they_load(
         tiny_sdxl_dir, subject_dir, tmp_path):
     from tests.test_training import tiny_cfg
-    from waveft.training import train
+    from waveft.train.loop import train
 
     cfg = tiny_cfg(tiny_sdxl_dir, subject_dir, tmp_path / "run", "train.max_steps=2",
                    "train.gradient_accumulation_steps=1", "train.checkpointing_steps=0",
@@ -341,7 +343,7 @@ def test_export_settings_are_checked_with_the_config(override, message):
 def test_a_lora_rank_too_large_for_a_layer_stops_the_run_before_training(tiny_sdxl_dir, subject_dir, tmp_path):
     from tests.test_training import tiny_cfg
     from waveft.errors import UserError
-    from waveft.training import train
+    from waveft.train.loop import train
 
     cfg = tiny_cfg(tiny_sdxl_dir, subject_dir, tmp_path / "run", "export.formats=[lora]", "export.lora_rank=65")
     with pytest.raises(UserError, match=r"export.lora_rank=65 is larger than layer .* at most 64"):

@@ -12,9 +12,9 @@ from tests.helpers import REPO, tiny_unet, unet_output
 from waveft.adapters.attach import attach_adapter
 from waveft.adapters.methods import METHODS
 from waveft.adapters.structured_waveft import enable_structured_waveft
-from waveft.checkpointing import save_adapter
 from waveft.config import AdapterConfig, load_config
 from waveft.errors import UserError
+from waveft.io.adapter_folder import save_adapter
 
 STEPS = 4
 # Small settings: the paper's defaults are sized for SDXL's 1280-wide layers, the tiny UNet's are 32-64 wide.
@@ -164,8 +164,8 @@ def test_trainer_cli_refuses_an_unknown_method_in_one_line():
 @pytest.mark.slow
 def test_trainer_end_to_end_with_wara_at_a_budget(tiny_sdxl_dir, subject_dir, tmp_path):
     from waveft.adapters.budget import LayerShape, lora_rank_one_parameters
-    from waveft.generate import merge_adapter
-    from waveft.training import train
+    from waveft.infer.pipeline import merge_adapter
+    from waveft.train.loop import train
 
     cfg = load_config(
         os.path.join(REPO, "configs", "tiny.yaml"),

@@ -1,7 +1,7 @@
 """The run folder's names and the typed run_info.json record."""
 import json
 
-from waveft.run_folder import RunFolder, RunInfo
+from waveft.io.run_folder import RunFolder, RunInfo
 
 
 def test_run_info_round_trips_and_leaves_out_keys_a_run_does_not_have(tmp_path):

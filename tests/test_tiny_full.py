@@ -7,7 +7,7 @@ from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from waveft.tiny import (
+from waveft.fixtures.tiny import (
     CLIP_MERGES,
     CLIP_VOCAB_SIZE,
     SDXL_TEXT_ENCODER_2_CONFIG,

@@ -31,7 +31,7 @@ def cache_info(out):
 @pytest.mark.slow
 def test_cached_run_equals_uncached_bit_for_bit_and_the_cache_is_reused_then_invalidated(
         tiny_sdxl_dir, subject_dir, tmp_path):
-    from waveft.training import train
+    from waveft.train.loop import train
 
     subject = tmp_path / "subject"
     shutil.copytree(subject_dir, subject)
@@ -61,7 +61,7 @@ def test_cached_run_equals_uncached_bit_for_bit_and_the_cache_is_reused_then_inv
 
 @pytest.mark.slow
 def test_random_crops_are_cached_lazily_and_still_match(tiny_sdxl_dir, subject_dir, tmp_path):
-    from waveft.training import train
+    from waveft.train.loop import train
 
     settings = ("train.max_steps=2", "train.checkpointing_steps=0", f"data.latent_cache_dir={tmp_path / 'cache'}")
     train(tiny_cfg(tiny_sdxl_dir, subject_dir, tmp_path / "plain", *settings, "data.cache_latents=false"))
@@ -86,7 +86,7 @@ BUCKETS = ("data.buckets.enabled=true", "data.buckets.area=1024", "data.buckets.
 
 def test_buckets_one_size_per_batch_with_sdxl_time_ids(tmp_path):
     from waveft.config import load_config
-    from waveft.data import BucketBatchSampler, DreamBoothDataset, collate
+    from waveft.train.data import BucketBatchSampler, DreamBoothDataset, collate
 
     write_bucket_folder(tmp_path / "photos")
     cfg = load_config(None, ("output_dir=x", f"data.instance_dir={tmp_path / 'photos'}", "data.resolution=32",
@@ -116,7 +116,7 @@ def test_buckets_one_size_per_batch_with_sdxl_time_ids(tmp_path):
 
 @pytest.mark.slow
 def test_buckets_train_with_prior_preservation_and_resume_exactly(tiny_sdxl_dir, tmp_path):
-    from waveft.training import train
+    from waveft.train.loop import train
 
     write_bucket_folder(tmp_path / "photos")
     settings = (*BUCKETS, "train.batch_size=2", "train.gradient_accumulation_steps=1", "train.max_steps=4",
@@ -137,8 +137,8 @@ def test_buckets_train_with_prior_preservation_and_resume_exactly(tiny_sdxl_dir,
 @pytest.mark.slow
 def test_ema_resume_is_exact_and_the_adapter_holds_the_ema_weights(tiny_sdxl_dir, subject_dir, tmp_path):
     from waveft.adapters.attach import attach_adapter
-    from waveft.checkpointing import PEFT_MODEL_PREFIX
-    from waveft.training import train
+    from waveft.io.adapter_folder import PEFT_MODEL_PREFIX
+    from waveft.train.loop import train
 
     settings = ("train.ema.enabled=true", "train.ema.decay=0.8", "train.max_steps=5", "train.checkpointing_steps=2",
                 "train.checkpoints_total_limit=3", "train.resume=latest", "train.learning_rate=3e-3",
@@ -178,7 +178,7 @@ def _weights(folder):
 def test_validation_loss_is_logged_stored_plotted_and_falls(tiny_sdxl_dir, subject_dir, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from waveft.training import train
+    from waveft.train.loop import train
 
     out = tmp_path / "run"
     result = train(tiny_cfg(tiny_sdxl_dir, subject_dir, out, "train.max_steps=30", "train.learning_rate=3e-3",
@@ -202,7 +202,7 @@ def test_validation_loss_is_logged_stored_plotted_and_falls(tiny_sdxl_dir, subje
 def test_masked_loss_gives_no_gradient_from_pixels_outside_the_mask():
     from diffusers import DDPMScheduler
 
-    from waveft.loss import Conditioning, LossSettings, mask_weights, micro_batch_loss
+    from waveft.train.loss import Conditioning, LossSettings, mask_weights, micro_batch_loss
 
     class Prediction(torch.nn.Module):
         """Stands in for the UNet: its prediction is a parameter, so the loss's gradient per pixel is visible."""
@@ -230,7 +230,7 @@ def test_masked_loss_gives_no_gradient_from_pixels_outside_the_mask():
 
 def test_masks_follow_the_crop_and_prior_images_are_unmasked(tmp_path):
     from waveft.config import load_config
-    from waveft.data import DreamBoothDataset, Example, collate
+    from waveft.train.data import DreamBoothDataset, Example, collate
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -253,7 +253,7 @@ def test_masks_follow_the_crop_and_prior_images_are_unmasked(tmp_path):
     cfg = load_config(None, ("output_dir=x", f"data.instance_dir={tmp_path}", "data.resolution=32",
                              "data.masks.source=alpha"))
     alpha_cfg = cfg.data
-    from waveft.data import load_mask
+    from waveft.io.images import load_mask
 
     alpha = np.asarray(load_mask(str(tmp_path / "alpha.png"), alpha_cfg.masks.source))
     assert alpha[:16].min() == 255 and alpha[16:].max() == 0
@@ -261,7 +261,7 @@ def test_masks_follow_the_crop_and_prior_images_are_unmasked(tmp_path):
 
 @pytest.mark.slow
 def test_prodigy_trains(tiny_sdxl_dir, subject_dir, tmp_path):
-    from waveft.training import train
+    from waveft.train.loop import train
 
     out = tmp_path / "run"
     train(tiny_cfg(tiny_sdxl_dir, subject_dir, out, "train.optimizer=prodigy", "train.learning_rate=1.0",
@@ -284,7 +284,7 @@ def test_bad_inputs_stop_before_any_model_loads(tmp_path, monkeypatch, setup, ov
     import importlib.util
 
     from waveft.config import load_config
-    from waveft.training import train
+    from waveft.train.loop import train
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -305,7 +305,7 @@ def test_bad_inputs_stop_before_any_model_loads(tmp_path, monkeypatch, setup, ov
 
 def test_latent_views_depend_on_content_crop_and_flip(tmp_path):
     from waveft.config import load_config
-    from waveft.data import DreamBoothDataset, choose_view
+    from waveft.train.data import DreamBoothDataset, choose_view
 
     Image.new("RGB", (48, 32), (1, 2, 3)).save(tmp_path / "a.png")
     cfg = load_config(None, ("output_dir=x", f"data.instance_dir={tmp_path}", "data.resolution=32"))

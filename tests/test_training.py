@@ -47,10 +47,10 @@ def test_adapter_that_does_not_fit_the_model_is_refused(tiny_sdxl_dir, override,
 def instance_loss(unet, tiny_sdxl_dir, subject_dir, cfg):
     """Mean denoising loss (plain MSE on the noise) over the instance images at fixed noise and timesteps, as the
     trainer's own micro-batch loss computes it."""
-    from waveft.data import DreamBoothDataset, collate
-    from waveft.loss import Conditioning, LossSettings, micro_batch_loss
     from waveft.models import load_sdxl
-    from waveft.training import encode_prompts
+    from waveft.train.data import DreamBoothDataset, collate
+    from waveft.train.loop import encode_prompts
+    from waveft.train.loss import Conditioning, LossSettings, micro_batch_loss
 
     components = load_sdxl(cfg.model)
     batch = collate([DreamBoothDataset(cfg.data, 0)[i] for i in range(4)])
@@ -74,7 +74,7 @@ def test_short_run_learns_and_saved_adapter_reloads_in_stock_peft(tiny_sdxl_dir,
 
     cfg = tiny_cfg(tiny_sdxl_dir, subject_dir, tmp_path / "run", "train.max_steps=30", "train.learning_rate=3e-3",
                    "data.crop=center", "adapter.peft.n_frequency=512", "train.checkpointing_steps=0")
-    from waveft.training import train
+    from waveft.train.loop import train
 
     result = train(cfg)
     base_loss = instance_loss(fresh_unet(tiny_sdxl_dir), tiny_sdxl_dir, subject_dir, cfg)
@@ -99,7 +99,7 @@ def test_short_run_learns_and_saved_adapter_reloads_in_stock_peft(tiny_sdxl_dir,
 def test_resume_matches_an_uninterrupted_run(tiny_sdxl_dir, subject_dir, tmp_path):
     import shutil
 
-    from waveft.training import train
+    from waveft.train.loop import train
 
     # 4 images, batch 1, accumulation 2: 2 optimizer steps per epoch, so the run crosses epochs.
     settings = ("train.max_steps=7", "train.checkpointing_steps=3", "train.lr_scheduler=cosine",
@@ -122,7 +122,7 @@ def test_resume_matches_an_uninterrupted_run(tiny_sdxl_dir, subject_dir, tmp_pat
 
 @pytest.mark.slow
 def test_output_dir_holding_a_run_is_protected(tiny_sdxl_dir, subject_dir, tmp_path):
-    from waveft.training import train
+    from waveft.train.loop import train
 
     out = tmp_path / "run"
     train(tiny_cfg(tiny_sdxl_dir, subject_dir, out, "train.max_steps=2", "train.checkpointing_steps=1"))
@@ -152,7 +152,7 @@ def test_diverging_loss_stops_with_a_clear_message_and_saves_nothing(tiny_sdxl_d
 
 @pytest.mark.slow
 def test_prior_preservation_8bit_adam_bf16_checkpointing_and_min_snr(tiny_sdxl_dir, subject_dir, tmp_path):
-    from waveft.training import train
+    from waveft.train.loop import train
 
     out = tmp_path / "run"
     settings = ("data.prior_preservation.enabled=true", "data.prior_preservation.num_class_images=3",
@@ -181,7 +181,7 @@ def test_prior_preservation_8bit_adam_bf16_checkpointing_and_min_snr(tiny_sdxl_d
 @pytest.mark.slow
 def test_adalora_run_resumes_from_its_checkpoint(tiny_sdxl_dir, subject_dir, tmp_path):
     """AdaLoRA's saved state omits its rank buffers on purpose; resuming must still accept it."""
-    from waveft.training import train
+    from waveft.train.loop import train
 
     out = tmp_path / "run"
     settings = ("adapter.type=adalora", "adapter.peft={}", "train.checkpointing_steps=2", "train.resume=latest")

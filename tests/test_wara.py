@@ -127,7 +127,7 @@ def test_wara_attaches_trains_saves_and_reloads_through_peft(tmp_path):
     from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
     from waveft.adapters.attach import attach_adapter
-    from waveft.checkpointing import save_adapter
+    from waveft.io.adapter_folder import save_adapter
 
     adapter = AdapterConfig(type="wara", peft={"r": 2, "wavelet_family": "db2", "scaling": 4.0})
     unet = tiny_unet()

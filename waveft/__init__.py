@@ -1,8 +1,5 @@
-"""WaveFT personalization of Stable Diffusion XL: trainer, adapters, generation."""
-import logging
+"""WaveFT personalization of Stable Diffusion XL: trainer, adapters, generation, export.
 
-# bitsandbytes' CPU backend warns at import (diffusers imports it) that its optional 4-bit kernels are missing;
-# this project uses only its 8-bit AdamW.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-
-from waveft.adapters.structured_waveft import enable_structured_waveft  # noqa: E402, F401
+Importing `waveft` changes no other library's state; commands call `waveft.entry.set_up_process()`.
+"""
+from waveft.adapters.structured_waveft import enable_structured_waveft  # noqa: F401

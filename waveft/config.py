@@ -11,9 +11,9 @@ import yaml
 
 from waveft.adapters.methods import validate_adapter_settings
 from waveft.errors import UserError
-from waveft.files import write_text_atomic
-from waveft.generation_settings import GenerationSettings, SchedulerName
-from waveft.schema import apply_override, coerce_value, read_yaml_extending
+from waveft.infer.settings import GenerationSettings, SchedulerName
+from waveft.io.files import write_text_atomic
+from waveft.io.schema import apply_override, coerce_value, read_yaml_extending
 
 SDXL_ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -145,8 +145,8 @@ class ValidationLossConfig:
 
 @dataclass
 class ValidationConfig:
-    """Training-time samples. The generation keys are GenerationSettings' (waveft.generation_settings), with its
-    defaults; waveft.sampling builds the GenerationSettings from them."""
+    """Training-time samples. The generation keys are GenerationSettings' (waveft.infer.settings), with its
+    defaults; waveft.train.sampling builds the GenerationSettings from them."""
 
     prompts: list[str] = field(default_factory=list)  # "{instance}" is replaced by the instance prompt
     every_steps: int = 0  # 0: only the final samples

@@ -38,7 +38,7 @@ def load_sdxl(model_cfg) -> SDXLComponents:
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     if model_cfg.build_tiny_if_missing:
-        from waveft.tiny import ensure_tiny_sdxl
+        from waveft.fixtures.tiny import ensure_tiny_sdxl
 
         ensure_tiny_sdxl(model_cfg.pretrained)
     base = model_cfg.pretrained

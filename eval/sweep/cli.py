@@ -54,7 +54,7 @@ from eval.sweep.runs import (
 from eval.sweep.schema import SweepConfig, benchmark_is_to_be_built, load_sweep, validate_sweep
 from eval.tiny_benchmark import write_tiny_benchmark
 from waveft.errors import UserError, cli_entry
-from waveft.files import write_text_atomic
+from waveft.io.files import write_text_atomic
 
 
 def report_dir(sweep: SweepConfig) -> Path:

@@ -28,8 +28,8 @@ from eval.sweep.schema import MethodSpec, SweepConfig, benchmark_dataset
 from eval.sweep.stages import generate_argv, score_argv
 from waveft.config import load_config
 from waveft.errors import UserError
-from waveft.files import write_text_atomic
-from waveft.run_folder import RunFolder
+from waveft.io.files import write_text_atomic
+from waveft.io.run_folder import RunFolder
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = REPO / "train_dreambooth_waveft.py"

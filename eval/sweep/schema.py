@@ -25,7 +25,7 @@ from eval.protocol import (
 from eval.sweep.stages import ScoringSettings, check_stage_settings
 from eval.tiny_benchmark import tiny_benchmark
 from waveft.errors import UserError
-from waveft.schema import coerce_value, read_yaml_mapping
+from waveft.io.schema import coerce_value, read_yaml_mapping
 
 METHOD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # it names a folder
 # Run-config keys the sweep sets for each run; overrides may not set them.

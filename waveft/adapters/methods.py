@@ -25,7 +25,7 @@ from waveft.adapters.budget import (
     smallest_layer,
 )
 from waveft.errors import UserError
-from waveft.schema import coerce_value
+from waveft.io.schema import coerce_value
 
 # PeftConfig fields that the trainer owns, so they are not settable through adapter.peft.
 RESERVED_PEFT_FIELDS = {

@@ -15,7 +15,7 @@ import tempfile
 import torch
 
 from waveft.errors import UserError
-from waveft.files import write_atomic
+from waveft.io.files import write_atomic
 
 
 def cache_folder(data_cfg) -> str:
@@ -111,7 +111,7 @@ class Latents:
         """Encode every fixed view not yet cached; True when every view the loop can ask for is fixed."""
         from tqdm.auto import tqdm
 
-        from waveft.data import apply_view, to_pixels
+        from waveft.train.data import apply_view, to_pixels
 
         views, all_fixed = dataset.fixed_views()
         for example, view, image in tqdm(views, desc="caching latents", disable=not progress):

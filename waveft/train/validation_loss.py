@@ -11,9 +11,9 @@ import random
 
 import torch
 
-from waveft import data as dreambooth_data
-from waveft.files import write_atomic
-from waveft.loss import Conditioning, LossSettings, micro_batch_loss
+from waveft.io.files import write_atomic
+from waveft.train import data as dreambooth_data
+from waveft.train.loss import Conditioning, LossSettings, micro_batch_loss
 
 VALIDATION_SEED = 20_240_601  # the triples' seed; fixed, so runs with different seeds share the same triples
 

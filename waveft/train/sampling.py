@@ -5,10 +5,12 @@ import shutil
 
 import torch
 
-from waveft import data as dreambooth_data
 from waveft.config import RunConfig
-from waveft.generate import GenerationSettings, generate_images, load_pipeline, prompt_seed_jobs, save_grid
-from waveft.run_folder import RunFolder
+from waveft.infer.generation import generate_images, prompt_seed_jobs, save_grid
+from waveft.infer.pipeline import load_pipeline
+from waveft.infer.settings import GenerationSettings
+from waveft.io.run_folder import RunFolder
+from waveft.train import data as dreambooth_data
 
 
 def validation_prompts(cfg: RunConfig) -> list[str]:
@@ -40,7 +42,7 @@ def in_memory_pipeline(components, unet, scheduler_name: str):
     """A StableDiffusionXLPipeline around the models already loaded (no copy, nothing read from disk)."""
     from diffusers import StableDiffusionXLPipeline
 
-    from waveft.generate import set_scheduler
+    from waveft.infer.pipeline import set_scheduler
 
     pipe = StableDiffusionXLPipeline(
         vae=components.vae,

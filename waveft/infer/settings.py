@@ -3,7 +3,7 @@ sampling. Importing this module loads no model library, so run configs can check
 from dataclasses import dataclass, field
 from typing import Literal
 
-from waveft.cli_settings import CliSettings, cli
+from waveft.io.cli_settings import CliSettings, cli
 
 # Keyword arguments of diffusers schedulers, by the names this project uses.
 SCHEDULERS = {

@@ -17,19 +17,20 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from waveft import data as dreambooth_data
 from waveft.adapters.attach import AttachedAdapter, attach_adapter
-from waveft.checkpointing import list_checkpoints, load_checkpoint, save_adapter, save_checkpoint
 from waveft.config import RunConfig, config_to_dict, save_config
 from waveft.errors import UserError
-from waveft.export import check_export_fits, export_run, planned_exports
-from waveft.latent_cache import LatentCache, Latents, cache_folder, check_writable, vae_identity
-from waveft.loss import Conditioning, LossSettings, mask_weights, micro_batch_loss
+from waveft.export.run_exports import check_export_fits, export_run, planned_exports
+from waveft.io.adapter_folder import save_adapter
+from waveft.io.run_folder import RunFolder, RunInfo
+from waveft.io.schema import read_yaml_mapping
 from waveft.models import DTYPES, load_sdxl
-from waveft.run_folder import RunFolder, RunInfo
-from waveft.sampling import final_samples, generate_class_images, log_image, run_validation
-from waveft.schema import read_yaml_mapping
-from waveft.validation_loss import ValidationLoss, plot_losses
+from waveft.train import data as dreambooth_data
+from waveft.train.checkpointing import list_checkpoints, load_checkpoint, save_checkpoint
+from waveft.train.latent_cache import LatentCache, Latents, cache_folder, check_writable, vae_identity
+from waveft.train.loss import Conditioning, LossSettings, mask_weights, micro_batch_loss
+from waveft.train.sampling import final_samples, generate_class_images, log_image, run_validation
+from waveft.train.validation_loss import ValidationLoss, plot_losses
 
 # The latent cache changes no number (a cached run equals an uncached one), so it may change too.
 SETTINGS_THAT_MAY_CHANGE_ON_RESUME = {"output_dir", "train.resume", "train.max_steps", "overwrite_output_dir",

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-from waveft.files import write_json_atomic
+from waveft.io.files import write_json_atomic
 
 
 class RunFolder:
@@ -90,7 +90,7 @@ class RunInfo:
     validation_losses: Optional[list] = _optional()  # [[step, loss], ...]
     latent_cache: Optional[dict] = _optional()  # hits and misses of the latent cache
     layer_shapes: Optional[dict] = _optional()  # adapted layer -> [out, in]: what waveft.export checks a base against
-    exports: Optional[list] = _optional()  # the export: section's files in adapter/ (waveft.export.planned_exports)
+    exports: Optional[list] = _optional()  # the export: section's files in adapter/ (run_exports.planned_exports)
     # Set once the final samples exist (after run_info.json is written); not part of the file.
     samples: Optional[str] = field(default=None, metadata={"in_file": False})
 

@@ -12,67 +12,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from waveft.errors import UserError
-from waveft.run_folder import RunFolder
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-
-
-MASK_SUFFIX = ".mask.png"  # NAME.mask.png beside NAME.jpg: the masked loss's sidecar, never a training image
-
-
-def list_images(folder: str, what: str = "instance folder") -> list[str]:
-    if not os.path.isdir(folder):
-        raise UserError(f"{what} not found: {folder}")
-    files = sorted(
-        os.path.join(folder, name) for name in os.listdir(folder)
-        if name.lower().endswith(IMAGE_EXTENSIONS) and not name.lower().endswith(MASK_SUFFIX)
-    )
-    if not files:
-        raise UserError(f"{what} {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return files
-
-
-def _open_upright(path: str) -> Image.Image:
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return ImageOps.exif_transpose(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise UserError(f"cannot read image {path}: {exc}") from None
-
-
-def load_rgb(path) -> Image.Image:
-    """Open an image upright (EXIF orientation) in RGB; transparency is composited onto white. The one image
-    loader of the project: training, scoring and reports see the same pixels."""
-    img = _open_upright(path)
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
-    return img.convert("RGB")
-
-
-def load_mask(path: str, source: str) -> Image.Image:
-    """The loss mask of the image at `path`, upright, as a greyscale image of the image's size (white: learn).
-
-    source "alpha": the image's own alpha channel; "sidecar": NAME.mask.png beside it.
-    """
-    if source == "alpha":
-        img = _open_upright(path)
-        if not (img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info)):
-            raise UserError(f"data.masks.source=alpha: image {path} has no alpha channel")
-        return img.convert("RGBA").getchannel("A")
-    mask_path = os.path.splitext(path)[0] + MASK_SUFFIX
-    if not os.path.isfile(mask_path):
-        raise UserError(f"data.masks.source=sidecar: mask {mask_path} for image {path} not found")
-    mask = _open_upright(mask_path).convert("L")
-    size = _open_upright(path).size
-    if mask.size != size:
-        raise UserError(f"mask {mask_path} is {mask.size[0]}x{mask.size[1]}, its image {path} is {size[0]}x{size[1]}")
-    return mask
+from waveft.fixtures.synthetic_subject import write_synthetic_subject
+from waveft.io.images import IMAGE_EXTENSIONS, list_images, load_mask, load_rgb
+from waveft.io.run_folder import RunFolder
 
 
 @dataclass
@@ -343,29 +288,10 @@ def class_examples(cfg) -> list[Example]:
 # ---- the offline synthetic subject --------------------------------------------------------------------------
 
 
-def write_synthetic_subject(folder: str, num_images: int = 4, size: int = 96, seed: int = 0) -> None:
-    """A toy 'subject' (a striped red-and-yellow ball with a blue band) photographed on varied backgrounds.
-
-    Lets the offline default train on something with a consistent identity without committing image files.
-    """
-    rng = np.random.default_rng(seed)
-    os.makedirs(folder, exist_ok=True)
-    for i in range(num_images):
-        background = tuple(int(c) for c in rng.integers(60, 230, size=3))
-        img = Image.new("RGB", (size + 16 * i, size), background)  # varied aspect ratios
-        draw = ImageDraw.Draw(img)
-        radius = int(size * rng.uniform(0.25, 0.35))
-        cx = int(rng.integers(radius, img.width - radius))
-        cy = int(rng.integers(radius, size - radius))
-        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=(200, 30, 40))
-        for stripe in range(-radius, radius, max(2, radius // 3)):
-            draw.line((cx + stripe, cy - radius, cx + stripe + radius // 2, cy + radius), fill=(250, 210, 40), width=2)
-        draw.rectangle((cx - radius, cy - 3, cx + radius, cy + 3), fill=(30, 60, 200))
-        img.save(os.path.join(folder, f"subject_{i:02d}.png"))
 
 
 def ensure_instance_images(data_cfg) -> None:
-    from waveft.files import atomic_directory
+    from waveft.io.files import atomic_directory
 
     if data_cfg.synthetic_if_missing and not os.path.isdir(data_cfg.instance_dir):
         with atomic_directory(data_cfg.instance_dir) as staging:

@@ -1,14 +1,13 @@
-"""The adapter's PEFT-format files and resumable training checkpoints, each written atomically."""
+"""The adapter folder: PEFT's two files (adapter_config.json, adapter_model.safetensors), saved and loaded, and its
+model card."""
 import json
 import os
-import shutil
 
-import torch
-
-from waveft.files import atomic_directory, give_usual_permissions
-from waveft.run_folder import RunFolder
+from waveft.io.files import atomic_directory, give_usual_permissions
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
 # PeftModel.save_pretrained writes keys under this prefix; writing the same keys keeps files interchangeable.
 PEFT_MODEL_PREFIX = "base_model.model."
 
@@ -109,53 +108,3 @@ def load_adapter_weights(unet, path: str, adapter_name: str = "default") -> None
     if missing or unexpected:
         raise RuntimeError(f"adapter at {path} does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
     set_peft_model_state_dict(unet, state, adapter_name=adapter_name)
-
-
-def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of every complete checkpoint, oldest first."""
-    if not os.path.isdir(output_dir):
-        return []
-    found = []
-    for name in os.listdir(output_dir):
-        match = RunFolder.CHECKPOINT_PATTERN.match(name)
-        if match and os.path.isfile(os.path.join(output_dir, name, RunFolder.TRAINING_STATE)):
-            found.append((int(match.group(1)), os.path.join(output_dir, name)))
-    return sorted(found)
-
-
-def save_checkpoint(output_dir: str, step: int, unet, optimizer, lr_scheduler, scaler, state: dict,
-                    total_limit, ema=None) -> str:
-    """Adapter + optimizer + LR schedule (+ fp16 loss scaler, + EMA) + loop state, written atomically, then prune
-    past `total_limit`."""
-    path = RunFolder(output_dir).checkpoint(step)
-    with atomic_directory(path) as staging:
-        save_adapter(unet, os.path.join(staging, RunFolder.ADAPTER))
-        torch.save(optimizer.state_dict(), os.path.join(staging, "optimizer.pt"))
-        torch.save(lr_scheduler.state_dict(), os.path.join(staging, "scheduler.pt"))
-        if scaler is not None:
-            torch.save(scaler.state_dict(), os.path.join(staging, "scaler.pt"))
-        if ema is not None:
-            torch.save(ema.state_dict(), os.path.join(staging, "ema.pt"))
-        with open(os.path.join(staging, RunFolder.TRAINING_STATE), "w") as f:
-            json.dump(state, f, indent=2)
-    if total_limit is not None:
-        for _, old in list_checkpoints(output_dir)[:-total_limit]:
-            shutil.rmtree(old)
-    return path
-
-
-def load_checkpoint(path: str, unet, optimizer, lr_scheduler, scaler, ema=None) -> dict:
-    """Restore what `save_checkpoint` wrote into the live objects; return the loop state it saved."""
-    # map_location: every process would otherwise load the saving process's GPU tensors onto that GPU.
-    def load(name):
-        return torch.load(os.path.join(path, name), map_location="cpu", weights_only=True)
-
-    load_adapter_weights(unet, os.path.join(path, RunFolder.ADAPTER))
-    optimizer.load_state_dict(load("optimizer.pt"))
-    lr_scheduler.load_state_dict(load("scheduler.pt"))
-    if scaler is not None and os.path.isfile(os.path.join(path, "scaler.pt")):
-        scaler.load_state_dict(load("scaler.pt"))
-    if ema is not None:
-        ema.load_state_dict(load("ema.pt"))
-    with open(os.path.join(path, RunFolder.TRAINING_STATE)) as f:
-        return json.load(f)

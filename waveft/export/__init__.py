@@ -1,0 +1,17 @@
+"""Export an adapter to the files ComfyUI, Forge / A1111, InvokeAI and diffusers' `load_lora_weights` read.
+
+`python -m waveft.export --adapter RUN/adapter --format full-diff|lora --out FILE.safetensors
+[--rank N | --energy F] [--dtype fp16|bf16|fp32] [--base MODEL] [--overwrite]`
+
+Both formats name SDXL UNet layers the kohya way, `lora_unet_<diffusers module path, "." -> "_">`:
+- `full-diff`: `<name>.diff` (out x in), the adapter's weight difference itself: lossless.
+- `lora`: `<name>.lora_down.weight` (rank x in), `<name>.lora_up.weight` (out x rank) and `<name>.alpha`, from
+  PEFT's `convert_to_lora` (an SVD of each layer's difference at a fixed rank, or the smallest rank keeping an
+  `--energy` fraction of its squared singular values); every tool applies (alpha / rank) up @ down. The
+  relative error |dW - (alpha / rank) up down|_F / |dW|_F of every layer is printed and stored in the metadata.
+
+Methods whose layers add a difference to the frozen weight (W' = W + dW) export: `EXPORTABLE_PEFT_TYPES`.
+Layer shapes come from the base model's UNet config alone: the UNet is built on the meta device and no base
+weight is loaded. Differences are built one layer at a time, and a `full-diff` file is streamed to disk, so
+an export holds one layer's dense difference (plus, for `lora`, the low-rank output) at a time.
+"""

@@ -1,0 +1,41 @@
+"""`python -m waveft.export`: parse the command line into an `ExportRequest` and run it."""
+import argparse
+import dataclasses
+
+from waveft.entry import return_freed_blocks_to_the_system, set_up_process
+from waveft.errors import cli_entry
+from waveft.export.lora import DEFAULT_LORA_RANK
+from waveft.export.writer import EXPORT_DTYPES, FORMATS, ExportRequest, export_adapter
+
+
+def parse_args(argv=None) -> ExportRequest:
+    parser = argparse.ArgumentParser(
+        prog="python -m waveft.export",
+        description="Export an adapter as a kohya-named full weight difference or LoRA for ComfyUI, Forge / "
+        "A1111, InvokeAI and diffusers.",
+    )
+    parser.add_argument("--adapter", required=True, help="the adapter folder (RUN/adapter)")
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--out", required=True, help="the .safetensors file to write")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--rank", type=int, help=f"lora: the same rank for every layer (default {DEFAULT_LORA_RANK})")
+    size.add_argument("--energy", type=float, help="lora: per-layer rank keeping this fraction of the squared "
+                      "singular values, in (0, 1]; 1.0 is exact")
+    parser.add_argument("--dtype", default="fp16", choices=list(EXPORT_DTYPES))
+    parser.add_argument("--base", help="base model (Hub id or folder) for the layer shapes; default: the "
+                        "adapter's recorded base model; only its UNet config is read")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    args = parser.parse_args(argv)
+    return ExportRequest(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ExportRequest)})
+
+
+@cli_entry
+def main(argv=None) -> None:
+    request = parse_args(argv)
+    set_up_process()
+    return_freed_blocks_to_the_system()
+    export_adapter(request)
+
+
+if __name__ == "__main__":
+    main()

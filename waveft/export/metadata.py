@@ -1,0 +1,56 @@
+"""The safetensors metadata of an export: what A1111, Forge and kohya read (`ss_*`, `modelspec.*`), and the source."""
+import datetime
+import json
+import statistics
+from typing import Optional
+
+from waveft.export.lora import LoraLayerResult
+from waveft.export.source import EXPORTABLE_PEFT_TYPES, SourceAdapter
+
+
+def export_metadata(source: SourceAdapter, base: str, fmt: str, dtype_name: str, layers: int,
+                    results: Optional[list[LoraLayerResult]] = None, rank=None) -> dict[str, str]:
+    """safetensors metadata (strings): what A1111 / Forge read (ss_*, modelspec.*), and the source adapter."""
+    run = source.run_info
+    title = f"{source.method} {run['subject']}" if run.get("subject") else f"{source.method} adapter"
+    meta = {
+        "ss_base_model_version": "sdxl_base_v1-0",
+        "ss_output_name": title,
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": title,
+        "modelspec.resolution": "1024x1024",
+        "modelspec.date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.description": f"{source.method} adapter exported as {fmt} ({layers} UNet layers)",
+        "waveft.format": fmt,
+        "waveft.dtype": dtype_name,
+        "waveft.base_model": base,
+        "waveft.layers": str(layers),
+        "waveft.method": source.method,
+        "waveft.adapter_type": run.get("adapter_type") or EXPORTABLE_PEFT_TYPES.get(source.peft_type, ""),
+        "waveft.budget": json.dumps(run.get("budget")),
+        "waveft.trainable_parameters": json.dumps(run.get("trainable_parameters")),
+        "waveft.adapter_sha256": source.weights_sha256,
+    }
+    if run.get("instance_prompt"):
+        meta["modelspec.trigger_phrase"] = run["instance_prompt"]
+    if fmt == "full-diff":
+        meta.update({"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": "full"})})
+        return meta
+    fixed = isinstance(rank, int)
+    errors = [r.relative_error for r in results]
+    meta.update({
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank) if fixed else "Dynamic",  # kohya's word for per-layer ranks
+        "ss_network_alpha": str(float(rank)) if fixed else "1.0",
+        "waveft.lora_rank" if isinstance(rank, int) else "waveft.lora_energy": str(rank),
+        "waveft.relative_error_worst": f"{max(errors):.6g}",
+        "waveft.relative_error_median": f"{statistics.median(errors):.6g}",
+        "waveft.energy_kept_min": f"{min(r.energy_kept for r in results):.6g}",
+        "waveft.layer_errors": json.dumps(
+            {r.name: {"rank": r.rank, "relative_error": round(r.relative_error, 6),
+                      "energy_kept": round(r.energy_kept, 6)} for r in results}
+        ),
+    })
+    return meta

@@ -1,0 +1,45 @@
+"""Exports at the end of a training run (the `export:` section): which files, checked before training, written after."""
+import os
+
+from waveft.entry import return_freed_blocks_to_the_system
+from waveft.errors import UserError
+from waveft.export.lora import DEFAULT_LORA_RANK
+from waveft.export.writer import ExportRequest, export_adapter
+
+
+def planned_exports(export_cfg, run_info: dict) -> list[dict]:
+    """The files an `export:` section asks for, named so that A1111's `<lora:NAME:1>` says what they are."""
+    stem = "_".join(str(run_info.get(k) or "") for k in ("subject", "method")).strip("_") or "adapter"
+    stem = "".join(c if c.isalnum() or c in "-_" else "-" for c in stem)
+    planned = []
+    for fmt in export_cfg.formats:
+        if fmt == "full-diff":
+            planned.append({"format": fmt, "file": f"{stem}_full_diff.safetensors", "dtype": export_cfg.dtype})
+        elif export_cfg.lora_energy is not None:
+            planned.append({"format": fmt, "file": f"{stem}_lora_energy{export_cfg.lora_energy:g}.safetensors",
+                            "energy": export_cfg.lora_energy, "dtype": export_cfg.dtype})
+        else:
+            rank = export_cfg.lora_rank or DEFAULT_LORA_RANK
+            planned.append({"format": fmt, "file": f"{stem}_lora_r{rank}.safetensors", "rank": rank,
+                            "dtype": export_cfg.dtype})
+    return planned
+
+
+def check_export_fits(export_cfg, layers) -> None:
+    """Before training: a fixed LoRA rank must fit every adapted layer (`layers`: rows with out/in_features)."""
+    if "lora" not in export_cfg.formats or export_cfg.lora_energy is not None:
+        return
+    rank = export_cfg.lora_rank or DEFAULT_LORA_RANK
+    for layer in layers:
+        if rank > min(layer.out_features, layer.in_features):
+            raise UserError(f"export.lora_rank={rank} is larger than layer {layer.name} ({layer.out_features}x"
+                            f"{layer.in_features}) allows: at most {min(layer.out_features, layer.in_features)}")
+
+
+def export_run(adapter_dir: str, planned: list[dict], say=print) -> None:
+    """Write the planned files into the saved adapter folder (each atomically, replacing an earlier export)."""
+    return_freed_blocks_to_the_system()
+    for item in planned:
+        request = ExportRequest(adapter=adapter_dir, format=item["format"], out=os.path.join(adapter_dir, item["file"]),
+                                rank=item.get("rank"), energy=item.get("energy"), dtype=item["dtype"], overwrite=True)
+        export_adapter(request, say=say)

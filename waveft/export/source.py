@@ -1,0 +1,226 @@
+"""The adapter being exported: its folder read and checked, and its layers attached to a weightless UNet of the base
+model, so that each layer's dense difference can be built one at a time."""
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from waveft.errors import UserError
+from waveft.io.adapter_folder import ADAPTER_WEIGHTS_NAME, PEFT_MODEL_PREFIX, load_adapter_weights
+
+KOHYA_UNET_PREFIX = "lora_unet_"
+
+
+# PEFT types whose layers are additive (W' = W + get_delta_weight()), by the `adapter.type` they come from.
+EXPORTABLE_PEFT_TYPES = {
+    "WAVEFT": "waveft", "SHIRA": "shira", "LORA": "lora", "LOHA": "loha", "LOKR": "lokr",
+    "FOURIERFT": "fourierft", "VERA": "vera", "ADALORA": "adalora", "WARA": "wara",
+}
+
+
+# Why the PEFT methods a user is most likely to bring cannot export; the rest get the generic reason.
+NOT_ADDITIVE = {
+    "IA3": "IA3 scales activations, it adds no weight difference",
+    "OFT": "OFT multiplies the weight by a learned rotation: its change depends on the base weights",
+    "BOFT": "BOFT multiplies the weight by a learned rotation: its change depends on the base weights",
+    "LN_TUNING": "LN tuning replaces norm layers, it adds no weight difference to the adapted layers",
+}
+
+
+def kohya_name(module_path: str) -> str:
+    """`down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0` -> `lora_unet_down_blocks_1_..._to_out_0`."""
+    return KOHYA_UNET_PREFIX + module_path.replace(".", "_")
+
+
+@dataclass
+class SourceAdapter:
+    path: str
+    peft_config: dict  # adapter_config.json
+    run_info: dict  # waveft_run.json ({} for an adapter this project's trainer did not write)
+    weights_sha256: str  # of adapter_model.safetensors, the file's bytes
+
+    @property
+    def peft_type(self) -> str:
+        return str(self.peft_config.get("peft_type", "?"))
+
+    @property
+    def method(self) -> str:
+        return self.run_info.get("method") or EXPORTABLE_PEFT_TYPES.get(self.peft_type, self.peft_type.lower())
+
+
+def read_source_adapter(path: str) -> SourceAdapter:
+    """The adapter folder's config, run record and weights hash; a folder that is no adapter is a UserError."""
+    config_file, weights_file = os.path.join(path, "adapter_config.json"), os.path.join(path, ADAPTER_WEIGHTS_NAME)
+    for needed in (config_file, weights_file):
+        if not os.path.isfile(needed):
+            raise UserError(f"--adapter {path} is not an adapter folder: {os.path.basename(needed)} is missing")
+    try:
+        with open(config_file) as f:
+            peft_config = json.load(f)
+        run_info = {}
+        if os.path.isfile(os.path.join(path, "waveft_run.json")):
+            with open(os.path.join(path, "waveft_run.json")) as f:
+                run_info = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--adapter {path}: not valid JSON ({exc})") from None
+    digest = hashlib.sha256()
+    with open(weights_file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return SourceAdapter(path, peft_config, run_info, digest.hexdigest())
+
+
+def check_exportable(source: SourceAdapter) -> None:
+    """Refuse, with the reason, an adapter whose change of the weights is not a difference the file can hold."""
+    peft_type = source.peft_type
+    if peft_type not in EXPORTABLE_PEFT_TYPES:
+        reason = NOT_ADDITIVE.get(peft_type, f"{peft_type} is not one of the additive methods this export knows")
+        raise UserError(
+            f"{source.path}: a {peft_type} adapter cannot be exported: {reason} "
+            f"(exportable: {', '.join(sorted(set(EXPORTABLE_PEFT_TYPES.values())))})"
+        )
+    if source.peft_config.get("use_dora"):
+        raise UserError(
+            f"{source.path}: a DoRA adapter cannot be exported: its weight is a learned magnitude times the "
+            f"normalised W + BA, so its change depends on the base weights, which this export does not load"
+        )
+    bias = source.peft_config.get("bias", "none")
+    if bias not in (None, "none") or source.peft_config.get("lora_bias"):
+        raise UserError(f"{source.path}: an adapter that trains biases (bias={bias!r}) cannot be exported as a LoRA")
+
+
+def base_model_of(source: SourceAdapter, base: Optional[str]) -> str:
+    base = base or source.run_info.get("base_model") or source.peft_config.get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{source.path} does not record its base model; name it with --base")
+    return base
+
+
+def read_unet_config(base: str) -> dict:
+    """The UNet config of a diffusers pipeline folder, a UNet folder or a Hub id (no weights are read)."""
+    from diffusers import UNet2DConditionModel
+
+    errors = []
+    for subfolder in ("unet", None):
+        try:
+            return dict(UNet2DConditionModel.load_config(base, subfolder=subfolder))
+        except (OSError, ValueError) as exc:
+            errors.append(str(exc).splitlines()[0])
+    raise UserError(f"could not read the UNet config of the base model {base!r}: {errors[0]}")
+
+
+def unet_skeleton(config: dict) -> torch.nn.Module:
+    """The UNet on the meta device, except that every Linear weight is a zero of stride 0 on the CPU (4 bytes):
+    PEFT then creates the adapter's tensors on the CPU, and only shapes are ever read from the base weights."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    for module in unet.modules():
+        if isinstance(module, torch.nn.Linear):
+            zero = torch.zeros((), dtype=torch.float32).expand(module.out_features, module.in_features)
+            module.weight = torch.nn.Parameter(zero, requires_grad=False)
+    return unet.requires_grad_(False).eval()
+
+
+@dataclass
+class ExportLayer:
+    name: str  # diffusers module path
+    module: torch.nn.Module  # the adapter's PEFT layer
+    out_features: int
+    in_features: int
+
+    @property
+    def kohya_name(self) -> str:
+        return kohya_name(self.name)
+
+
+def attach_source_adapter(source: SourceAdapter, base: str, adapter_name: str = "default") -> list[ExportLayer]:
+    """The adapter's layers on a weightless UNet of `base`, with its saved weights loaded, checked to fit."""
+    from peft import PeftConfig
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from waveft.adapters.attach import inject_adapter
+    from waveft.adapters.structured_waveft import enable_structured_waveft
+
+    unet = unet_skeleton(read_unet_config(base))
+    check_recorded_shapes(source, unet, base)
+    peft_config = PeftConfig.from_pretrained(source.path)
+    peft_config.inference_mode = True
+    try:
+        inject_adapter(unet, peft_config, adapter_name)
+    except ValueError as exc:
+        raise UserError(f"{source.path} could not be attached to {base}'s UNet: {str(exc).splitlines()[0]}") from None
+    check_saved_shapes(source, unet, base, adapter_name)
+    load_adapter_weights(unet, source.path, adapter_name)
+    enable_structured_waveft(unet)  # our WaveFT layer builds the difference for wavelets PEFT's layer cannot run
+    layers = []
+    for name, module in unet.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            if not isinstance(module.get_base_layer(), torch.nn.Linear):
+                raise UserError(f"{source.path}: layer {name} is a {type(module.get_base_layer()).__name__}; "
+                                f"only Linear layers export")
+            layers.append(ExportLayer(name, module, module.out_features, module.in_features))
+    return layers
+
+
+def check_recorded_shapes(source: SourceAdapter, unet, base: str) -> None:
+    """The trainer records each adapted layer's shape (waveft_run.json `layer_shapes`); each must be the base's.
+    For methods whose saved tensors do not depend on the layer shape (WaveFT, FourierFT, SHiRA) this is the
+    only way to tell that an adapter was trained on another model."""
+    modules = dict(unet.named_modules())
+    for name, (out_features, in_features) in source.run_info.get("layer_shapes", {}).items():
+        module = modules.get(name)
+        if module is None:
+            raise UserError(f"{source.path}: adapted layer {name} ({out_features}x{in_features}) is not in the "
+                            f"UNet of the base model {base}")
+        if (module.out_features, module.in_features) != (out_features, in_features):
+            raise UserError(f"{source.path}: layer {name} is {out_features}x{in_features} in the adapter but "
+                            f"{module.out_features}x{module.in_features} in the base model {base}")
+
+
+def check_saved_shapes(source: SourceAdapter, unet, base: str, adapter_name: str) -> None:
+    """Every saved tensor must be one the base model's layers take, of the shape they take."""
+    from peft import get_peft_model_state_dict
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from safetensors import safe_open
+
+    expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(unet, adapter_name=adapter_name).items()}
+    tuner_layers = {n: m for n, m in unet.named_modules() if isinstance(m, BaseTunerLayer)}
+    with safe_open(os.path.join(source.path, ADAPTER_WEIGHTS_NAME), framework="pt") as f:
+        names = f.keys()  # noqa: SIM118 (safe_open is no dict)
+        saved = {k.removeprefix(PEFT_MODEL_PREFIX): tuple(f.get_slice(k).get_shape()) for k in names}
+
+    def layer_of(key: str) -> str:
+        parts = key.split(".")
+        prefixes = (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1))
+        return next((p for p in prefixes if p in tuner_layers), key.rsplit(".", 2)[0])
+
+    for key in sorted(set(saved) | set(expected)):
+        layer = layer_of(key)
+        if key not in expected:
+            raise UserError(f"{source.path}: layer {layer} ({key}) is not an adapted layer of the base model {base}")
+        if key not in saved:
+            raise UserError(f"{source.path}: the base model {base} has layer {layer}, which the adapter lacks "
+                            f"({key}); was it trained on another model?")
+        if saved[key] != expected[key]:
+            module = tuner_layers[layer]
+            raise UserError(f"{source.path}: layer {layer} does not match the base model {base}: "
+                            f"{key.removeprefix(layer + '.')} is {list(saved[key])} in the adapter, the base "
+                            f"model's {module.out_features}x{module.in_features} layer needs {list(expected[key])}")
+
+
+@torch.no_grad()
+def dense_delta(layer: ExportLayer, adapter_name: str = "default") -> torch.Tensor:
+    """The layer's weight difference dW (out x in), fp32. Cost: one dense out x in matrix."""
+    delta = layer.module.get_delta_weight(adapter_name)
+    if delta.is_sparse:  # SHiRA's
+        delta = delta.to_dense()
+    delta = delta.float()
+    if tuple(delta.shape) != (layer.out_features, layer.in_features):
+        raise UserError(f"layer {layer.name}: its difference is {list(delta.shape)}, the base model's layer is "
+                        f"{layer.out_features}x{layer.in_features}")
+    return delta
