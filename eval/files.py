@@ -2,8 +2,8 @@
 import json
 from pathlib import Path
 
+from eval.layout import MANIFEST
 from waveft.errors import UserError
-from waveft.infer.generation import MANIFEST_NAME as MANIFEST
 from waveft.infer.generation import read_manifest
 
 MANIFEST_KEYS = ("file", "subject", "prompt", "prompt_index", "seed")

@@ -33,11 +33,23 @@ from pathlib import Path
 
 import yaml
 
-from eval.files import MANIFEST, read_json
+from eval.files import read_json
+from eval.layout import (
+    BASE_DRIFT_SETTINGS,
+    DRIFT_BASE,
+    DRIFT_DIR,
+    GENERATION_TIMING,
+    LOCK,
+    MANIFEST,
+    PART_MANIFEST,
+    RUN_INFO,
+    TIMING_PART,
+)
 from eval.protocol import fill_prompt, load_benchmark
 from waveft.entry import set_up_process
 from waveft.errors import UserError, cli_entry
 from waveft.infer.settings import GenerationDtype, GenerationSettings, SchedulerName
+from waveft.io.adapter_folder import AdapterFolder
 from waveft.io.cli_settings import CliSettings, cli
 from waveft.io.files import write_text_atomic
 from waveft.io.run_folder import RunFolder
@@ -59,12 +71,6 @@ DEFAULT_DRIFT_PROMPTS = (
     "a forest path covered in autumn leaves",
     "a sailing boat on a calm sea at sunset",
 )
-RUN_INFO = RunFolder.RUN_INFO
-PART_MANIFEST = "manifest.part{rank}.jsonl"  # one per process, merged into manifest.jsonl by the main process
-DRIFT_DIR = "drift"  # under each run's output folder
-DRIFT_BASE = "base.json"  # in DRIFT_DIR: {"dir": the base-model drift folder, relative to DRIFT_DIR}
-GENERATION_TIMING = "generation.json"
-TIMING_PART = "generation.part{rank}.json"
 
 
 @dataclass
@@ -115,8 +121,8 @@ class TrainedRun:
 def read_run(run_dir: str | Path) -> TrainedRun:
     run_dir = Path(run_dir)
     folder = RunFolder(run_dir)
-    adapter_config = os.path.join(RunFolder.ADAPTER, "adapter_config.json")
-    for needed in (RunFolder.CONFIG, RUN_INFO, adapter_config):
+    adapter_config = os.path.join(RunFolder.ADAPTER, AdapterFolder.CONFIG)
+    for needed in (RunFolder.CONFIG, RunFolder.RUN_INFO, adapter_config):
         if not (run_dir / needed).is_file():
             raise UserError(f"{run_dir} is not a finished training run: {needed} is missing")
     try:
@@ -147,13 +153,13 @@ def benchmark_jobs(run: TrainedRun, benchmark, seeds) -> list[dict]:
 def adapter_facts(adapter_dir: Path) -> dict:
     """What reports show beside a run's scores: the adapter's scaling (lambda, where the method has one) and its
     weights' size in bytes."""
-    config = read_json(adapter_dir / "adapter_config.json")
+    folder = AdapterFolder(adapter_dir)
+    config = read_json(folder.config)
     facts = {}
     if isinstance(config.get("scaling"), (int, float)) and not isinstance(config.get("scaling"), bool):
         facts["scaling"] = config["scaling"]
-    weights = adapter_dir / "adapter_model.safetensors"
-    if weights.is_file():
-        facts["adapter_bytes"] = weights.stat().st_size
+    if os.path.isfile(folder.weights):
+        facts["adapter_bytes"] = folder.weights_bytes()
     return facts
 
 
@@ -233,7 +239,7 @@ def folder_lock(folder: Path, held_here: bool):
         yield
         return
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "lock", "w") as lock:
+    with open(folder / LOCK, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
@@ -364,7 +370,7 @@ def main(argv=None) -> None:
     for target in base_targets:
         with folder_lock(target.folder, state.is_main_process):
             if state.is_main_process:
-                write_text_atomic(target.folder / "settings.json", json.dumps(target.identity, indent=2) + "\n")
+                write_text_atomic(target.folder / BASE_DRIFT_SETTINGS, json.dumps(target.identity, indent=2) + "\n")
             make_images(state, [target], settings, pipelines)
     if state.is_main_process:
         for run in runs:

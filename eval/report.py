@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from eval.files import read_json
-from eval.generate_benchmark import GENERATION_TIMING
+from eval.layout import GENERATION_TIMING, METRICS_JSON, REPORT_CSV, REPORT_MD, REPORT_PAGE, REPORT_TEX
 from eval.qualitative import grid_rows, save_qualitative_png, write_grid_images
 from eval.report_page import render_page
 from eval.report_plots import (
@@ -42,8 +42,6 @@ from eval.tables import (
 )
 from waveft.errors import UserError, cli_entry
 from waveft.io.files import write_text_atomic
-
-METRICS_FILE = "metrics.json"
 
 
 @dataclass
@@ -86,9 +84,9 @@ def find_metrics_files(inputs: list[Path]) -> list[Path]:
         if item.is_file():
             found.append(item)
         elif item.is_dir():
-            matches = sorted(item.rglob(METRICS_FILE))
+            matches = sorted(item.rglob(METRICS_JSON))
             if not matches:
-                raise UserError(f"no {METRICS_FILE} under {item} (score images with: python -m eval.score)")
+                raise UserError(f"no {METRICS_JSON} under {item} (score images with: python -m eval.score)")
             found += matches
         else:
             raise UserError(f"{item} does not exist")
@@ -279,10 +277,10 @@ def main(argv=None) -> None:
     grid = write_qualitative(groups, args.out, budget, args.grid_prompts, args.grid_seed, smoke_test)
     markdown = report_markdown(groups, runs, smoke_test, [file for file, _ in plots]
                                + (["qualitative.png"] if grid[0] else []))
-    write_text_atomic(args.out / "report.md", markdown)
-    write_text_atomic(args.out / "report.csv", report_csv(groups, smoke_test))
-    write_text_atomic(args.out / "report.tex", report_latex(groups, runs, smoke_test))
-    write_text_atomic(args.out / "index.html", render_page(groups, runs, smoke_test, plots, grid, budget, mixed))
+    write_text_atomic(args.out / REPORT_MD, markdown)
+    write_text_atomic(args.out / REPORT_CSV, report_csv(groups, smoke_test))
+    write_text_atomic(args.out / REPORT_TEX, report_latex(groups, runs, smoke_test))
+    write_text_atomic(args.out / REPORT_PAGE, render_page(groups, runs, smoke_test, plots, grid, budget, mixed))
     print(markdown)
     for line in mixed:
         print(f"warning: {line}")

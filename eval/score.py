@@ -33,8 +33,8 @@ from eval.encoders import (
     EmbeddingCache,
     default_cache_dir,
 )
-from eval.files import MANIFEST, read_json, scorable_rows
-from eval.generate_benchmark import DRIFT_BASE, DRIFT_DIR, RUN_INFO
+from eval.files import read_json, scorable_rows
+from eval.layout import DRIFT_BASE, DRIFT_DIR, MANIFEST, METRICS_CSV, METRICS_MD, RUN_INFO, metrics_file
 from eval.metrics import (
     CMMD_SCALE,
     CMMD_SIGMA,
@@ -290,9 +290,9 @@ def metrics_csv(result: dict) -> str:
 
 def write_metrics(result: dict, out_dir: str | Path) -> None:
     out_dir = Path(out_dir)
-    write_text_atomic(out_dir / "metrics.json", json_text(result))
-    write_text_atomic(out_dir / "metrics.csv", metrics_csv(result))
-    write_text_atomic(out_dir / "metrics.md", metrics_markdown(result))
+    write_text_atomic(metrics_file(out_dir), json_text(result))
+    write_text_atomic(out_dir / METRICS_CSV, metrics_csv(result))
+    write_text_atomic(out_dir / METRICS_MD, metrics_markdown(result))
 
 
 @cli_entry
@@ -311,7 +311,7 @@ def main(argv=None) -> None:
     result = score_images(args.images, args.real, settings, cache, args.identifier)
     write_metrics(result, args.out)
     print(metrics_markdown(result))
-    print(f"wrote {args.out / 'metrics.json'}, metrics.csv, metrics.md")
+    print(f"wrote {metrics_file(args.out)}, {METRICS_CSV}, {METRICS_MD}")
 
 
 if __name__ == "__main__":

@@ -36,11 +36,11 @@ def make_waveft_adapter(path: str, base: str, unet, n_frequency: int, target_mod
     """A random WaveFT adapter on `unet` saved at `path` (kept from an earlier run), recording `base` and its
     layer shapes; its layer count."""
     from waveft.adapters.attach import attach_adapter
-    from waveft.io.adapter_folder import save_adapter
+    from waveft.io.adapter_folder import AdapterFolder, save_adapter
 
-    if os.path.isfile(os.path.join(path, "waveft_run.json")):
-        with open(os.path.join(path, "waveft_run.json")) as f:
-            return len(json.load(f)["layer_shapes"])
+    folder = AdapterFolder(path)
+    if os.path.isfile(folder.run_record):
+        return len(folder.read_run_record()["layer_shapes"])
 
     layers = attach_adapter(unet, AdapterConfig(type="waveft", target_modules=target_modules,
                                                 peft={"n_frequency": n_frequency})).layers
@@ -49,7 +49,7 @@ def make_waveft_adapter(path: str, base: str, unet, n_frequency: int, target_mod
         if param.requires_grad:
             param.data.normal_(0, 1e-3)
     save_adapter(unet, path)
-    with open(os.path.join(path, "waveft_run.json"), "w") as f:
+    with open(folder.run_record, "w") as f:
         json.dump({"method": "waveft", "adapter_type": "waveft", "base_model": base, "budget": 1.0,
                    "trainable_parameters": sum(x.trainable_parameters for x in layers),
                    "layer_shapes": {x.name: [x.out_features, x.in_features] for x in layers}}, f)

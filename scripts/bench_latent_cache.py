@@ -15,7 +15,6 @@ Medians over repeats; the ratio column is cached / uncached. Without --model it 
 size give a full-size pipeline folder (e.g. one written by `python -m waveft.tiny --size full`) on a GPU.
 """
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -44,10 +43,11 @@ def run_once(args, work: str, name: str, cache: str, cached: bool) -> dict:
     subprocess.run(command, check=True, capture_output=True, cwd=REPO, env={**os.environ, **THREADS})
     cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_s = (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
-    with open(os.path.join(out, "run_info.json")) as f:
-        info = json.load(f)
-    return {"step_s": info["train_seconds"] / info["steps"], "peak_mib": info["peak_memory_bytes"] / 2**20,
-            "wall_s": time.time() - started, "cpu_s": cpu_s, "memory_kind": info["peak_memory_kind"]}
+    from waveft.io.run_folder import RunFolder, RunInfo
+
+    info = RunInfo.read(RunFolder(out).run_info)
+    return {"step_s": info.train_seconds / info.steps, "peak_mib": info.peak_memory_bytes / 2**20,
+            "wall_s": time.time() - started, "cpu_s": cpu_s, "memory_kind": info.peak_memory_kind}
 
 
 def main() -> None:

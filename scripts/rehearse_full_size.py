@@ -114,7 +114,9 @@ def main(argv=None) -> int:
         ]))  # fmt: skip
     else:
         print("(no waveft.export in this tree: export stage skipped)")
-    adapter_bytes = os.path.getsize(os.path.join(adapter, "adapter_model.safetensors"))
+    from waveft.io.adapter_folder import AdapterFolder
+
+    adapter_bytes = AdapterFolder(adapter).weights_bytes()
     print_table(stages, reload, adapter_bytes, args)
     failures = []
     if (reload["layers"], reload["trainable"]) != (EXPECTED_LAYERS, EXPECTED_TRAINABLE):

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from eval.encoders import EmbeddingCache
-from eval.generate_benchmark import PART_MANIFEST, main
+from eval.generate_benchmark import main
+from eval.layout import PART_MANIFEST
 from eval.score import ScoreSettings, score_images
 from eval.tiny_encoders import write_tiny_encoders
 from tests.helpers import LIVE_TEMPLATES, run_info, write_benchmark

@@ -16,7 +16,7 @@ from waveft.config import AdapterConfig
 from waveft.export.cli import main
 from waveft.export.source import kohya_name
 from waveft.export.writer import ExportRequest, export_adapter
-from waveft.io.adapter_folder import ADAPTER_WEIGHTS_NAME, save_adapter
+from waveft.io.adapter_folder import AdapterFolder, save_adapter
 
 WAVEFT = {"n_frequency": 300}
 # One adapter of each method on the tiny model, small enough that the UNet stays in its normal range.
@@ -153,7 +153,7 @@ def test_full_diff_in_fp16_is_the_difference_rounded(tiny_sdxl_dir, waveft_adapt
 def test_metadata_round_trips(tiny_sdxl_dir, waveft_adapter, tmp_path):
     from safetensors import safe_open
 
-    with open(os.path.join(waveft_adapter, ADAPTER_WEIGHTS_NAME), "rb") as f:
+    with open(AdapterFolder(waveft_adapter).weights, "rb") as f:
         sha256 = hashlib.sha256(f.read()).hexdigest()
     with open(os.path.join(waveft_adapter, "waveft_run.json")) as f:
         run_info = json.load(f)

@@ -32,6 +32,7 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
+from eval.layout import REPORT_MD, metrics_file
 from eval.sweep.runner import (
     Children,
     LocalLauncher,
@@ -94,13 +95,13 @@ def write_reports(sweep: SweepConfig, finished: list[Run], children: Children) -
     failures = []
     for runs, folder in jobs:
         log = out / "report.log"
-        status = children.run(report_command([run.metrics_dir / "metrics.json" for run in runs], folder), log,
+        status = children.run(report_command([metrics_file(run.metrics_dir) for run in runs], folder), log,
                               device_env(None))
         if status != 0:
             failures.append(Outcome("report", False, "report", f"exit status {status}: {error_line(log)}", log))
         else:
-            print(f"report: {folder / 'report.md'}")
-            print((folder / "report.md").read_text().split("\nSettings:")[0])
+            print(f"report: {folder / REPORT_MD}")
+            print((folder / REPORT_MD).read_text().split("\nSettings:")[0])
     return failures
 
 
@@ -128,7 +129,7 @@ def print_plan(sweep: SweepConfig, source: str, runs: list[Run], launcher) -> No
         print(f"commands of the first pending run ({run.id}):")
         for command in (train_command(run), generate_command(sweep, run), score_command(sweep, run)):
             print("  " + shlex.join(command))
-    print(f"then: {shlex.join(report_command([Path('<each run>/metrics/metrics.json')], report_dir(sweep)))}")
+    print(f"then: {shlex.join(report_command([metrics_file('<each run>/metrics')], report_dir(sweep)))}")
 
 
 def make_launcher(sweep: SweepConfig, args, pending: int):

@@ -22,6 +22,7 @@ from typing import Optional
 import yaml
 
 from eval.files import read_json
+from eval.layout import metrics_file
 from eval.protocol import Subject
 from eval.sweep.runner import INTERRUPTED, Children, Outcome, device_env, error_line, exclusive
 from eval.sweep.schema import MethodSpec, SweepConfig, benchmark_dataset
@@ -188,9 +189,9 @@ def _execute_locked(sweep: SweepConfig, run: Run, env: dict, children: Children)
                 return Outcome(run.id, False, stage, INTERRUPTED)
             log = logs / f"{stage}.log"
             return record_failure(run, Outcome(run.id, False, stage, f"exit status {status}: {error_line(log)}", log))
-    metrics = read_json(run.metrics_dir / "metrics.json")
+    metrics = read_json(metrics_file(run.metrics_dir))
     write_text_atomic(run.dir / DONE, json.dumps({
-        "metrics": str((run.metrics_dir / "metrics.json").relative_to(run.dir)),
+        "metrics": str(metrics_file(run.metrics_dir).relative_to(run.dir)),
         "method": run.method.name, "adapter_type": run.method.adapter, "budget": run.budget,
         "subject": run.subject.name, "seed": run.seed, "settings": result_settings(sweep),
         "overall": metrics.get("overall"), "stage_seconds": seconds,

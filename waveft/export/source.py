@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from waveft.errors import UserError
-from waveft.io.adapter_folder import ADAPTER_WEIGHTS_NAME, PEFT_MODEL_PREFIX, load_adapter_weights
+from waveft.io.adapter_folder import PEFT_MODEL_PREFIX, AdapterFolder, load_adapter_weights
 
 KOHYA_UNET_PREFIX = "lora_unet_"
 
@@ -53,21 +53,18 @@ class SourceAdapter:
 
 def read_source_adapter(path: str) -> SourceAdapter:
     """The adapter folder's config, run record and weights hash; a folder that is no adapter is a UserError."""
-    config_file, weights_file = os.path.join(path, "adapter_config.json"), os.path.join(path, ADAPTER_WEIGHTS_NAME)
-    for needed in (config_file, weights_file):
+    folder = AdapterFolder(path)
+    for needed in (folder.config, folder.weights):
         if not os.path.isfile(needed):
             raise UserError(f"--adapter {path} is not an adapter folder: {os.path.basename(needed)} is missing")
     try:
-        with open(config_file) as f:
+        with open(folder.config) as f:
             peft_config = json.load(f)
-        run_info = {}
-        if os.path.isfile(os.path.join(path, "waveft_run.json")):
-            with open(os.path.join(path, "waveft_run.json")) as f:
-                run_info = json.load(f)
+        run_info = folder.read_run_record()
     except json.JSONDecodeError as exc:
         raise UserError(f"--adapter {path}: not valid JSON ({exc})") from None
     digest = hashlib.sha256()
-    with open(weights_file, "rb") as f:
+    with open(folder.weights, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return SourceAdapter(path, peft_config, run_info, digest.hexdigest())
@@ -190,7 +187,7 @@ def check_saved_shapes(source: SourceAdapter, unet, base: str, adapter_name: str
 
     expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(unet, adapter_name=adapter_name).items()}
     tuner_layers = {n: m for n, m in unet.named_modules() if isinstance(m, BaseTunerLayer)}
-    with safe_open(os.path.join(source.path, ADAPTER_WEIGHTS_NAME), framework="pt") as f:
+    with safe_open(AdapterFolder(source.path).weights, framework="pt") as f:
         names = f.keys()  # noqa: SIM118 (safe_open is no dict)
         saved = {k.removeprefix(PEFT_MODEL_PREFIX): tuple(f.get_slice(k).get_shape()) for k in names}
 

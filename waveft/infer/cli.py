@@ -5,9 +5,17 @@ import os
 
 from waveft.entry import set_up_process
 from waveft.errors import UserError, cli_entry
-from waveft.infer.generation import MANIFEST_NAME, generate_images, prompt_seed_jobs, read_prompts_file, save_grid
-from waveft.infer.pipeline import load_pipeline, read_adapter_run_info
+from waveft.infer.generation import (
+    GRID_NAME,
+    MANIFEST_NAME,
+    generate_images,
+    prompt_seed_jobs,
+    read_prompts_file,
+    save_grid,
+)
+from waveft.infer.pipeline import load_pipeline
 from waveft.infer.settings import GenerationSettings
+from waveft.io.adapter_folder import AdapterFolder
 
 
 def parse_args(argv=None):
@@ -31,7 +39,7 @@ def main(argv=None) -> None:
     prompts = list(args.prompt) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
     if not prompts:
         raise UserError("no prompts: pass --prompt or --prompts-file")
-    base = args.base or (read_adapter_run_info(args.adapter).get("base_model") if args.adapter else None)
+    base = args.base or (AdapterFolder(args.adapter).read_run_record().get("base_model") if args.adapter else None)
     if base is None:
         raise UserError("no base model: pass --base (the adapter folder does not name one)")
     settings = GenerationSettings.from_args(args)
@@ -39,8 +47,8 @@ def main(argv=None) -> None:
     pipe = load_pipeline(base, args.adapter, args.vae, settings.dtype, args.device, settings.scheduler)
     rows = generate_images(pipe, prompt_seed_jobs(prompts, args.seeds, base_model=base, adapter=args.adapter),
                            args.out, settings)
-    save_grid([os.path.join(args.out, r["file"]) for r in rows], os.path.join(args.out, "grid.png"), len(args.seeds))
-    print(f"wrote {len(rows)} images, {MANIFEST_NAME} and grid.png to {args.out}")
+    save_grid([os.path.join(args.out, r["file"]) for r in rows], os.path.join(args.out, GRID_NAME), len(args.seeds))
+    print(f"wrote {len(rows)} images, {MANIFEST_NAME} and {GRID_NAME} to {args.out}")
 
 
 if __name__ == "__main__":

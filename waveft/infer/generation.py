@@ -18,15 +18,9 @@ from waveft.errors import UserError
 from waveft.infer.settings import GenerationSettings
 from waveft.io.files import write_atomic, write_text_atomic
 
+# A generation folder: the images, one manifest row per image, and (the CLI's) a grid of them.
 MANIFEST_NAME = "manifest.jsonl"
-
-
-
-
-
-
-
-
+GRID_NAME = "grid.png"
 
 
 def read_manifest(path, required_keys: tuple[str, ...] = ("file",)) -> dict[str, dict]:

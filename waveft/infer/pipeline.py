@@ -1,13 +1,12 @@
 """An SDXL pipeline from a Hub id or folder, with an adapter merged into its UNet, and its scheduler by name."""
 import contextlib
-import json
-import os
 from typing import Optional
 
 import torch
 
 from waveft.errors import UserError
 from waveft.infer.settings import SCHEDULERS
+from waveft.io.adapter_folder import AdapterFolder
 from waveft.models import DTYPES
 
 
@@ -18,15 +17,6 @@ def set_scheduler(pipe, name: str) -> None:
         raise UserError(f"unknown scheduler {name!r} (known: {', '.join(SCHEDULERS)})")
     class_name, kwargs = SCHEDULERS[name]
     pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **kwargs)
-
-
-def read_adapter_run_info(adapter_dir: str) -> dict:
-    """The training metadata saved beside the adapter (base model, method, trainable parameters), if any."""
-    path = os.path.join(adapter_dir, "waveft_run.json")
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
 
 
 def merge_adapter(unet, adapter_dir: str):
@@ -62,8 +52,8 @@ def load_pipeline(
     """A StableDiffusionXLPipeline from a Hub id or folder, with the adapter (if any) merged."""
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 
-    if adapter_dir is not None and not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
-        raise UserError(f"no adapter_config.json in adapter folder {adapter_dir}")
+    if adapter_dir is not None and not AdapterFolder(adapter_dir).is_adapter():
+        raise UserError(f"no {AdapterFolder.CONFIG} in adapter folder {adapter_dir}")
     torch_dtype = DTYPES[dtype]
     # The UNet first, alone: its checkpoint's pages (mapped while it converts to `dtype`) are released before the
     # text encoders load, so the peak is the UNet's own. Full-size SDXL in fp32 on CPU: 14.8 GB peak RSS, against

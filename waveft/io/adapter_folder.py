@@ -1,11 +1,46 @@
-"""The adapter folder: PEFT's two files (adapter_config.json, adapter_model.safetensors), saved and loaded, and its
-model card."""
+"""The adapter folder: PEFT's two files (adapter_config.json, adapter_model.safetensors), saved and loaded, the
+run's record beside them (waveft_run.json) and its model card (README.md). `AdapterFolder` is the one home of
+these file names."""
 import json
 import os
 
 from waveft.io.files import atomic_directory, give_usual_permissions
 
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+
+class AdapterFolder:
+    """The paths inside one adapter folder (a run's `adapter/`, a checkpoint's, or any PEFT adapter)."""
+
+    CONFIG = "adapter_config.json"  # PEFT's
+    WEIGHTS = "adapter_model.safetensors"  # PEFT's
+    RUN_RECORD = "waveft_run.json"  # RunInfo.adapter_metadata(): what travels with the adapter
+    MODEL_CARD = "README.md"
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = os.fspath(root)
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    config = property(lambda self: self._path(self.CONFIG))
+    weights = property(lambda self: self._path(self.WEIGHTS))
+    run_record = property(lambda self: self._path(self.RUN_RECORD))
+    model_card = property(lambda self: self._path(self.MODEL_CARD))
+
+    def is_adapter(self) -> bool:
+        return os.path.isfile(self.config)
+
+    def read_run_record(self) -> dict:
+        """waveft_run.json ({} for an adapter this project's trainer did not write); invalid JSON raises
+        json.JSONDecodeError."""
+        if not os.path.isfile(self.run_record):
+            return {}
+        with open(self.run_record) as f:
+            return json.load(f)
+
+    def weights_bytes(self) -> int:
+        """The adapter's size on disk: its weights file alone (exports written beside it are not the adapter)."""
+        return os.path.getsize(self.weights)
+
 
 
 # PeftModel.save_pretrained writes keys under this prefix; writing the same keys keeps files interchangeable.
@@ -20,13 +55,14 @@ def save_adapter(unet, path: str, adapter_name: str = "default", metadata: dict 
     state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
     state = {PEFT_MODEL_PREFIX + key: value.detach().contiguous().cpu() for key, value in state.items()}
     with atomic_directory(path) as staging:
+        folder = AdapterFolder(staging)
         unet.peft_config[adapter_name].save_pretrained(staging)
-        save_file(state, os.path.join(staging, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-        give_usual_permissions(os.path.join(staging, ADAPTER_WEIGHTS_NAME))
+        save_file(state, folder.weights, metadata={"format": "pt"})
+        give_usual_permissions(folder.weights)
         if metadata is not None:
-            with open(os.path.join(staging, "waveft_run.json"), "w") as f:
+            with open(folder.run_record, "w") as f:
                 json.dump(metadata, f, indent=2)
-            with open(os.path.join(staging, "README.md"), "w") as f:
+            with open(folder.model_card, "w") as f:
                 f.write(model_card(metadata))
 
 
@@ -100,7 +136,7 @@ def load_adapter_weights(unet, path: str, adapter_name: str = "default") -> None
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    state = load_file(os.path.join(path, ADAPTER_WEIGHTS_NAME))
+    state = load_file(AdapterFolder(path).weights)
     state = {key.removeprefix(PEFT_MODEL_PREFIX): value for key, value in state.items()}
     # What PEFT saves for this adapter (AdaLoRA, for one, never saves its `ranknum` buffers).
     expected = set(get_peft_model_state_dict(unet, adapter_name=adapter_name))
