@@ -9,11 +9,11 @@ from typing import Literal, Optional
 
 import yaml
 
-from waveft.adapters.methods import validate_adapter_settings
+from waveft.adapters.methods import ResolvedAdapter, resolve_adapter
 from waveft.errors import UserError
 from waveft.infer.settings import GenerationSettings, SchedulerName
 from waveft.io.files import write_text_atomic
-from waveft.io.schema import apply_override, coerce_value, read_yaml_extending
+from waveft.io.schema import DERIVED, apply_override, coerce_value, read_yaml_extending
 
 SDXL_ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -183,6 +183,10 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    # The adapter section resolved once by load_config (what attach, the trainer and run_info.json read); not a
+    # setting: not in config.yaml, not settable.
+    resolved_adapter: Optional[ResolvedAdapter] = field(default=None, compare=False, repr=False,
+                                                        metadata={DERIVED: True})
 
 
 def load_config(path: Optional[str], overrides: tuple[str, ...] = ()) -> RunConfig:
@@ -203,7 +207,8 @@ def _positive(value, key: str, source: str, allow_zero: bool = False) -> None:
 
 
 def validate(cfg: RunConfig, source: str) -> None:
-    """Checks that need no model: required keys, ranges, and choices that depend on other keys."""
+    """Checks that need no model: required keys, ranges, and choices that depend on other keys; the adapter
+    section is resolved (checked through its method and PEFT) into `cfg.resolved_adapter`."""
     if not cfg.output_dir:
         raise UserError(f"{source}: key 'output_dir' is required")
     if not cfg.data.instance_dir:
@@ -239,7 +244,7 @@ def validate(cfg: RunConfig, source: str) -> None:
     if cfg.adapter.budget is not None:
         _positive(cfg.adapter.budget, "adapter.budget", source)
     _validate_export(cfg.export, source)
-    validate_adapter_settings(cfg.adapter, source, total_steps=cfg.train.max_steps)
+    cfg.resolved_adapter = resolve_adapter(cfg.adapter, cfg.train.max_steps, source)
     validate_trainer_features(cfg, source)
 
 
@@ -286,7 +291,12 @@ def _validate_export(export: ExportConfig, source: str) -> None:
 
 
 def config_to_dict(cfg: RunConfig) -> dict:
-    return dataclasses.asdict(cfg)
+    """The settings as config.yaml holds them (what load_config derived from them is left out)."""
+    return {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if not f.metadata.get(DERIVED)}
+
+
+def _plain(value):
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
 def save_config(cfg: RunConfig, path: str) -> None:

@@ -5,7 +5,7 @@ from typing import Optional
 import torch
 
 from waveft.adapters.budget import BudgetPlan, LayerShape
-from waveft.adapters.methods import Method, build_peft_config, get_method, plan_budget, with_budget
+from waveft.adapters.methods import Method, ResolvedAdapter, as_resolved
 from waveft.adapters.waveft_locations import shared_waveft_locations
 from waveft.errors import UserError
 
@@ -77,11 +77,19 @@ def inject_adapter(unet, peft_config, adapter_name: str = "default") -> None:
 
 @dataclass
 class AttachedAdapter:
-    """What `attach_adapter` planned and did: the one resolution of a run's adapter settings."""
+    """What `attach_adapter` attached: the run's resolved adapter, sized to these layers, and the layers."""
 
-    method: Method
-    budget: Optional[BudgetPlan]  # None without adapter.budget; its settings are in the attached PEFT config
+    adapter: ResolvedAdapter  # with the budget's settings (adapter.plan) when adapter.budget is set
     layers: list[AdaptedLayer]
+
+    @property
+    def method(self) -> Method:
+        return self.adapter.method
+
+    @property
+    def budget(self) -> Optional[BudgetPlan]:
+        """None without adapter.budget; its settings are in the attached PEFT config."""
+        return self.adapter.plan
 
     @property
     def trainable_parameters(self) -> int:
@@ -98,16 +106,15 @@ class AttachedAdapter:
 def attach_adapter(unet, adapter, adapter_name: str = "default", total_steps: Optional[int] = None) -> AttachedAdapter:
     """Add the adapter to `unet` (frozen beforehand), keep its trainable weights in fp32, return what it attached.
 
-    With `adapter.budget`, the method's size setting comes from the budget and these layers' shapes.
-    `total_steps` is the run's optimizer step count, needed by methods with a schedule (AdaLoRA).
+    `adapter` is the run's `ResolvedAdapter` (`RunConfig.resolved_adapter`); a bare adapter section is resolved
+    here, with `total_steps`, the run's optimizer step count that methods with a schedule (AdaLoRA) need. With
+    a budget, the method's size setting comes from the budget and these layers' shapes.
     """
-    method = get_method(adapter.type)
-    layers = target_layers(unet, adapter.target_modules)
-    plan = None
-    if adapter.budget is not None:
-        plan = plan_budget(adapter, [LayerShape(m.out_features, m.in_features) for m in layers.values()])
-        adapter = with_budget(adapter, plan)
-    peft_config = build_peft_config(adapter, total_steps=total_steps)
+    adapter = as_resolved(adapter, total_steps)
+    method = adapter.method
+    layers = target_layers(unet, list(adapter.target_modules))
+    adapter = adapter.sized([LayerShape(m.out_features, m.in_features) for m in layers.values()])
+    peft_config = adapter.peft_config()
     if method.check_layers is not None:
         method.check_layers(peft_config, layers)
     unet.requires_grad_(False)
@@ -121,7 +128,7 @@ def attach_adapter(unet, adapter, adapter_name: str = "default", total_steps: Op
     for param in unet.parameters():
         if param.requires_grad:
             param.data = param.data.float()
-    return AttachedAdapter(method, plan, adapted_layers(unet))
+    return AttachedAdapter(adapter, adapted_layers(unet))
 
 
 def format_adapter_table(rows: list[AdaptedLayer]) -> str:

@@ -61,11 +61,11 @@ class Method:
     peft_config_class_name: str  # attribute of `config_module`
     size: SizeSetting  # what adapter.budget sets, and the parameters each value holds
     defaults: dict = field(default_factory=dict)  # this project's defaults (the paper's settings)
-    # Model-free checks of combinations PEFT accepts but this project cannot run: (adapter, settings, source).
+    # Model-free checks of combinations PEFT accepts but this project cannot run: (the ResolvedAdapter).
     check_settings: Optional[Callable] = None
     # Checks against the layers about to be adapted, before injecting: (peft_config, {name: nn.Linear}).
     check_layers: Optional[Callable] = None
-    # Called once the adapter is injected: (unet, adapter).
+    # Called once the adapter is injected: (unet, the ResolvedAdapter).
     after_attach: Optional[Callable] = None
     # Called after every optimizer step, before gradients are cleared, as step_hook(unet, global_step).
     step_hook: Optional[Callable] = None
@@ -90,18 +90,18 @@ def peft_runnable_wavelets() -> set:
     return set(wavelist())
 
 
-def _check_waveft_settings(adapter, settings: dict, source: str) -> None:
+def _check_waveft_settings(adapter) -> None:
     from peft.tuners.waveft.constants import WAVELET_REDUCTIONS
 
-    wavelet = settings["wavelet_family"]
+    wavelet = adapter.settings["wavelet_family"]
     if wavelet not in WAVELET_REDUCTIONS:
         raise UserError(
-            f"{source}: key 'adapter.peft.wavelet_family' names an unknown wavelet {wavelet!r} "
+            f"{adapter.source}: key 'adapter.peft.wavelet_family' names an unknown wavelet {wavelet!r} "
             f"(PEFT's WaveFT accepts db1-db38, sym2-sym20, coif1-coif17)"
         )
     if adapter.implementation == "peft" and wavelet not in peft_runnable_wavelets():
         raise UserError(
-            f"{source}: wavelet {wavelet!r} is accepted by PEFT's config but its WaveFT layer cannot run it; "
+            f"{adapter.source}: wavelet {wavelet!r} is accepted by PEFT's config but its WaveFT layer cannot run it; "
             f"use adapter.implementation=structured or one of db1-db10, sym2-sym10, coif1-coif5"
         )
 
@@ -163,11 +163,11 @@ def _lokr_largest_useful_rank(shapes: list[LayerShape], settings: dict) -> int:
     return max(math.ceil(max(_lokr_factors(s, settings)) / 2) for s in shapes)
 
 
-def _check_vera_settings(adapter, settings: dict, source: str) -> None:
-    if settings["save_projection"]:
+def _check_vera_settings(adapter) -> None:
+    if adapter.settings["save_projection"]:
         raise UserError(
-            f"{source}: key 'adapter.peft.save_projection' must be false for vera on a UNet: PEFT saves the shared "
-            f"projections from its tuner object, which diffusers-style attaching does not keep; they are "
+            f"{adapter.source}: key 'adapter.peft.save_projection' must be false for vera on a UNet: PEFT saves the "
+            f"shared projections from its tuner object, which diffusers-style attaching does not keep; they are "
             f"regenerated from 'adapter.peft.projection_prng_key' instead"
         )
 
@@ -311,7 +311,7 @@ METHODS = {
 }
 
 
-# ---- resolving an adapter section through its method -----------------------------------------------------------
+# ---- resolving an adapter section through its method, once ------------------------------------------------------
 
 
 def get_method(name: str, source: str = "config") -> Method:
@@ -320,17 +320,66 @@ def get_method(name: str, source: str = "config") -> Method:
     return METHODS[name]
 
 
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    """A run's adapter section resolved once, by `resolve_adapter` (which `load_config` calls): its method, its
+    PEFT settings typed and checked, its target modules and budget. Attach, the trainer and run_info.json read
+    this record; nothing downstream resolves the section again. Budget sizing needs the adapted layers' shapes,
+    known once the UNet is built: `sized` does that one step (in `waveft.adapters.attach`)."""
+
+    method: Method
+    settings: dict  # the PEFT settings: the method's defaults < adapter.peft (< the budget's, once sized)
+    target_modules: tuple[str, ...]
+    implementation: str  # WaveFT's layer: "structured" (ours) or "peft"
+    label: str  # the method's name in reports: adapter.label or adapter.type
+    budget: Optional[float]  # adapter.budget, in LoRA-rank-1 units; None: `settings` as given
+    plan: Optional[BudgetPlan] = None  # how the budget was met, once `sized`
+    source: str = "config"  # the file that errors found later (sizing, PEFT's checks) name
+
+    @property
+    def type(self) -> str:
+        return self.method.name
+
+    def count_settings(self) -> dict:
+        """`settings` over PEFT's own defaults: every field a parameter count may read."""
+        defaults = {}
+        for f in dataclasses.fields(self.method.config_class()):
+            if f.default is not dataclasses.MISSING:
+                defaults[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                defaults[f.name] = f.default_factory()
+        return {**defaults, **self.settings}
+
+    def sized(self, shapes: list[LayerShape]) -> "ResolvedAdapter":
+        """With a budget: the record with the size setting that brings the method nearest to it on these layers
+        (a UserError naming the nearest reachable budgets when none is near enough); without one: itself."""
+        if self.budget is None or self.plan is not None:
+            return self
+        plan = nearest_size(self.type, self.method.size, self.budget, shapes, self.count_settings(), self.source)
+        return dataclasses.replace(self, settings={**self.settings, **plan.settings}, plan=plan)
+
+    def peft_config(self):
+        """The PEFT config these settings make; PEFT's own checks surface as a UserError."""
+        field_name = self.method.total_steps_field
+        if field_name is not None and field_name not in self.settings:
+            raise ValueError(f"adapter type {self.type!r} needs the run's total optimizer steps (total_steps)")
+        try:
+            return self.method.config_class()(target_modules=list(self.target_modules), **self.settings)
+        except (ValueError, TypeError) as exc:
+            reason = str(exc).splitlines()[0]
+            raise UserError(f"{self.source}: adapter '{self.type}' settings rejected by PEFT: {reason}") from None
+
+
 def _settable_fields(config_class) -> dict:
     hints = typing.get_type_hints(config_class)
     return {f.name: hints[f.name] for f in dataclasses.fields(config_class) if f.name not in RESERVED_PEFT_FIELDS}
 
 
-def resolved_peft_settings(adapter, source: str = "config") -> dict:
+def _typed_peft_settings(method: Method, peft: dict, source: str) -> dict:
     """The method's defaults overlaid with `adapter.peft`, each value checked against PEFT's annotation."""
-    method = get_method(adapter.type, source)
     fields = _settable_fields(method.config_class())
     settings = dict(method.defaults)
-    for key, value in adapter.peft.items():
+    for key, value in peft.items():
         if key == "target_modules":
             raise UserError(
                 f"{source}: set target modules with 'adapter.target_modules', not 'adapter.peft.target_modules'"
@@ -343,84 +392,67 @@ def resolved_peft_settings(adapter, source: str = "config") -> dict:
     return settings
 
 
-def settings_with_peft_defaults(adapter, source: str = "config") -> dict:
-    """The adapter's resolved PEFT settings over PEFT's own defaults: every field the counts may read."""
-    settings = {}
-    for f in dataclasses.fields(get_method(adapter.type, source).config_class()):
-        if f.default is not dataclasses.MISSING:
-            settings[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            settings[f.name] = f.default_factory()
-    return {**settings, **resolved_peft_settings(adapter, source)}
-
-
 def _is_neutral(value) -> bool:
     return value is None or value is False or value == "none" or (isinstance(value, (dict, list, set)) and not value)
 
 
-def check_budget_settings(adapter, source: str = "config") -> None:
+def _check_budget_settings(adapter: ResolvedAdapter, peft: dict) -> None:
     """Model-free: with a budget, `adapter.peft` sets nothing the budget sets or cannot count."""
     if adapter.budget is None:
         return
-    for key in get_method(adapter.type, source).size.budget_keys():
-        if key in adapter.peft:
-            raise UserError(
-                f"{source}: key 'adapter.peft.{key}' is set by 'adapter.budget' for {adapter.type}; set one of them"
-            )
-    settings = resolved_peft_settings(adapter, source)
+    for key in adapter.method.size.budget_keys():
+        if key in peft:
+            raise UserError(f"{adapter.source}: key 'adapter.peft.{key}' is set by 'adapter.budget' for "
+                            f"{adapter.type}; set one of them")
     for key in COUNT_CHANGING_SETTINGS:
-        if key in settings and not _is_neutral(settings[key]):
+        if key in adapter.settings and not _is_neutral(adapter.settings[key]):
             raise UserError(
-                f"{source}: key 'adapter.peft.{key}'={settings[key]!r} changes the parameter count in a way "
-                f"'adapter.budget' does not model; leave it unset or drop the budget"
+                f"{adapter.source}: key 'adapter.peft.{key}'={adapter.settings[key]!r} changes the parameter count "
+                f"in a way 'adapter.budget' does not model; leave it unset or drop the budget"
             )
 
 
-def plan_budget(adapter, shapes: list[LayerShape], source: str = "config") -> BudgetPlan:
-    """The size setting that brings `adapter.type` nearest to `adapter.budget` on these layers, or a UserError
-    naming the nearest budgets it can reach."""
-    check_budget_settings(adapter, source)
-    method = get_method(adapter.type, source)
-    settings = settings_with_peft_defaults(adapter, source)
-    return nearest_size(adapter.type, method.size, adapter.budget, shapes, settings, source)
+def resolve_adapter(section, total_steps: Optional[int] = None, source: str = "config") -> ResolvedAdapter:
+    """The adapter section (`waveft.config.AdapterConfig`) resolved and checked without a model.
 
-
-def with_budget(adapter, plan: BudgetPlan):
-    """The adapter section with the budget's settings in `peft`."""
-    return dataclasses.replace(adapter, peft={**adapter.peft, **plan.settings})
-
-
-def build_peft_config(adapter, source: str = "config", total_steps: Optional[int] = None):
-    """The PEFT config for this adapter section; PEFT's own checks surface as a UserError.
-
-    `total_steps` (the run's train.max_steps) fills the method's `total_steps_field`; it is required for
-    such a method (AdaLoRA's `total_step`).
+    `total_steps` (the run's train.max_steps) fills the method's `total_steps_field` (AdaLoRA's `total_step`);
+    without it such a method is checked up to building its PEFT config, which then needs it.
     """
-    method = get_method(adapter.type, source)
-    settings = resolved_peft_settings(adapter, source)
-    if method.check_settings is not None:
-        method.check_settings(adapter, settings, source)
-    if method.total_steps_field is not None:
-        if total_steps is None:
-            raise ValueError(f"adapter type {adapter.type!r} needs the run's total optimizer steps (total_steps)")
+    method = get_method(section.type, source)
+    settings = _typed_peft_settings(method, section.peft, source)
+    if method.total_steps_field is not None and total_steps is not None:
         settings[method.total_steps_field] = total_steps
-    try:
-        return method.config_class()(target_modules=list(adapter.target_modules), **settings)
-    except (ValueError, TypeError) as exc:
-        reason = str(exc).splitlines()[0]
-        raise UserError(f"{source}: adapter '{adapter.type}' settings rejected by PEFT: {reason}") from None
+    adapter = ResolvedAdapter(method, settings, tuple(section.target_modules), section.implementation,
+                              section.label or section.type, section.budget, source=source)
+    _check_budget_settings(adapter, section.peft)
+    if method.check_settings is not None:
+        method.check_settings(adapter)
+    if method.total_steps_field is None or total_steps is not None:
+        adapter.peft_config()  # PEFT's own checks of the settings, before any model is loaded
+    return adapter
 
 
-def validate_adapter_settings(adapter, source: str = "config", total_steps: Optional[int] = None) -> None:
-    """Model-free checks of the adapter section (run with the rest of the config, before loading models).
+def as_resolved(adapter, total_steps: Optional[int] = None) -> ResolvedAdapter:
+    """A resolved record as it is; a bare adapter section (tests, scripts, notebooks) resolved here, once."""
+    return adapter if isinstance(adapter, ResolvedAdapter) else resolve_adapter(adapter, total_steps)
 
-    Without `total_steps`, a method that needs it is checked up to building its PEFT config; the rest
-    (e.g. AdaLoRA's schedule against train.max_steps) is checked when the adapter is attached.
-    """
-    method = get_method(adapter.type, source)
-    check_budget_settings(adapter, source)
-    if method.total_steps_field is not None and total_steps is None:
-        if method.check_settings is not None:
-            method.check_settings(adapter, resolved_peft_settings(adapter, source), source)
-        return
-    build_peft_config(adapter, source, total_steps)
+
+def resolved_peft_settings(adapter) -> dict:
+    """The method's defaults overlaid with `adapter.peft`, typed (before any budget sizing)."""
+    return dict(as_resolved(adapter).settings)
+
+
+def settings_with_peft_defaults(adapter) -> dict:
+    """The adapter's resolved PEFT settings over PEFT's own defaults: every field the counts may read."""
+    return as_resolved(adapter).count_settings()
+
+
+def plan_budget(adapter, shapes: list[LayerShape]) -> BudgetPlan:
+    """The size setting that brings the method nearest to `adapter.budget` on these layers, or a UserError naming
+    the nearest budgets it can reach."""
+    return as_resolved(adapter).sized(shapes).plan
+
+
+def build_peft_config(adapter, total_steps: Optional[int] = None):
+    """The PEFT config of an adapter (resolved record or section); PEFT's own checks surface as a UserError."""
+    return as_resolved(adapter, total_steps).peft_config()

@@ -19,6 +19,9 @@ from waveft.errors import UserError
 EXTENDS_KEY = "extends"
 
 
+# Dataclass field metadata: a value derived from the settings (e.g. the resolved adapter), not a setting.
+DERIVED = "derived"
+
 YAML_BOOL_WORDS = {False: {"no", "off", "false", "n"}, True: {"yes", "on", "true", "y"}}
 
 
@@ -79,7 +82,7 @@ def _build(cls, values: Any, prefix: str, source: str):
     if not isinstance(values, dict):
         raise UserError(f"{source}: key '{prefix or '<root>'}' must be a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {f.name for f in dataclasses.fields(cls) if not f.metadata.get(DERIVED)}
     for name in values:
         if name not in known:
             raise UserError(f"{source}: unknown key '{prefix + '.' if prefix else ''}{name}'")

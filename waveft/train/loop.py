@@ -238,7 +238,7 @@ def attach_checked_adapter(cfg: RunConfig, unet, weight_dtype, say) -> AttachedA
     """The adapter, checked against the model: frozen base weights in the compute dtype, trainable ones in fp32."""
     if unet.dtype != weight_dtype:
         unet.to(dtype=weight_dtype)
-    attached = attach_adapter(unet, cfg.adapter, total_steps=cfg.train.max_steps)
+    attached = attach_adapter(unet, cfg.resolved_adapter)
     check_export_fits(cfg.export, attached.layers)
     say(attached.describe())
     return attached
@@ -258,12 +258,13 @@ def folder_bytes(folder: str) -> int:
 def describe_run(cfg: RunConfig, attached: AttachedAdapter, state: LoopState, train_seconds: float,
                  cache: Optional[LatentCache]) -> RunInfo:
     memory, memory_kind = peak_memory()
+    adapter = attached.adapter
     return RunInfo(
-        method=cfg.adapter.label or cfg.adapter.type,
-        adapter_type=cfg.adapter.type,
+        method=adapter.label,
+        adapter_type=adapter.type,
         seed=cfg.seed,
-        implementation=cfg.adapter.implementation,
-        budget=cfg.adapter.budget,
+        implementation=adapter.implementation,
+        budget=adapter.budget,
         trainable_parameters=attached.trainable_parameters,
         adapted_layers=len(attached.layers),
         layer_shapes={layer.name: [layer.out_features, layer.in_features] for layer in attached.layers},
