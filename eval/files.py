@@ -4,7 +4,7 @@ from pathlib import Path
 
 from eval.layout import MANIFEST
 from waveft.errors import UserError
-from waveft.infer.generation import read_manifest
+from waveft.infer.generation import ManifestRow, read_manifest
 
 MANIFEST_KEYS = ("file", "subject", "prompt", "prompt_index", "seed")
 
@@ -17,7 +17,7 @@ def read_json(path: str | Path) -> dict:
         raise UserError(f"cannot read {path}: {exc}") from None
 
 
-def scorable_rows(images_dir: str | Path, keys: tuple[str, ...] = MANIFEST_KEYS) -> list[dict]:
+def scorable_rows(images_dir: str | Path, keys: tuple[str, ...] = MANIFEST_KEYS) -> list[ManifestRow]:
     """Rows of `images_dir/manifest.jsonl`, checked: the keys scoring needs, and every named image present."""
     images_dir = Path(images_dir)
     path = images_dir / MANIFEST
@@ -26,7 +26,7 @@ def scorable_rows(images_dir: str | Path, keys: tuple[str, ...] = MANIFEST_KEYS)
     rows = list(read_manifest(path, keys).values())
     if not rows:
         raise UserError(f"{path} lists no images")
-    absent = [row["file"] for row in rows if not (images_dir / row["file"]).is_file()]
+    absent = [row.file for row in rows if not (images_dir / row.file).is_file()]
     if absent:
         raise UserError(f"{path} names {len(absent)} missing image file(s), first: {images_dir / absent[0]}")
     return rows

@@ -21,6 +21,7 @@ Defaults are the paper's: seeds 42-45, DPM-Solver++ (2M) 30 steps, guidance 7.5,
 re-running with other generation settings into the same folder is refused rather than mixed.
 """
 import argparse
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -48,11 +49,12 @@ from eval.layout import (
 from eval.protocol import fill_prompt, load_benchmark
 from waveft.entry import set_up_process
 from waveft.errors import UserError, cli_entry
+from waveft.infer.generation import GenerationJob, ManifestRow, is_done
 from waveft.infer.settings import GenerationDtype, GenerationSettings, SchedulerName
 from waveft.io.adapter_folder import AdapterFolder
 from waveft.io.cli_settings import CliSettings, cli
 from waveft.io.files import write_text_atomic
-from waveft.io.run_folder import RunFolder
+from waveft.io.run_folder import RunFolder, RunInfo
 
 # The negative prompt as the paper's protocol gives it; the source quotes it ending in "...", so this is the
 # part that is known.
@@ -111,7 +113,7 @@ class TrainedRun:
     run_dir: Path
     base_model: str
     vae: str | None
-    info: dict  # run_info.json
+    info: RunInfo
 
     @property
     def name(self) -> str:
@@ -132,22 +134,17 @@ def read_run(run_dir: str | Path) -> TrainedRun:
     model = config.get("model") or {}
     if not model.get("pretrained"):
         raise UserError(f"{folder.config}: key 'model.pretrained' is missing")
-    info = read_json(run_dir / RUN_INFO)
-    missing = [key for key in ("subject", "class_noun", "identifier", "method") if key not in info]
-    if missing:
-        raise UserError(f"{run_dir / RUN_INFO}: missing keys {', '.join(missing)}")
-    return TrainedRun(run_dir, model["pretrained"], model.get("vae"), info)
+    return TrainedRun(run_dir, model["pretrained"], model.get("vae"), RunInfo.read(folder.run_info))
 
 
-def benchmark_jobs(run: TrainedRun, benchmark, seeds) -> list[dict]:
+def benchmark_jobs(run: TrainedRun, benchmark, seeds) -> list[GenerationJob]:
     """The subject's prompt list (object or live) with the run's identifier and class noun, x seeds."""
     from waveft.infer.generation import prompt_seed_jobs
 
-    subject = benchmark.subject(run.info["subject"])
-    prompts = [fill_prompt(t, run.info["identifier"], run.info["class_noun"])
-               for t in benchmark.prompt_templates(subject)]
-    return prompt_seed_jobs(prompts, list(seeds), subject=subject.name, class_noun=run.info["class_noun"],
-                            identifier=run.info["identifier"], run=run.name)
+    subject = benchmark.subject(run.info.subject)
+    prompts = [fill_prompt(t, run.info.identifier, run.info.class_noun) for t in benchmark.prompt_templates(subject)]
+    return prompt_seed_jobs(prompts, list(seeds), subject=subject.name, class_noun=run.info.class_noun,
+                            identifier=run.info.identifier, run=run.name)
 
 
 def adapter_facts(adapter_dir: Path) -> dict:
@@ -163,7 +160,7 @@ def adapter_facts(adapter_dir: Path) -> dict:
     return facts
 
 
-def drift_jobs(prompts: list[str], seeds, **extra) -> list[dict]:
+def drift_jobs(prompts: list[str], seeds, **extra) -> list[GenerationJob]:
     from waveft.infer.generation import prompt_seed_jobs
 
     return prompt_seed_jobs(prompts, list(seeds), drift=True, **extra)
@@ -186,11 +183,11 @@ class Target:
     kind: str  # "benchmark", "drift" or "base-model drift"
     folder: Path
     pipeline: str  # the key of the pipeline that makes them
-    jobs: list[dict]
+    jobs: list[GenerationJob]
     identity: dict | None = None  # base-model drift: what the folder's images depend on (its settings.json)
 
 
-def existing_rows(folder: Path, settings: GenerationSettings) -> dict[str, dict]:
+def existing_rows(folder: Path, settings: GenerationSettings) -> dict[str, ManifestRow]:
     """Manifest rows already in `folder` (manifest.jsonl and per-process parts left by an interrupted run), by
     file; read only. Refuses a folder whose images were made with other settings."""
     from waveft.infer.generation import read_manifest
@@ -200,7 +197,7 @@ def existing_rows(folder: Path, settings: GenerationSettings) -> dict[str, dict]
         rows.update(read_manifest(str(path)))
     wanted = settings.image_settings()
     for row in rows.values():
-        differing = [(k, row.get(k), v) for k, v in wanted.items() if row.get(k) != v]
+        differing = [(k, row.settings.get(k), v) for k, v in wanted.items() if row.settings.get(k) != v]
         if differing:
             key, found, asked = differing[0]
             raise UserError(f"{folder} holds images made with other settings ({key}: {found!r}, asked {asked!r}); "
@@ -221,13 +218,12 @@ def merge_manifests(folder: Path) -> None:
         part.unlink()
 
 
-def pending_jobs(targets: list[Target], settings: GenerationSettings) -> list[tuple[int, dict]]:
-    """(target index, job) for every image not yet listed and present, in a fixed order (all processes agree)."""
+def pending_jobs(targets: list[Target], settings: GenerationSettings) -> list[tuple[int, GenerationJob]]:
+    """(target index, job) for every image not yet done, in a fixed order (all processes agree)."""
     pending = []
     for index, target in enumerate(targets):
         rows = existing_rows(target.folder, settings) if target.folder.is_dir() else {}
-        pending += [(index, job) for job in target.jobs
-                    if not (job["file"] in rows and (target.folder / job["file"]).is_file())]
+        pending += [(index, job) for job in target.jobs if not is_done(target.folder, rows, job)]
     return pending
 
 
@@ -328,7 +324,7 @@ def plan_targets(runs: list[TrainedRun], benchmark, settings: BenchmarkGeneratio
         if not prompts:
             continue
         run_targets.append(Target("drift", out / run.name / DRIFT_DIR, run.name,
-                                  drift_jobs(prompts, settings.seeds, subject=run.info["subject"], run=run.name)))
+                                  drift_jobs(prompts, settings.seeds, subject=run.info.subject, run=run.name)))
         folder, identity = drift_base_folder(drift_root, run, settings, prompts)
         base_of[run.name] = folder
         base_targets.setdefault(folder, Target("base-model drift", folder, f"base:{run.name}",
@@ -375,7 +371,8 @@ def main(argv=None) -> None:
     if state.is_main_process:
         for run in runs:
             facts = adapter_facts(Path(RunFolder(run.run_dir).adapter))
-            write_text_atomic(args.out / run.name / RUN_INFO, json.dumps({**facts, **run.info}, indent=2) + "\n")
+            copy = dataclasses.replace(run.info, **{k: v for k, v in facts.items() if getattr(run.info, k) is None})
+            write_text_atomic(args.out / run.name / RUN_INFO, json.dumps(copy.to_dict(), indent=2) + "\n")
     timing = make_images(state, run_targets, settings, pipelines)
     for run in runs:
         record_timing(state, args.out / run.name, timing, settings)

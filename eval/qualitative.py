@@ -42,7 +42,7 @@ def grid_rows(columns: list, prompt_indices: list[int], seed: int | None) -> tup
             if run.images_dir is not None and run.images_dir not in manifests:
                 manifests[run.images_dir] = list(read_manifest(run.images_dir / MANIFEST).values())
     if seed is None:
-        seeds = [row["seed"] for rows in manifests.values() for row in rows]
+        seeds = [row.seed for rows in manifests.values() for row in rows]
         seed = min(seeds) if seeds else None
     subjects = sorted({s for g in columns for r in g.runs for s in r.per_subject})
     rows = []
@@ -65,8 +65,8 @@ def grid_rows(columns: list, prompt_indices: list[int], seed: int | None) -> tup
 def _find_image(group, subject: str, prompt_index: int, seed, manifests) -> tuple[Path, str] | None:
     for run in sorted(group.runs, key=lambda r: str(r.path)):
         for row in manifests.get(run.images_dir, []):
-            if (row.get("subject"), row.get("prompt_index"), row.get("seed")) == (subject, prompt_index, seed):
-                return run.images_dir / row["file"], row["prompt"]
+            if (row.detail("subject"), row.detail("prompt_index"), row.seed) == (subject, prompt_index, seed):
+                return run.images_dir / row.file, row.prompt
     return None
 
 

@@ -42,6 +42,7 @@ from eval.tables import (
 )
 from waveft.errors import UserError, cli_entry
 from waveft.io.files import write_text_atomic
+from waveft.io.run_folder import RunInfo
 
 
 @dataclass
@@ -54,12 +55,18 @@ class ScoredRun:
     settings: dict
     smoke_test: bool
     images_dir: Path | None = None  # the scored images (for the qualitative grid), if still there
-    run: dict = field(default_factory=dict)  # run_info.json as eval.generate_benchmark copied it
+    run: RunInfo | None = None  # run_info.json as eval.generate_benchmark copied it
     generation: dict = field(default_factory=dict)  # generation.json: benchmark images per second
 
     @property
     def scaling(self) -> float | None:
-        return self.run.get("scaling")
+        return self.run.scaling if self.run else None
+
+    def cost(self, key: str):
+        """A cost (tables.COSTS) as recorded: generation.json's images per second, else the run record's."""
+        if key == "images_per_second":
+            return self.generation.get(key)
+        return getattr(self.run, key) if self.run else None
 
 
 def load_scored_run(path: Path) -> ScoredRun:
@@ -67,13 +74,14 @@ def load_scored_run(path: Path) -> ScoredRun:
     missing = [key for key in ("settings", "per_subject", "smoke_test") if key not in result]
     if missing:
         raise UserError(f"{path} is not a metrics.json from eval.score (missing {', '.join(missing)})")
-    run = result.get("run") or {}
+    run = RunInfo.from_dict(result["run"], f"{path}: key 'run'") if result.get("run") else None
     # Images scored without a run_info.json (e.g. hand-made folders) are named after their folder.
-    method = run.get("method") or Path(result.get("images_dir", path.parent)).name
+    method = run.method if run else Path(result.get("images_dir", path.parent)).name
     images_dir = Path(result["images_dir"]) if result.get("images_dir") else None
     images_dir = images_dir if images_dir and images_dir.is_dir() else None
     timing = images_dir / GENERATION_TIMING if images_dir else None
-    return ScoredRun(path, method, run.get("budget"), run.get("trainable_parameters"), result["per_subject"],
+    budget, trainable = (run.budget, run.trainable_parameters) if run else (None, None)
+    return ScoredRun(path, method, budget, trainable, result["per_subject"],
                      result["settings"], result["smoke_test"], images_dir, run,
                      read_json(timing) if timing and timing.is_file() else {})
 
@@ -147,7 +155,7 @@ class Group:
 
     def run_mean(self, key: str) -> float | None:
         """A cost (COSTS) averaged over the runs that recorded it: run_info.json's, or generation.json's."""
-        values = [(r.generation if key == "images_per_second" else r.run).get(key) for r in self.runs]
+        values = [r.cost(key) for r in self.runs]
         values = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
         return float(np.mean(values)) if values else None
 

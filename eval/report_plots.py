@@ -61,7 +61,7 @@ def plot_metrics_vs_scaling(groups, path: Path, smoke_test: bool) -> bool:
     by_key: dict[tuple, list] = {}
     for g in groups:
         if g.scaling is not None:
-            by_key.setdefault((g.runs[0].run.get("adapter_type", g.method), g.budget), []).append(g)
+            by_key.setdefault((g.runs[0].run.adapter_type if g.runs[0].run else g.method, g.budget), []).append(g)
     lines = {f"{adapter}, budget {format_budget(budget)}": sorted(line, key=lambda g: g.scaling)
              for (adapter, budget), line in sorted(by_key.items(), key=lambda item: str(item[0]))
              if len({g.scaling for g in line}) > 1}

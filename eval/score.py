@@ -62,9 +62,11 @@ from eval.tables import (
     markdown_table,
 )
 from waveft.errors import UserError, cli_entry
+from waveft.infer.generation import ManifestRow
 from waveft.io.cli_settings import CliSettings, cli
 from waveft.io.files import write_text_atomic
 from waveft.io.images import load_rgb
+from waveft.io.run_folder import RunInfo
 
 ClipTPrompt = Literal["without-identifier", "as-generated"]
 LpipsNet = Literal["alex", "vgg", "squeeze"]
@@ -114,10 +116,10 @@ class _Encoders:
         return self.dino.smoke_test or self.clip.smoke_test or self.cmmd.smoke_test
 
 
-def _clip_t_text(row: dict, settings: ScoreSettings, identifier: str) -> str:
+def _clip_t_text(row: ManifestRow, settings: ScoreSettings, identifier: str) -> str:
     if settings.clip_t_prompt == "as-generated":
-        return row["prompt"]
-    return remove_identifier(row["prompt"], row.get("identifier", identifier))
+        return row.prompt
+    return remove_identifier(row.prompt, row.detail("identifier", identifier))
 
 
 def _describe_settings(settings: ScoreSettings, encoders: _Encoders, drift: list[dict]) -> dict:
@@ -138,7 +140,7 @@ def _describe_settings(settings: ScoreSettings, encoders: _Encoders, drift: list
     }
 
 
-def drift_pairs(images_dir: Path) -> list[tuple[dict, Path, Path]] | None:
+def drift_pairs(images_dir: Path) -> list[tuple[ManifestRow, Path, Path]] | None:
     """(adapted row, adapted image, base-model image) for each of the run's drift images, matched by prompt and
     seed; None when the folder has no drift images."""
     drift_dir = images_dir / DRIFT_DIR
@@ -149,14 +151,14 @@ def drift_pairs(images_dir: Path) -> list[tuple[dict, Path, Path]] | None:
     if not isinstance(pointer, dict) or not isinstance(pointer.get("dir"), str):
         raise UserError(f"{drift_dir / DRIFT_BASE}: expected {{\"dir\": <the base-model drift folder>}}")
     base_dir = (drift_dir / pointer["dir"]).resolve()
-    base = {(r["prompt"], r["seed"]): r for r in scorable_rows(base_dir, ("file", "prompt", "seed"))}
+    base = {(r.prompt, r.seed): r for r in scorable_rows(base_dir, ("file", "prompt", "seed"))}
     pairs = []
     for row in adapted:
-        match = base.get((row["prompt"], row["seed"]))
+        match = base.get((row.prompt, row.seed))
         if match is None:
-            raise UserError(f"{base_dir} has no base-model image for drift prompt {row['prompt']!r}, seed "
-                            f"{row['seed']} (make it with: python -m eval.generate_benchmark)")
-        pairs.append((row, drift_dir / row["file"], base_dir / match["file"]))
+            raise UserError(f"{base_dir} has no base-model image for drift prompt {row.prompt!r}, seed "
+                            f"{row.seed} (make it with: python -m eval.generate_benchmark)")
+        pairs.append((row, drift_dir / row.file, base_dir / match.file))
     return pairs
 
 
@@ -164,19 +166,48 @@ def score_drift(pairs, encoders: "_Encoders", settings: ScoreSettings, cache: Em
     """Drift per image pair. Base-model images are shared by every run, so their embeddings are cached."""
     adapted = encoders.dino.embed_files([p[1] for p in pairs], settings.batch_size, desc="DINO, drift adapted")
     base = encoders.dino.embed_files([p[2] for p in pairs], settings.batch_size, cache, desc="DINO, drift base")
-    return [{"subject": row["subject"], "prompt": row["prompt"], "seed": row["seed"], "file": row["file"],
+    return [{"subject": row.detail("subject"), "prompt": row.prompt, "seed": row.seed, "file": row.file,
              "drift": float(value)} for (row, _, _), value in zip(pairs, drift_scores(base, adapted))]
 
 
+@dataclass(frozen=True)
+class ScoreResult:
+    """Everything metrics.json holds: eval.score writes it, eval.report reads it."""
+
+    smoke_test: bool  # scored with the tiny random-weight encoders
+    images_dir: str
+    benchmark_dir: str
+    settings: dict  # each metric's description, as the report shows it
+    score_settings: dict  # ScoreSettings' fields
+    run: RunInfo | None  # the run's record copied beside its images; None for hand-made folders
+    overall: dict  # metric -> mean over subjects, and the counts
+    per_subject: dict[str, dict]
+    per_prompt: list[dict]
+    per_drift_image: list[dict]
+
+    def to_json(self) -> dict:
+        out = {"smoke_test": self.smoke_test}
+        if self.smoke_test:
+            out["smoke_test_note"] = SMOKE_TEST_BANNER
+        out.update({
+            "images_dir": self.images_dir, "benchmark_dir": self.benchmark_dir, "settings": self.settings,
+            "score_settings": self.score_settings, "run": self.run.to_dict() if self.run else None,
+            "overall": self.overall, "per_subject": self.per_subject, "per_prompt": self.per_prompt,
+            "per_drift_image": self.per_drift_image,
+        })
+        return out
+
+
 def score_images(images_dir: str | Path, benchmark_dir: str | Path, settings: ScoreSettings,
-                 cache: EmbeddingCache | None, identifier: str = DEFAULT_IDENTIFIER) -> dict:
-    """Everything metrics.json holds. Raises UserError on bad input before any model is loaded where it can."""
+                 cache: EmbeddingCache | None, identifier: str = DEFAULT_IDENTIFIER) -> ScoreResult:
+    """Score one folder of benchmark images. Raises UserError on bad input before any model is loaded where it
+    can."""
     images_dir = Path(images_dir)
     rows = scorable_rows(images_dir)
-    run_info = read_json(images_dir / RUN_INFO) if (images_dir / RUN_INFO).is_file() else None
+    run_info = RunInfo.read(images_dir / RUN_INFO) if (images_dir / RUN_INFO).is_file() else None
     rows_by_subject = defaultdict(list)
     for index, row in enumerate(rows):
-        rows_by_subject[row["subject"]].append(index)
+        rows_by_subject[row.detail("subject")].append(index)
     known_subjects = {subject.name for subject in load_benchmark(benchmark_dir).subjects}
     unknown = sorted(set(rows_by_subject) - known_subjects)
     if unknown:
@@ -186,7 +217,7 @@ def score_images(images_dir: str | Path, benchmark_dir: str | Path, settings: Sc
     pairs = drift_pairs(images_dir)
 
     encoders = _Encoders.load(settings)
-    generated = [images_dir / row["file"] for row in rows]
+    generated = [images_dir / row.file for row in rows]
     gen_dino = encoders.dino.embed_files(generated, settings.batch_size, desc="DINO, generated")
     gen_clip = encoders.clip.embed_files(generated, settings.batch_size, desc="CLIP, generated")
     gen_cmmd = gen_clip if encoders.cmmd is encoders.clip else encoders.cmmd.embed_files(
@@ -206,13 +237,13 @@ def score_images(images_dir: str | Path, benchmark_dir: str | Path, settings: Sc
             real, settings.batch_size, cache, desc=f"CMMD CLIP, real {subject}")
         by_prompt = defaultdict(list)
         for i in indices:
-            by_prompt[rows[i]["prompt_index"]].append(i)
+            by_prompt[rows[i].detail("prompt_index")].append(i)
         prompt_scores = []
         for prompt_index, group in sorted(by_prompt.items()):
             lpips_div = (mean_pairwise_distance([load_rgb(generated[i]) for i in group], encoders.lpips)
                          if encoders.lpips else None)
             prompt_scores.append({
-                "subject": subject, "prompt_index": prompt_index, "prompt": rows[group[0]]["prompt"],
+                "subject": subject, "prompt_index": prompt_index, "prompt": rows[group[0]].prompt,
                 "images": len(group),
                 "dino": mean_pairwise_cosine(real_dino, gen_dino[group]),
                 "clip_i": mean_pairwise_cosine(real_clip, gen_clip[group]),
@@ -235,16 +266,12 @@ def score_images(images_dir: str | Path, benchmark_dir: str | Path, settings: Sc
         }
     overall = {"subjects": len(per_subject), "images": len(rows)}
     overall.update({key: _nanmean([s[key] for s in per_subject.values()]) for key in METRICS})
-    result = {"smoke_test": encoders.smoke_test}
-    if encoders.smoke_test:
-        result["smoke_test_note"] = SMOKE_TEST_BANNER
-    result.update({
-        "images_dir": str(images_dir.resolve()), "benchmark_dir": str(Path(benchmark_dir).resolve()),
-        "settings": _describe_settings(settings, encoders, drift), "score_settings": asdict(settings),
-        "run": run_info, "overall": overall, "per_subject": per_subject, "per_prompt": per_prompt,
-        "per_drift_image": drift,
-    })
-    return result
+    return ScoreResult(
+        smoke_test=encoders.smoke_test, images_dir=str(images_dir.resolve()),
+        benchmark_dir=str(Path(benchmark_dir).resolve()), settings=_describe_settings(settings, encoders, drift),
+        score_settings=asdict(settings), run=run_info, overall=overall, per_subject=per_subject,
+        per_prompt=per_prompt, per_drift_image=drift,
+    )
 
 
 def _nanmean(values: list) -> float | None:
@@ -256,41 +283,41 @@ def _metric_cells(scores: dict) -> list[str]:
     return [format_metric(key, scores[key]) for key in METRICS]
 
 
-def metrics_markdown(result: dict) -> str:
+def metrics_markdown(result: ScoreResult) -> str:
     header = [label for label, _ in METRICS.values()]
-    overall = result["overall"]
-    parts = [f"# Benchmark scores: {result['images_dir']}\n"]
-    if result["smoke_test"]:
+    overall = result.overall
+    parts = [f"# Benchmark scores: {result.images_dir}\n"]
+    if result.smoke_test:
         parts.append(f"> **{SMOKE_TEST_BANNER}**\n")
-    if result["run"]:
-        run = result["run"]
-        parts.append(f"Run: method {run.get('method')}, budget {run.get('budget')}, "
-                     f"trainable parameters {run.get('trainable_parameters')}\n")
-    parts.append("Settings:\n\n" + "".join(f"- {k}: {v}\n" for k, v in result["settings"].items()))
+    if result.run:
+        run = result.run
+        parts.append(f"Run: method {run.method}, budget {run.budget}, "
+                     f"trainable parameters {run.trainable_parameters}\n")
+    parts.append("Settings:\n\n" + "".join(f"- {k}: {v}\n" for k, v in result.settings.items()))
     parts.append(f"## Overall (mean over {overall['subjects']} subjects, {overall['images']} images)\n")
     parts.append(markdown_table(header, [_metric_cells(overall)]))
     parts.append("\n## Per subject\n")
     parts.append(markdown_table(["subject", "images"] + header,
-                                [[s, v["images"]] + _metric_cells(v) for s, v in result["per_subject"].items()]))
+                                [[s, v["images"]] + _metric_cells(v) for s, v in result.per_subject.items()]))
     parts.append("\nPer-prompt scores are in metrics.csv and metrics.json.\n")
     return "\n".join(parts)
 
 
-def metrics_csv(result: dict) -> str:
+def metrics_csv(result: ScoreResult) -> str:
     header = ["scope", "subject", "prompt_index", "prompt", "images"] + list(METRICS) + ["smoke_test"]
-    smoke = result["smoke_test"]
-    overall = result["overall"]
+    smoke = result.smoke_test
+    overall = result.overall
     rows = [["overall", "", "", "", overall["images"]] + [overall[k] for k in METRICS] + [smoke]]
     rows += [["subject", s, "", "", v["images"]] + [v[k] for k in METRICS] + [smoke]
-             for s, v in result["per_subject"].items()]
+             for s, v in result.per_subject.items()]
     rows += [["prompt", p["subject"], p["prompt_index"], p["prompt"], p["images"]] + [p[k] for k in METRICS] + [smoke]
-             for p in result["per_prompt"]]
+             for p in result.per_prompt]
     return csv_text(header, rows)
 
 
-def write_metrics(result: dict, out_dir: str | Path) -> None:
+def write_metrics(result: ScoreResult, out_dir: str | Path) -> None:
     out_dir = Path(out_dir)
-    write_text_atomic(metrics_file(out_dir), json_text(result))
+    write_text_atomic(metrics_file(out_dir), json_text(result.to_json()))
     write_text_atomic(out_dir / METRICS_CSV, metrics_csv(result))
     write_text_atomic(out_dir / METRICS_MD, metrics_markdown(result))
 

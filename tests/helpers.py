@@ -61,9 +61,12 @@ def write_generated(folder: Path, subjects=("backpack", "dog"), prompts: int = 2
 
 
 def run_info(method: str = "waveft", budget: float | None = 1.0, subject: str = "dog") -> dict:
-    return {"method": method, "budget": budget, "trainable_parameters": 1451520 if budget is None else
-            int(1451520 * budget), "subject": subject, "class_noun": SUBJECTS[subject], "identifier": "zjw",
-            "base_model": "tiny-sdxl"}
+    """A run_info.json as the trainer writes it (every required key of RunInfo)."""
+    return {"method": method, "adapter_type": method, "seed": 0, "implementation": "structured", "budget": budget,
+            "trainable_parameters": 1451520 if budget is None else int(1451520 * budget), "adapted_layers": 64,
+            "subject": subject, "class_noun": SUBJECTS[subject], "identifier": "zjw",
+            "instance_prompt": f"a zjw {SUBJECTS[subject]}", "base_model": "tiny-sdxl", "vae": None, "steps": 2,
+            "final_loss": 0.1, "train_seconds": 1.0}
 
 
 def tiny_unet():

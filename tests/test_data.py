@@ -70,7 +70,7 @@ def test_dataset_prompts_captions_and_repeats(tmp_path):
     assert prompts == ["a zjw ball", "a zjw ball on a table", "a zjw ball"]
     assert instance_prompt(_cfg(tmp_path, identifier="sks", class_noun="dog")) == "a sks dog"
     batch = collate([dataset[0], dataset[4]])
-    assert batch["pixels"].shape == (2, 3, 32, 32) and batch["num_instance"] == 2
+    assert batch.pixels.shape == (2, 3, 32, 32) and batch.num_instance == 2
 
 
 def test_crops_depend_only_on_seed_epoch_and_index(tmp_path):

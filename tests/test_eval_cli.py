@@ -93,7 +93,7 @@ def test_copies_of_the_only_real_image_score_perfectly(workspace, tmp_path):
         real.save(tmp_path / "images" / row["file"])
     settings = ScoreSettings(str(workspace / "encoders/dino"), str(workspace / "encoders/clip"),
                              str(workspace / "encoders/clip"), device="cpu")
-    dog = score_images(tmp_path / "images", bench, settings, EmbeddingCache(tmp_path / "cache"))["per_subject"]["dog"]
+    dog = score_images(tmp_path / "images", bench, settings, EmbeddingCache(tmp_path / "cache")).per_subject["dog"]
     assert dog["dino"] == pytest.approx(1.0, abs=1e-5) and dog["clip_i"] == pytest.approx(1.0, abs=1e-5)
     assert dog["dino_div"] == pytest.approx(0.0, abs=1e-5) and dog["cmmd"] == pytest.approx(0.0, abs=1e-3)
 

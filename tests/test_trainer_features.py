@@ -103,8 +103,8 @@ def test_buckets_one_size_per_batch_with_sdxl_time_ids(tmp_path):
             names = [os.path.basename(dataset.instances[i].path) for i in indices]
             assert len({sizes[n] for n in names}) == 1  # one bucket per batch
             (height, width) = sizes[names[0]]
-            assert batch["pixels"].shape[-2:] == (height, width)
-            for name, ids in zip(names, batch["time_ids"].tolist()):
+            assert batch.pixels.shape[-2:] == (height, width)
+            for name, ids in zip(names, batch.time_ids.tolist()):
                 orig_h, orig_w, top, left, target_h, target_w = ids
                 assert (orig_h, orig_w) == upright[name] and (target_h, target_w) == (height, width)
                 scale = max(width / orig_w, height / orig_h)
@@ -246,9 +246,9 @@ def test_masks_follow_the_crop_and_prior_images_are_unmasked(tmp_path):
     dataset = DreamBoothDataset(cfg.data, 0, class_examples=[Example(str(folder / "a.png"), "a ball")])
     assert [os.path.basename(e.path) for e in dataset.instances] == ["a.png"]  # the mask is no training image
     batch = collate([dataset[0]])
-    assert batch["masks"].shape == (2, 1, 32, 32)
-    assert batch["masks"][0, 0, :, :16].max() == 0 and batch["masks"][0, 0, :, 16:].min() == 1  # center crop
-    assert batch["masks"][1].min() == 1  # the class row
+    assert batch.masks.shape == (2, 1, 32, 32)
+    assert batch.masks[0, 0, :, :16].max() == 0 and batch.masks[0, 0, :, 16:].min() == 1  # center crop
+    assert batch.masks[1].min() == 1  # the class row
 
     cfg = load_config(None, ("output_dir=x", f"data.instance_dir={tmp_path}", "data.resolution=32",
                              "data.masks.source=alpha"))

@@ -54,13 +54,13 @@ def instance_loss(unet, tiny_sdxl_dir, subject_dir, cfg):
 
     components = load_sdxl(cfg.model)
     batch = collate([DreamBoothDataset(cfg.data, 0)[i] for i in range(4)])
-    embeds, pooled = encode_prompts(components, batch["prompts"], "diffusers", "cpu")
-    conditioning = Conditioning(embeds, pooled, batch["time_ids"])
+    embeds, pooled = encode_prompts(components, batch.prompts, "diffusers", "cpu")
+    conditioning = Conditioning(embeds, pooled, batch.time_ids)
     plain_mse = LossSettings(prediction_type="epsilon")
     g = torch.Generator().manual_seed(0)
     losses = []
     with torch.no_grad():
-        latents = components.vae.encode(batch["pixels"]).latent_dist.mean * components.vae.config.scaling_factor
+        latents = components.vae.encode(batch.pixels).latent_dist.mean * components.vae.config.scaling_factor
         for _ in range(4):
             losses.append(micro_batch_loss(unet, components.noise_scheduler, latents, conditioning, 4, g,
                                            plain_mse).item())

@@ -5,23 +5,23 @@ from waveft.entry import return_freed_blocks_to_the_system
 from waveft.errors import UserError
 from waveft.export.lora import DEFAULT_LORA_RANK
 from waveft.export.writer import ExportRequest, export_adapter
+from waveft.io.run_folder import PlannedExport, RunInfo
 
 
-def planned_exports(export_cfg, run_info: dict) -> list[dict]:
+def planned_exports(export_cfg, run_info: RunInfo) -> list[PlannedExport]:
     """The files an `export:` section asks for, named so that A1111's `<lora:NAME:1>` says what they are."""
-    stem = "_".join(str(run_info.get(k) or "") for k in ("subject", "method")).strip("_") or "adapter"
+    stem = "_".join(str(v or "") for v in (run_info.subject, run_info.method)).strip("_") or "adapter"
     stem = "".join(c if c.isalnum() or c in "-_" else "-" for c in stem)
     planned = []
     for fmt in export_cfg.formats:
         if fmt == "full-diff":
-            planned.append({"format": fmt, "file": f"{stem}_full_diff.safetensors", "dtype": export_cfg.dtype})
+            planned.append(PlannedExport(fmt, f"{stem}_full_diff.safetensors", export_cfg.dtype))
         elif export_cfg.lora_energy is not None:
-            planned.append({"format": fmt, "file": f"{stem}_lora_energy{export_cfg.lora_energy:g}.safetensors",
-                            "energy": export_cfg.lora_energy, "dtype": export_cfg.dtype})
+            planned.append(PlannedExport(fmt, f"{stem}_lora_energy{export_cfg.lora_energy:g}.safetensors",
+                                         export_cfg.dtype, energy=export_cfg.lora_energy))
         else:
             rank = export_cfg.lora_rank or DEFAULT_LORA_RANK
-            planned.append({"format": fmt, "file": f"{stem}_lora_r{rank}.safetensors", "rank": rank,
-                            "dtype": export_cfg.dtype})
+            planned.append(PlannedExport(fmt, f"{stem}_lora_r{rank}.safetensors", export_cfg.dtype, rank=rank))
     return planned
 
 
@@ -36,10 +36,10 @@ def check_export_fits(export_cfg, layers) -> None:
                             f"{layer.in_features}) allows: at most {min(layer.out_features, layer.in_features)}")
 
 
-def export_run(adapter_dir: str, planned: list[dict], say=print) -> None:
+def export_run(adapter_dir: str, planned: list[PlannedExport], say=print) -> None:
     """Write the planned files into the saved adapter folder (each atomically, replacing an earlier export)."""
     return_freed_blocks_to_the_system()
     for item in planned:
-        request = ExportRequest(adapter=adapter_dir, format=item["format"], out=os.path.join(adapter_dir, item["file"]),
-                                rank=item.get("rank"), energy=item.get("energy"), dtype=item["dtype"], overwrite=True)
+        request = ExportRequest(adapter=adapter_dir, format=item.format, out=os.path.join(adapter_dir, item.file),
+                                rank=item.rank, energy=item.energy, dtype=item.dtype, overwrite=True)
         export_adapter(request, say=say)

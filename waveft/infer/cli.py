@@ -47,7 +47,7 @@ def main(argv=None) -> None:
     pipe = load_pipeline(base, args.adapter, args.vae, settings.dtype, args.device, settings.scheduler)
     rows = generate_images(pipe, prompt_seed_jobs(prompts, args.seeds, base_model=base, adapter=args.adapter),
                            args.out, settings)
-    save_grid([os.path.join(args.out, r["file"]) for r in rows], os.path.join(args.out, GRID_NAME), len(args.seeds))
+    save_grid([os.path.join(args.out, r.file) for r in rows], os.path.join(args.out, GRID_NAME), len(args.seeds))
     print(f"wrote {len(rows)} images, {MANIFEST_NAME} and {GRID_NAME} to {args.out}")
 
 

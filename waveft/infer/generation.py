@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
@@ -23,10 +24,50 @@ MANIFEST_NAME = "manifest.jsonl"
 GRID_NAME = "grid.png"
 
 
-def read_manifest(path, required_keys: tuple[str, ...] = ("file",)) -> dict[str, dict]:
+@dataclass(frozen=True)
+class GenerationJob:
+    """One image to make: its file (relative to the output folder), prompt and seed (its own generator), and
+    what identifies it to later readers (`details`: prompt_index, subject, run, drift, ...), kept in its row."""
+
+    file: str
+    prompt: str
+    seed: int
+    details: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "prompt": self.prompt, "seed": self.seed, **self.details}
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One line of a manifest: the job an image was made for and the settings it was made with."""
+
+    job: GenerationJob
+    settings: dict  # GenerationSettings' fields as written (a row of an older version may lack some)
+
+    # Shorthands for what every reader asks.
+    file = property(lambda self: self.job.file)
+    prompt = property(lambda self: self.job.prompt)
+    seed = property(lambda self: self.job.seed)
+
+    def detail(self, key: str, default=None):
+        return self.job.details.get(key, default)
+
+    def to_json(self) -> dict:
+        return {**self.job.to_json(), **self.settings}
+
+    @classmethod
+    def from_json(cls, row: dict) -> "ManifestRow":
+        setting_names = {f.name for f in dataclasses.fields(GenerationSettings)}
+        details = {k: v for k, v in row.items() if k not in ("file", "prompt", "seed") and k not in setting_names}
+        job = GenerationJob(row["file"], row.get("prompt", ""), row.get("seed"), details)
+        return cls(job, {k: v for k, v in row.items() if k in setting_names})
+
+
+def read_manifest(path, required_keys: tuple[str, ...] = ("file",)) -> dict[str, ManifestRow]:
     """Rows of a manifest.jsonl keyed by file name, in file order; {} when there is no such file. A line that
     is not a JSON object, lacks one of `required_keys` or names a file twice is a UserError naming the line."""
-    rows: dict[str, dict] = {}
+    rows: dict[str, ManifestRow] = {}
     if not os.path.isfile(path):
         return rows
     with open(path, encoding="utf-8") as f:
@@ -42,7 +83,7 @@ def read_manifest(path, required_keys: tuple[str, ...] = ("file",)) -> dict[str,
                 raise UserError(f"{path}:{number}: missing keys {', '.join(missing)}")
             if row["file"] in rows:
                 raise UserError(f"{path}:{number}: {row['file']} is listed twice")
-            rows[row["file"]] = row
+            rows[row["file"]] = ManifestRow.from_json(row)
     return rows
 
 
@@ -58,8 +99,13 @@ def read_prompts_file(path: str) -> list[str]:
     return prompts
 
 
-def write_manifest(path: str, rows: dict[str, dict]) -> None:
-    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows.values()))
+def write_manifest(path: str, rows: dict[str, ManifestRow]) -> None:
+    write_text_atomic(path, "".join(json.dumps(row.to_json()) + "\n" for row in rows.values()))
+
+
+def is_done(folder: str | os.PathLike, rows: dict[str, ManifestRow], job: GenerationJob) -> bool:
+    """An image is done when its manifest row and its file both exist (a crash between the two redoes it)."""
+    return job.file in rows and os.path.isfile(os.path.join(folder, job.file))
 
 
 def _save_png(image: Image.Image, path: str) -> None:
@@ -83,9 +129,9 @@ def decode_outside_autocast(pipe, latents: torch.Tensor) -> list[Image.Image]:
     return pipe.image_processor.postprocess(pixels, output_type="pil")
 
 
-def generate_images(pipe, jobs: list[dict], out_dir: str, settings: GenerationSettings, progress: bool = True,
-                    manifest_name: str = MANIFEST_NAME) -> list[dict]:
-    """Generate every job not done yet. A job is a dict with `file`, `prompt`, `seed` and any extra keys.
+def generate_images(pipe, jobs: list[GenerationJob], out_dir: str, settings: GenerationSettings,
+                    progress: bool = True, manifest_name: str = MANIFEST_NAME) -> list[ManifestRow]:
+    """Generate every job not done yet (`is_done`), one manifest row per image.
 
     Each image uses its own generator seeded by its job's seed, so results do not depend on batching.
     Returns the manifest rows of all jobs (done before or now).
@@ -93,15 +139,15 @@ def generate_images(pipe, jobs: list[dict], out_dir: str, settings: GenerationSe
     os.makedirs(out_dir, exist_ok=True)
     manifest_path = os.path.join(out_dir, manifest_name)
     rows = read_manifest(manifest_path)
-    todo = [j for j in jobs if not (j["file"] in rows and os.path.isfile(os.path.join(out_dir, j["file"])))]
+    todo = [job for job in jobs if not is_done(out_dir, rows, job)]
     settings_row = dataclasses.asdict(settings)
     batches = [todo[i : i + settings.batch_size] for i in range(0, len(todo), settings.batch_size)]
     under_autocast = torch.is_autocast_enabled(pipe.device.type)
     for batch in tqdm(batches, desc="generating", disable=not progress, unit="batch"):
-        generators = [torch.Generator(device="cpu").manual_seed(int(job["seed"])) for job in batch]
+        generators = [torch.Generator(device="cpu").manual_seed(int(job.seed)) for job in batch]
         with torch.no_grad():
             images = pipe(
-                prompt=[job["prompt"] for job in batch],
+                prompt=[job.prompt for job in batch],
                 negative_prompt=[settings.negative_prompt] * len(batch) if settings.negative_prompt else None,
                 num_inference_steps=settings.steps,
                 guidance_scale=settings.guidance_scale,
@@ -113,17 +159,18 @@ def generate_images(pipe, jobs: list[dict], out_dir: str, settings: GenerationSe
             if under_autocast:
                 images = decode_outside_autocast(pipe, images)
         for job, image in zip(batch, images):
-            path = os.path.join(out_dir, job["file"])
+            path = os.path.join(out_dir, job.file)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             _save_png(image, path)
-            rows[job["file"]] = {**job, **settings_row}
+            rows[job.file] = ManifestRow(job, settings_row)
         write_manifest(manifest_path, rows)
-    return [rows[j["file"]] for j in jobs]
+    return [rows[job.file] for job in jobs]
 
 
-def prompt_seed_jobs(prompts: list[str], seeds: list[int], **extra) -> list[dict]:
+def prompt_seed_jobs(prompts: list[str], seeds: list[int], **details) -> list[GenerationJob]:
+    """Every prompt x seed, named p<prompt index>_s<seed>.png; `details` go into every row."""
     return [
-        {"file": f"p{p:03d}_s{seed}.png", "prompt": prompt, "prompt_index": p, "seed": seed, **extra}
+        GenerationJob(f"p{p:03d}_s{seed}.png", prompt, seed, {"prompt_index": p, **details})
         for p, prompt in enumerate(prompts)
         for seed in seeds
     ]

@@ -5,6 +5,7 @@ import json
 import os
 
 from waveft.io.files import atomic_directory, give_usual_permissions
+from waveft.io.run_folder import PlannedExport, RunInfo
 
 
 class AdapterFolder:
@@ -47,8 +48,9 @@ class AdapterFolder:
 PEFT_MODEL_PREFIX = "base_model.model."
 
 
-def save_adapter(unet, path: str, adapter_name: str = "default", metadata: dict | None = None) -> None:
-    """Write `adapter_config.json` + `adapter_model.safetensors` exactly as `PeftModel.save_pretrained` would."""
+def save_adapter(unet, path: str, adapter_name: str = "default", run_info: RunInfo | None = None) -> None:
+    """Write `adapter_config.json` + `adapter_model.safetensors` exactly as `PeftModel.save_pretrained` would;
+    with `run_info`, the run's record (waveft_run.json) and the model card beside them."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
@@ -59,62 +61,62 @@ def save_adapter(unet, path: str, adapter_name: str = "default", metadata: dict 
         unet.peft_config[adapter_name].save_pretrained(staging)
         save_file(state, folder.weights, metadata={"format": "pt"})
         give_usual_permissions(folder.weights)
-        if metadata is not None:
+        if run_info is not None:
             with open(folder.run_record, "w") as f:
-                json.dump(metadata, f, indent=2)
+                json.dump(run_info.adapter_metadata(), f, indent=2)
             with open(folder.model_card, "w") as f:
-                f.write(model_card(metadata))
+                f.write(model_card(run_info))
 
 
-def model_card(run: dict) -> str:
+def model_card(run: RunInfo) -> str:
     """A Hub-style model card: what the adapter is, what it was trained on, and how to load it."""
     return f"""---
-base_model: {run["base_model"]}
+base_model: {run.base_model}
 library_name: peft
-tags: [stable-diffusion-xl, dreambooth, {run["method"]}, waveft-sdxl]
-instance_prompt: "{run["instance_prompt"]}"
+tags: [stable-diffusion-xl, dreambooth, {run.method}, waveft-sdxl]
+instance_prompt: "{run.instance_prompt}"
 ---
 
-# {run["method"]} DreamBooth adapter for SDXL: {run["subject"]}
+# {run.method} DreamBooth adapter for SDXL: {run.subject}
 
-- method: `{run["adapter_type"]}` ({run["trainable_parameters"]:,} trainable parameters on {run["adapted_layers"]} layers)
-- trained for {run["steps"]} steps on the subject `{run["subject"]}`; instance prompt `{run["instance_prompt"]}`
-- files: PEFT's `adapter_config.json` + `adapter_model.safetensors`; `waveft_run.json` holds the run's details
+- method: `{run.adapter_type}` ({run.trainable_parameters:,} trainable parameters on {run.adapted_layers} layers)
+- trained for {run.steps} steps on the subject `{run.subject}`; instance prompt `{run.instance_prompt}`
+- files: PEFT's `{AdapterFolder.CONFIG}` + `{AdapterFolder.WEIGHTS}`; `{AdapterFolder.RUN_RECORD}` holds the run's details
 
 ```python
 import torch
 from diffusers import StableDiffusionXLPipeline
 from peft import PeftModel
 
-pipe = StableDiffusionXLPipeline.from_pretrained("{run["base_model"]}", torch_dtype=torch.bfloat16)
+pipe = StableDiffusionXLPipeline.from_pretrained("{run.base_model}", torch_dtype=torch.bfloat16)
 pipe.unet = PeftModel.from_pretrained(pipe.unet, "path/to/this/folder").merge_and_unload()
-image = pipe("{run["instance_prompt"]} on the beach").images[0]
+image = pipe("{run.instance_prompt} on the beach").images[0]
 ```
 """ + model_card_section(run)  # noqa: E501 (the card's lines are markdown)
 
 
-def model_card_section(run: dict) -> str:
+def model_card_section(run: RunInfo) -> str:
     """The model card's part on the exported files: which loads in which tool, and the lines each tool needs."""
-    planned = run.get("exports") or []
+    planned: list[PlannedExport] = run.exports or []
     if not planned:
         return ""
     rows = []
     for item in planned:
-        if item["format"] == "lora":
-            size = f"rank {item['rank']}" if "rank" in item else f"per-layer ranks keeping {item['energy']:g} energy"
-            rows.append(f"| `{item['file']}` | kohya LoRA, {size}, {item['dtype']} (an SVD approximation: its "
+        if item.format == "lora":
+            size = f"rank {item.rank}" if item.rank is not None else f"per-layer ranks keeping {item.energy:g} energy"
+            rows.append(f"| `{item.file}` | kohya LoRA, {size}, {item.dtype} (an SVD approximation: its "
                         f"per-layer error is in the file's metadata) | ComfyUI, Forge / A1111, InvokeAI, diffusers |")
         else:
-            rows.append(f"| `{item['file']}` | full weight difference, {item['dtype']} (lossless) | "
+            rows.append(f"| `{item.file}` | full weight difference, {item.dtype} (lossless) | "
                         f"ComfyUI, Forge / A1111, InvokeAI (not diffusers) |")
-    example = next((i for i in planned if i["format"] == "lora"), planned[0])
-    name = example["file"].removesuffix(".safetensors")
-    diffusers_lines = "" if example["format"] != "lora" else f"""
+    example = next((i for i in planned if i.format == "lora"), planned[0])
+    name = example.file.removesuffix(".safetensors")
+    diffusers_lines = "" if example.format != "lora" else f"""
 - diffusers:
 
 ```python
-pipe = StableDiffusionXLPipeline.from_pretrained("{run["base_model"]}", torch_dtype=torch.float16)
-pipe.load_lora_weights("path/to/this/folder/{example["file"]}")
+pipe = StableDiffusionXLPipeline.from_pretrained("{run.base_model}", torch_dtype=torch.float16)
+pipe.load_lora_weights("path/to/this/folder/{example.file}")
 ```
 """
     return f"""

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
+from waveft.errors import UserError
 from waveft.io.files import write_json_atomic
 
 
@@ -24,6 +25,7 @@ class RunFolder:
     VALIDATION = "validation"
     LOGS = "logs"
     CLASS_IMAGES = "class_images"  # the default prior-preservation folder
+    CLASS_MANIFEST = "class_manifest.jsonl"  # in the prior-preservation folder: the generated class images
     LOSS_PLOT = "loss.png"
     CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
     TRAINING_STATE = "training_state.json"  # inside a checkpoint: the loop state, written last
@@ -49,6 +51,26 @@ class RunFolder:
 
     def validation_step(self, step: int) -> str:
         return os.path.join(self.validation, f"step-{step:06d}")
+
+
+@dataclass(frozen=True)
+class PlannedExport:
+    """One file the `export:` section asks for, written into adapter/ at the end of the run
+    (`waveft.export.run_exports`); listed in run_info.json and waveft_run.json, and in the model card."""
+
+    format: str  # "lora" or "full-diff"
+    file: str  # its name inside the adapter folder
+    dtype: str
+    rank: Optional[int] = None  # lora at one rank for every layer
+    energy: Optional[float] = None  # lora at per-layer ranks keeping this fraction of the squared singular values
+
+    def to_json(self) -> dict:
+        size = {"rank": self.rank} if self.rank is not None else {} if self.energy is None else {"energy": self.energy}
+        return {"format": self.format, "file": self.file, **size, "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, item: dict) -> "PlannedExport":
+        return cls(item["format"], item["file"], item["dtype"], item.get("rank"), item.get("energy"))
 
 
 def _optional(**kwargs):
@@ -90,7 +112,9 @@ class RunInfo:
     validation_losses: Optional[list] = _optional()  # [[step, loss], ...]
     latent_cache: Optional[dict] = _optional()  # hits and misses of the latent cache
     layer_shapes: Optional[dict] = _optional()  # adapted layer -> [out, in]: what waveft.export checks a base against
-    exports: Optional[list] = _optional()  # the export: section's files in adapter/ (run_exports.planned_exports)
+    exports: Optional[list[PlannedExport]] = _optional()  # the export: section's files in adapter/
+    # The adapter's scaling (lambda, where its method has one): added by eval.generate_benchmark's copy.
+    scaling: Optional[float] = _optional()
     # Set once the final samples exist (after run_info.json is written); not part of the file.
     samples: Optional[str] = field(default=None, metadata={"in_file": False})
 
@@ -100,6 +124,8 @@ class RunInfo:
             value = getattr(self, f.name)
             if f.metadata.get("in_file", True) and not (value is None and f.metadata.get("omit_if_none")):
                 out[f.name] = value
+        if self.exports is not None:
+            out["exports"] = [item.to_json() for item in self.exports]
         return out
 
     def adapter_metadata(self) -> dict:
@@ -110,8 +136,25 @@ class RunInfo:
         write_json_atomic(path, self.to_dict())
 
     @classmethod
-    def read(cls, path: str) -> "RunInfo":
-        with open(path) as f:
-            data = json.load(f)
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+    def from_dict(cls, data: dict, source: str = "run_info.json") -> "RunInfo":
+        """The record from run_info.json's (or waveft_run.json's, or a copy's) mapping; keys it does not know are
+        dropped; a missing required key is a UserError naming `source`."""
+        if not isinstance(data, dict):
+            raise UserError(f"{source}: not a run record (a JSON object)")
+        fields = dataclasses.fields(cls)
+        missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in data]
+        if missing:
+            raise UserError(f"{source}: missing keys {', '.join(missing)}")
+        info = cls(**{f.name: data[f.name] for f in fields if f.name in data})
+        if info.exports is not None:
+            info.exports = [PlannedExport.from_json(item) for item in info.exports]
+        return info
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "RunInfo":
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"cannot read {path}: {exc}") from None
+        return cls.from_dict(data, str(path))

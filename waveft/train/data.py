@@ -3,12 +3,14 @@
 Random crops and flips are drawn from a generator seeded by (seed, epoch, index), so a resumed run sees
 exactly the images an uninterrupted one would.
 """
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import random
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -251,20 +253,39 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         return views, all_fixed
 
 
-def collate(items: list[dict]) -> dict:
-    """Instance examples first, then class examples, so the loss can split the batch in two halves. With masks,
-    `masks` (B, 1, H, W) in [0, 1]: the instance rows' masks, ones for the class rows."""
+@dataclass(frozen=True)
+class TrainingBatch:
+    """One micro-batch as the loop, the loss and the latent cache read it: instance rows first, then class rows
+    (prior preservation), so the loss can split it in two halves."""
+
+    pixels: torch.Tensor  # (B, 3, H, W) in [-1, 1]
+    time_ids: torch.Tensor  # (B, 6): SDXL's (original_h, original_w, crop_top, crop_left, target_h, target_w)
+    prompts: list[str]
+    view_keys: list[str]  # what each row's pixels were made from: the latent cache's keys
+    num_instance: int  # rows 0..num_instance-1 are instance rows
+    masks: Optional[torch.Tensor] = None  # (B, 1, H, W) in [0, 1] with data.masks: ones for the class rows
+
+    def to(self, device, non_blocking: bool = False) -> "TrainingBatch":
+        """The tensors on `device` (accelerate's data loader moves a batch through this)."""
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return dataclasses.replace(self, pixels=move(self.pixels), time_ids=move(self.time_ids),
+                                   masks=move(self.masks))
+
+
+def collate(items: list[dict]) -> TrainingBatch:
+    """The dataset's items as one batch: instance examples first, then class examples."""
     rows = [item["instance"] for item in items] + [item["class"] for item in items if "class" in item]
-    batch = {
-        "pixels": torch.stack([r["pixels"] for r in rows]),
-        "time_ids": torch.stack([r["time_ids"] for r in rows]),
-        "prompts": [r["prompt"] for r in rows],
-        "view_keys": [r["view_key"] for r in rows],
-        "num_instance": len(items),
-    }
+    masks = None
     if "mask" in rows[0]:
-        batch["masks"] = torch.stack([r.get("mask", torch.ones_like(rows[0]["mask"])) for r in rows])
-    return batch
+        masks = torch.stack([r.get("mask", torch.ones_like(rows[0]["mask"])) for r in rows])
+    return TrainingBatch(
+        pixels=torch.stack([r["pixels"] for r in rows]),
+        time_ids=torch.stack([r["time_ids"] for r in rows]),
+        prompts=[r["prompt"] for r in rows],
+        view_keys=[r["view_key"] for r in rows],
+        num_instance=len(items),
+        masks=masks,
+    )
 
 
 # ---- prior preservation -------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import torch
 
 from waveft.errors import UserError
 from waveft.io.files import write_atomic
+from waveft.train.data import TrainingBatch
 
 
 def cache_folder(data_cfg) -> str:
@@ -121,12 +122,12 @@ class Latents:
         return all_fixed
 
     @torch.no_grad()
-    def sample(self, batch: dict, generator: torch.Generator, dtype) -> torch.Tensor:
+    def sample(self, batch: TrainingBatch, generator: torch.Generator, dtype) -> torch.Tensor:
         """(B, 4, H/f, W/f) latents, scaled, in `dtype`: mean + std * noise drawn from `generator` on the CPU, as
         diffusers' DiagonalGaussianDistribution.sample draws it."""
         from diffusers.utils.torch_utils import randn_tensor
 
-        rows = [self.posterior(pixels, key) for pixels, key in zip(batch["pixels"], batch["view_keys"])]
+        rows = [self.posterior(pixels, key) for pixels, key in zip(batch.pixels, batch.view_keys)]
         mean, std = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
         noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         latents = mean + std * noise

@@ -27,6 +27,7 @@ from waveft.io.schema import read_yaml_mapping
 from waveft.models import DTYPES, load_sdxl
 from waveft.train import data as dreambooth_data
 from waveft.train.checkpointing import list_checkpoints, load_checkpoint, save_checkpoint
+from waveft.train.data import TrainingBatch
 from waveft.train.latent_cache import LatentCache, Latents, cache_folder, check_writable, vae_identity
 from waveft.train.loss import Conditioning, LossSettings, mask_weights, micro_batch_loss
 from waveft.train.sampling import final_samples, generate_class_images, log_image, run_validation
@@ -144,10 +145,10 @@ def encode_prompts(components, prompts: list[str], mode: str, device) -> tuple[t
     return torch.cat(hidden_states, dim=-1), pooled
 
 
-def batch_conditioning(batch: dict, prompt_embeds: dict, device, dtype) -> Conditioning:
-    text = [prompt_embeds[p] for p in batch["prompts"]]
+def batch_conditioning(batch: TrainingBatch, prompt_embeds: dict, device, dtype) -> Conditioning:
+    text = [prompt_embeds[p] for p in batch.prompts]
     return Conditioning(torch.stack([t[0] for t in text]), torch.stack([t[1] for t in text]),
-                        batch["time_ids"].to(device, dtype))
+                        batch.time_ids.to(device, dtype))
 
 
 def micro_batch_generator(seed: int, process_index: int, micro_step: int) -> torch.Generator:
@@ -376,8 +377,8 @@ def save_run(cfg: RunConfig, accelerator, trained_unet, run_info: RunInfo) -> No
     run = RunFolder(cfg.output_dir)
     if run_info.validation_losses:
         plot_losses(run.loss_plot, run_info.train_losses, run_info.validation_losses)
-    run_info.exports = planned_exports(cfg.export, run_info.to_dict())
-    save_adapter(trained_unet, run.adapter, metadata=run_info.adapter_metadata())
+    run_info.exports = planned_exports(cfg.export, run_info)
+    save_adapter(trained_unet, run.adapter, run_info=run_info)
     export_run(run.adapter, run_info.exports, say=accelerator.print)
     run_info.adapter_bytes = folder_bytes(run.adapter)
     run_info.write(run.run_info)
@@ -483,9 +484,9 @@ def train(cfg: RunConfig) -> TrainResult:
             with accelerator.accumulate(t.unet):
                 latents = latents_source.sample(batch, g, weight_dtype)
                 conditioning = batch_conditioning(batch, prompt_embeds, device, weight_dtype)
-                weights = mask_weights(batch["masks"].to(device), latents.shape[-2:], cfg.data.masks.min_weight) \
-                    if "masks" in batch else None
-                loss = micro_batch_loss(t.unet, noise_scheduler, latents, conditioning, batch["num_instance"], g,
+                weights = mask_weights(batch.masks.to(device), latents.shape[-2:], cfg.data.masks.min_weight) \
+                    if batch.masks is not None else None
+                loss = micro_batch_loss(t.unet, noise_scheduler, latents, conditioning, batch.num_instance, g,
                                         loss_settings, weights)
                 stop_if_diverged(accelerator, loss, cfg, state)
                 accelerator.backward(loss)

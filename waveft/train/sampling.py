@@ -6,7 +6,7 @@ import shutil
 import torch
 
 from waveft.config import RunConfig
-from waveft.infer.generation import generate_images, prompt_seed_jobs, save_grid
+from waveft.infer.generation import GenerationJob, generate_images, prompt_seed_jobs, save_grid
 from waveft.infer.pipeline import load_pipeline
 from waveft.infer.settings import GenerationSettings
 from waveft.io.run_folder import RunFolder
@@ -71,7 +71,7 @@ def run_validation(cfg, accelerator, components, unet, step: int) -> str:
     components.text_encoders_to("cpu")
     components.vae.to(vae_device)
     grid = os.path.join(out_dir, "grid.png")
-    save_grid([os.path.join(out_dir, r["file"]) for r in rows], grid, len(cfg.validation.seeds))
+    save_grid([os.path.join(out_dir, r.file) for r in rows], grid, len(cfg.validation.seeds))
     log_image(accelerator, "validation", grid, step)
     return grid
 
@@ -101,12 +101,11 @@ def generate_class_images(cfg, accelerator, components) -> None:
     components.unet.disable_adapters()  # class images come from the base model
     existing = prior.num_class_images - missing
     seeds = range(existing, existing + missing)
-    jobs = [{"file": f"class_{seed:05d}.png", "prompt": dreambooth_data.class_prompt(cfg.data), "seed": seed}
-            for seed in seeds]
+    jobs = [GenerationJob(f"class_{seed:05d}.png", dreambooth_data.class_prompt(cfg.data), seed) for seed in seeds]
     settings = GenerationSettings(steps=prior.generation_steps, height=cfg.data.resolution, width=cfg.data.resolution,
                                   batch_size=prior.generation_batch_size)
     with accelerator.autocast():
-        generate_images(pipe, jobs, folder, settings, manifest_name="class_manifest.jsonl")
+        generate_images(pipe, jobs, folder, settings, manifest_name=RunFolder.CLASS_MANIFEST)
     components.unet.enable_adapters()
 
 
@@ -122,5 +121,5 @@ def final_samples(cfg: RunConfig) -> str:
     rows = generate_images(pipe, prompt_seed_jobs(validation_prompts(cfg), cfg.validation.seeds), run.samples,
                            validation_settings(cfg, dtype), progress=False)
     grid = os.path.join(run.samples, "grid.png")
-    save_grid([os.path.join(run.samples, r["file"]) for r in rows], grid, len(cfg.validation.seeds))
+    save_grid([os.path.join(run.samples, r.file) for r in rows], grid, len(cfg.validation.seeds))
     return grid
