@@ -50,9 +50,9 @@ from eval.protocol import fill_prompt, load_benchmark
 from waveft.entry import set_up_process
 from waveft.errors import UserError, cli_entry
 from waveft.infer.generation import GenerationJob, ManifestRow, is_done
-from waveft.infer.settings import GenerationDtype, GenerationSettings, SchedulerName
+from waveft.infer.settings import GenerationDtype, GenerationSettings, SamplerSettings
 from waveft.io.adapter_folder import AdapterFolder
-from waveft.io.cli_settings import CliSettings, cli
+from waveft.io.cli_settings import cli
 from waveft.io.files import write_text_atomic
 from waveft.io.run_folder import RunFolder, RunInfo
 
@@ -76,14 +76,13 @@ DEFAULT_DRIFT_PROMPTS = (
 
 
 @dataclass
-class BenchmarkGenerationSettings(CliSettings):
-    """eval.generate_benchmark's settings (the sweep's `generation:` section); defaults are the paper's."""
+class BenchmarkGenerationSettings(SamplerSettings):
+    """eval.generate_benchmark's settings (the sweep's `generation:` section); defaults are the paper's (its
+    sampler is SamplerSettings' defaults, with the paper's negative prompt). Square images: `resolution` is
+    GenerationSettings' height and width."""
 
-    seeds: list[int] = field(default_factory=lambda: list(PAPER_SEEDS), metadata=cli("one image per prompt and seed"))
-    scheduler: SchedulerName = field(default="dpmpp_2m", metadata=cli("sampler"))
-    steps: int = field(default=30, metadata=cli("denoising steps"))
-    guidance_scale: float = field(default=7.5, metadata=cli("classifier-free guidance scale"))
     negative_prompt: str = field(default=PAPER_NEGATIVE_PROMPT, metadata=cli("negative prompt"))
+    seeds: list[int] = field(default_factory=lambda: list(PAPER_SEEDS), metadata=cli("one image per prompt and seed"))
     resolution: int = field(default=1024, metadata=cli("image height and width"))
     batch_size: int = field(default=4, metadata=cli("images per call (each image has its own generator)"))
     dtype: GenerationDtype = field(default="bf16", metadata=cli("pipeline dtype"))
@@ -92,9 +91,8 @@ class BenchmarkGenerationSettings(CliSettings):
         "file of drift prompts, one per line (default: DEFAULT_DRIFT_PROMPTS, ten everyday scenes)"))
 
     def generation(self) -> GenerationSettings:
-        return GenerationSettings(scheduler=self.scheduler, steps=self.steps, guidance_scale=self.guidance_scale,
-                                  negative_prompt=self.negative_prompt, height=self.resolution,
-                                  width=self.resolution, batch_size=self.batch_size, dtype=self.dtype)
+        return GenerationSettings(**self.sampler(), height=self.resolution, width=self.resolution,
+                                  batch_size=self.batch_size, dtype=self.dtype)
 
     def problems(self) -> list[tuple[str, str]]:
         found = [("seeds", f"must list distinct seeds, got {self.seeds}")] if (
@@ -370,8 +368,8 @@ def main(argv=None) -> None:
             make_images(state, [target], settings, pipelines)
     if state.is_main_process:
         for run in runs:
-            facts = adapter_facts(Path(RunFolder(run.run_dir).adapter))
-            copy = dataclasses.replace(run.info, **{k: v for k, v in facts.items() if getattr(run.info, k) is None})
+            # The adapter as it is now: its weights' size replaces what an older trainer recorded (the whole folder).
+            copy = dataclasses.replace(run.info, **adapter_facts(Path(RunFolder(run.run_dir).adapter)))
             write_text_atomic(args.out / run.name / RUN_INFO, json.dumps(copy.to_dict(), indent=2) + "\n")
     timing = make_images(state, run_targets, settings, pipelines)
     for run in runs:

@@ -118,14 +118,14 @@ def test_bad_run_folder_is_a_one_line_error(tmp_path):
         f"error: {tmp_path / 'not_a_run'} is not a finished training run: config.yaml is missing")
 
 
-def train_tiny_run(run_dir: Path, tiny_sdxl_dir: str, subject_dir: str) -> None:
+def train_tiny_run(run_dir: Path, tiny_sdxl_dir: str, subject_dir: str, *overrides: str) -> None:
     """A few real training steps of WaveFT on the tiny SDXL, at a learning rate that moves the weights."""
     result = subprocess.run(
         [sys.executable, "train_dreambooth_waveft.py", "--config", "configs/tiny.yaml", f"output_dir={run_dir}",
          f"model.pretrained={tiny_sdxl_dir}", f"data.instance_dir={subject_dir}", "data.subject=dog",
          "data.class_noun=dog", "data.resolution=32", "train.max_steps=3", "train.learning_rate=0.05",
          "train.checkpointing_steps=0", "train.report_to=none", "validation.final=false",
-         "validation.every_steps=0"], cwd=REPO, capture_output=True, text=True, timeout=600)
+         "validation.every_steps=0", *overrides], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -156,11 +156,26 @@ def test_drift_is_one_for_a_zero_adapter_and_lower_for_a_trained_one(tiny_sdxl_d
     cache = EmbeddingCache(tmp_path / "cache")
     unchanged = score_images(tmp_path / "out/zero", bench, settings, cache)
     changed = score_images(tmp_path / "out/trained", bench, settings, cache)
-    assert unchanged["per_subject"]["dog"]["drift"] == pytest.approx(1.0, abs=1e-6)
-    assert unchanged["overall"]["drift"] == pytest.approx(1.0, abs=1e-6)
-    assert len(changed["per_drift_image"]) == 2 * len(SEEDS)
-    assert changed["overall"]["drift"] < 1.0 - 1e-4 and "2 prompts without the subject" in changed["settings"]["drift"]
-    assert changed["run"]["scaling"] == 25.0 and changed["run"]["adapter_bytes"] > 0
+    assert unchanged.per_subject["dog"]["drift"] == pytest.approx(1.0, abs=1e-6)
+    assert unchanged.overall["drift"] == pytest.approx(1.0, abs=1e-6)
+    assert len(changed.per_drift_image) == 2 * len(SEEDS)
+    assert changed.overall["drift"] < 1.0 - 1e-4 and "2 prompts without the subject" in changed.settings["drift"]
+    assert changed.run.scaling == 25.0 and changed.run.adapter_bytes > 0
+
+
+def test_adapter_size_is_its_weights_file_in_the_run_and_in_the_benchmark_copy(tiny_sdxl_dir, subject_dir, tmp_path):
+    """One definition of a run's adapter size, the adapter's weights file: the exports written beside it (and
+    PEFT's config, the model card) are not counted, by the trainer or in the copy beside the benchmark images,
+    whatever an older trainer recorded."""
+    run_dir = tmp_path / "runs" / "exported"
+    train_tiny_run(run_dir, tiny_sdxl_dir, subject_dir, "export.formats=[full-diff]")
+    weights = (run_dir / "adapter" / "adapter_model.safetensors").stat().st_size
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["adapter_bytes"] == weights
+    info["adapter_bytes"] = weights + 12345  # as a run trained before this definition recorded it
+    (run_dir / "run_info.json").write_text(json.dumps(info))
+    generate(run_dir, write_benchmark(tmp_path / "bench"), tmp_path / "out", "--no-drift")
+    assert json.loads((tmp_path / "out" / "exported" / "run_info.json").read_text())["adapter_bytes"] == weights
 
 
 def test_bad_drift_prompt_files_are_one_line_errors(tmp_path):

@@ -11,7 +11,7 @@ import yaml
 
 from waveft.adapters.methods import ResolvedAdapter, resolve_adapter
 from waveft.errors import UserError
-from waveft.infer.settings import GenerationSettings, SchedulerName
+from waveft.infer.settings import SamplerSettings
 from waveft.io.files import write_text_atomic
 from waveft.io.schema import DERIVED, apply_override, coerce_value, read_yaml_extending
 
@@ -144,18 +144,15 @@ class ValidationLossConfig:
 
 
 @dataclass
-class ValidationConfig:
-    """Training-time samples. The generation keys are GenerationSettings' (waveft.infer.settings), with its
-    defaults; waveft.train.sampling builds the GenerationSettings from them."""
+class ValidationConfig(SamplerSettings):
+    """Training-time samples: the sampler settings (scheduler, steps, guidance_scale, negative_prompt) are
+    SamplerSettings' (waveft.infer.settings), with its defaults; waveft.train.sampling makes the
+    GenerationSettings from them."""
 
     prompts: list[str] = field(default_factory=list)  # "{instance}" is replaced by the instance prompt
     every_steps: int = 0  # 0: only the final samples
     final: bool = True  # sample with the merged adapter once training ends
     seeds: list[int] = field(default_factory=lambda: [0, 1])
-    scheduler: SchedulerName = GenerationSettings.scheduler
-    steps: int = GenerationSettings.steps
-    guidance_scale: float = GenerationSettings.guidance_scale
-    negative_prompt: str = GenerationSettings.negative_prompt
     resolution: Optional[int] = None  # default: data.resolution
     # Validation and final samples at this (height, width), e.g. a bucket's size; default: resolution square.
     size: Optional[list[int]] = None

@@ -53,6 +53,7 @@ from eval.sweep.runs import (
     train_command,
 )
 from eval.sweep.schema import SweepConfig, benchmark_is_to_be_built, load_sweep, validate_sweep
+from eval.sweep.stages import report_argv
 from eval.tiny_benchmark import write_tiny_benchmark
 from waveft.errors import UserError, cli_entry
 from waveft.io.files import write_text_atomic
@@ -60,10 +61,6 @@ from waveft.io.files import write_text_atomic
 
 def report_dir(sweep: SweepConfig) -> Path:
     return Path(sweep.report.dir or Path(sweep.output_dir, "report"))
-
-
-def report_command(metrics_files: list[Path], out: Path) -> list[str]:
-    return [sys.executable, "-m", "eval.report", *map(str, metrics_files), "--out", str(out)]
 
 
 def ensure_tiny_encoders(sweep: SweepConfig, children: Children) -> None:
@@ -95,7 +92,7 @@ def write_reports(sweep: SweepConfig, finished: list[Run], children: Children) -
     failures = []
     for runs, folder in jobs:
         log = out / "report.log"
-        status = children.run(report_command([metrics_file(run.metrics_dir) for run in runs], folder), log,
+        status = children.run(report_argv([metrics_file(run.metrics_dir) for run in runs], folder), log,
                               device_env(None))
         if status != 0:
             failures.append(Outcome("report", False, "report", f"exit status {status}: {error_line(log)}", log))
@@ -129,7 +126,7 @@ def print_plan(sweep: SweepConfig, source: str, runs: list[Run], launcher) -> No
         print(f"commands of the first pending run ({run.id}):")
         for command in (train_command(run), generate_command(sweep, run), score_command(sweep, run)):
             print("  " + shlex.join(command))
-    print(f"then: {shlex.join(report_command([metrics_file('<each run>/metrics')], report_dir(sweep)))}")
+    print(f"then: {shlex.join(report_argv([metrics_file('<each run>/metrics')], report_dir(sweep)))}")
 
 
 def make_launcher(sweep: SweepConfig, args, pending: int):

@@ -13,7 +13,6 @@ work on one run (train -> generate -> score, then done.json), which a local work
 import dataclasses
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,14 +25,12 @@ from eval.layout import metrics_file
 from eval.protocol import Subject
 from eval.sweep.runner import INTERRUPTED, Children, Outcome, device_env, error_line, exclusive
 from eval.sweep.schema import MethodSpec, SweepConfig, benchmark_dataset
-from eval.sweep.stages import generate_argv, score_argv
+from eval.sweep.stages import generate_argv, score_argv, train_argv
 from waveft.config import load_config
 from waveft.errors import UserError
 from waveft.io.files import write_text_atomic
 from waveft.io.run_folder import RunFolder
 
-REPO = Path(__file__).resolve().parents[2]
-TRAIN_SCRIPT = REPO / "train_dreambooth_waveft.py"
 DONE = "done.json"
 FAILED = "failed.json"
 
@@ -147,7 +144,7 @@ def check_finished_runs(runs: list[Run], settings: dict) -> None:
 
 
 def train_command(run: Run) -> list[str]:
-    return [sys.executable, str(TRAIN_SCRIPT), "--config", run.base_config, *run.train_overrides]
+    return train_argv(run.base_config, run.train_overrides)
 
 
 def generate_command(sweep: SweepConfig, run: Run) -> list[str]:

@@ -2,15 +2,11 @@
 
 Nothing here writes to disk: `--dry-run` and a refused sweep leave the file system as they found it.
 """
-import dataclasses
 import os
 import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
-
-import yaml
 
 from eval.generate_benchmark import BenchmarkGenerationSettings
 from eval.protocol import (
@@ -25,7 +21,7 @@ from eval.protocol import (
 from eval.sweep.stages import ScoringSettings, check_stage_settings
 from eval.tiny_benchmark import tiny_benchmark
 from waveft.errors import UserError
-from waveft.io.schema import coerce_value, read_yaml_mapping
+from waveft.io.schema import apply_override, coerce_value, read_yaml_mapping
 
 METHOD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # it names a folder
 # Run-config keys the sweep sets for each run; overrides may not set them.
@@ -94,41 +90,11 @@ class SweepConfig:
     launcher: LauncherSettings = field(default_factory=LauncherSettings)
 
 
-def _apply_override(tree: dict, override: str) -> None:
-    """`key.sub=value` on the sweep file. Inside a mapping of run-config keys (`overrides`), the rest of the
-    dotted name is one key: `overrides.model.pretrained=X` sets overrides["model.pretrained"]."""
-    dotted, sep, raw = override.partition("=")
-    if not sep or not dotted.strip():
-        raise UserError(f"override '{override}' must look like key.sub=value")
-    try:
-        value = yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError:
-        value = raw  # as the trainer's overrides: what is not YAML is a string
-    parts = dotted.strip().split(".")
-    node, schema = tree, SweepConfig
-    for index, part in enumerate(parts[:-1]):
-        hint = _field_type(schema, part)
-        if hint is dict:
-            node.setdefault(part, {})[".".join(parts[index + 1:])] = value
-            return
-        if not dataclasses.is_dataclass(hint):
-            raise UserError(f"override '{override}': '{'.'.join(parts[:index + 1])}' is not a section")
-        node, schema = node.setdefault(part, {}), hint
-        if not isinstance(node, dict):
-            raise UserError(f"override '{override}': '{'.'.join(parts[:index + 1])}' is not a section")
-    node[parts[-1]] = value
-
-
-def _field_type(schema, name: str):
-    hints = typing.get_type_hints(schema) if dataclasses.is_dataclass(schema) else {}
-    return hints.get(name)
-
-
 def load_sweep(path: str, overrides: tuple[str, ...] = ()) -> SweepConfig:
     """Read, override and type-check a sweep file; unknown keys are refused by name."""
     tree = read_yaml_mapping(path, "sweep file")
     for override in overrides:
-        _apply_override(tree, override)
+        apply_override(tree, override, SweepConfig)
     return coerce_value(tree, SweepConfig, "", path)
 
 

@@ -1,5 +1,6 @@
-"""The stage CLIs a run calls (eval.generate_benchmark, eval.score) as the sweep file holds them: their own
-settings dataclasses, embedded, checked by their own checks, and the command lines they become (`to_argv`).
+"""The stage CLIs a sweep calls (the trainer, eval.generate_benchmark, eval.score, eval.report): the settings of
+the two eval stages as the sweep file holds them (their own dataclasses, embedded, checked by their own checks),
+and every stage's command line, built here and nowhere else.
 """
 import dataclasses
 import importlib.util
@@ -42,6 +43,15 @@ def check_stage_settings(generation: BenchmarkGenerationSettings, scoring: Scori
                         "(pip install lpips==0.1.4; it pulls torchvision); or set scoring.lpips=null")
 
 
+REPO = Path(__file__).resolve().parents[2]
+TRAIN_SCRIPT = REPO / "train_dreambooth_waveft.py"
+
+
+def train_argv(config: str, overrides: tuple[str, ...]) -> list[str]:
+    """The trainer on `config` with `key.sub=value` overrides."""
+    return [sys.executable, str(TRAIN_SCRIPT), "--config", config, *overrides]
+
+
 def generate_argv(g: BenchmarkGenerationSettings, runs: Path, benchmark: str, out: Path,
                   drift_base: Path) -> list[str]:
     """eval.generate_benchmark for the trained run folder `runs`, images to out/<runs' name>/; the base model's
@@ -54,3 +64,8 @@ def score_argv(s: ScoringSettings, images: Path, real: str, out: Path, identifie
     """eval.score of the images in `images` against the benchmark's real images, metrics to `out`."""
     return [sys.executable, "-m", "eval.score", "--images", str(images), "--real", real, "--out", str(out),
             "--identifier", identifier, *s.score_settings().to_argv()]
+
+
+def report_argv(metrics_files: list[Path], out: Path) -> list[str]:
+    """eval.report over these metrics files, to `out`."""
+    return [sys.executable, "-m", "eval.report", *map(str, metrics_files), "--out", str(out)]

@@ -71,6 +71,10 @@ class Method:
     step_hook: Optional[Callable] = None
     # The PEFT field that must equal the run's optimizer steps (train.max_steps), if the method has one.
     total_steps_field: Optional[str] = None
+    # Its PEFT type (adapter_config.json's `peft_type`), by which an adapter folder names its method.
+    peft_type: str = field(kw_only=True)
+    # Whether its layers add a difference to the frozen weight (W' = W + dW): what waveft.export can write.
+    additive: bool = field(default=True, kw_only=True)
     # Importing it makes the config class available (and registers a method of this project with PEFT).
     config_module: str = "peft"
 
@@ -249,6 +253,7 @@ METHODS = {
             check_settings=_check_waveft_settings,
             check_layers=_check_waveft_fits,
             after_attach=_use_structured_waveft,
+            peft_type="WAVEFT",
         ),
         # PEFT's own SHiRA: r * (out + in) sparse weights per layer, so r=1 is budget 1.
         Method(
@@ -256,23 +261,27 @@ METHODS = {
             SizeSetting("r", low_rank, max_value=_shira_largest_rank,
                         explanation="r * (out + in) sparse weights per layer"),
             dict(r=1, mask_type="random", random_seed=777),
+            peft_type="SHIRA",
         ),
         Method(
             "lora", "LoraConfig",
             SizeSetting("r", low_rank, explanation="r * (out + in) per layer"),
             dict(r=1, lora_alpha=1, init_lora_weights=True),
+            peft_type="LORA",
         ),
         Method(
             "loha", "LoHaConfig",
             SizeSetting("r", lambda r, shape, settings: 2 * low_rank(r, shape, settings),
                         explanation="two rank-r pairs, 2 r (out + in) per layer"),
             dict(r=1, alpha=64),
+            peft_type="LOHA",
         ),
         Method(
             "lokr", "LoKrConfig",
             SizeSetting("r", _lokr_layer, max_value=_lokr_largest_useful_rank, monotone=False,
                         explanation="Kronecker factors per layer, the second of rank r until it is full"),
             dict(r=20, alpha=192),
+            peft_type="LOKR",
         ),
         # The projections are regenerated from projection_prng_key: saving them needs PEFT's tuner object,
         # which attaching to a UNet does not keep (see waveft.adapters.attach).
@@ -282,12 +291,14 @@ METHODS = {
                         explanation="out + r scaling vectors per layer"),
             dict(r=1402, save_projection=False),
             check_settings=_check_vera_settings,
+            peft_type="VERA",
         ),
         Method(
             "fourierft", "FourierFTConfig",
             SizeSetting("n_frequency", coefficients, max_value=smallest_layer,
                         explanation="n_frequency coefficients per layer"),
             dict(n_frequency=2592, scaling=32.0),
+            peft_type="FOURIERFT",
         ),
         # The budget counts what AdaLoRA ends at: target_r singular triplets (out + in + 1) per layer on
         # average, from init_r = 2 target_r as in the paper.
@@ -300,12 +311,14 @@ METHODS = {
             dict(target_r=1, init_r=2, lora_alpha=32),
             step_hook=adalora_step_hook,
             total_steps_field="total_step",
+            peft_type="ADALORA",
         ),
         Method(
             "wara", "WaraConfig",
             SizeSetting("r", _wara_layer, explanation="r * (H + W) per layer over the padded wavelet grid"),
             dict(r=1, scaling=1.0, wavelet_family="db1"),
             config_module="waveft.adapters.wara",
+            peft_type="WARA",
         ),
     ]
 }

@@ -10,7 +10,8 @@ Both formats name SDXL UNet layers the kohya way, `lora_unet_<diffusers module p
   `--energy` fraction of its squared singular values); every tool applies (alpha / rank) up @ down. The
   relative error |dW - (alpha / rank) up down|_F / |dW|_F of every layer is printed and stored in the metadata.
 
-Methods whose layers add a difference to the frozen weight (W' = W + dW) export: `EXPORTABLE_PEFT_TYPES`.
+Methods whose layers add a difference to the frozen weight (W' = W + dW) export: those `waveft.adapters.methods`
+declares `additive` (`source.exportable_peft_types`).
 Layer shapes come from the base model's UNet config alone: the UNet is built on the meta device and no base
 weight is loaded. Differences are built one layer at a time, and a `full-diff` file is streamed to disk, so
 an export holds one layer's dense difference (plus, for `lora`, the low-rank output) at a time.

@@ -70,10 +70,12 @@ def lora_factors(delta: torch.Tensor, rank, dtype) -> tuple[torch.Tensor, torch.
     return down, up, alpha, error, energy
 
 
-def check_rank(layers: list[ExportLayer], rank: int) -> None:
+def check_rank(layers, rank: int, setting: str) -> None:
+    """A fixed LoRA rank must fit every layer (rows with name, out_features, in_features); `setting` is how the
+    user set it (`--rank 64`, `export.lora_rank=64`), for the error."""
     for layer in layers:
         if rank > min(layer.out_features, layer.in_features):
-            raise UserError(f"--rank {rank} is larger than layer {layer.name} ({layer.out_features}x"
+            raise UserError(f"{setting} is larger than layer {layer.name} ({layer.out_features}x"
                             f"{layer.in_features}) allows: at most {min(layer.out_features, layer.in_features)}")
 
 

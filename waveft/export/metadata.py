@@ -5,7 +5,7 @@ import statistics
 from typing import Optional
 
 from waveft.export.lora import LoraLayerResult
-from waveft.export.source import EXPORTABLE_PEFT_TYPES, SourceAdapter
+from waveft.export.source import SourceAdapter, exportable_peft_types
 
 
 def export_metadata(source: SourceAdapter, base: str, fmt: str, dtype_name: str, layers: int,
@@ -28,7 +28,7 @@ def export_metadata(source: SourceAdapter, base: str, fmt: str, dtype_name: str,
         "waveft.base_model": base,
         "waveft.layers": str(layers),
         "waveft.method": source.method,
-        "waveft.adapter_type": run.get("adapter_type") or EXPORTABLE_PEFT_TYPES.get(source.peft_type, ""),
+        "waveft.adapter_type": run.get("adapter_type") or exportable_peft_types().get(source.peft_type, ""),
         "waveft.budget": json.dumps(run.get("budget")),
         "waveft.trainable_parameters": json.dumps(run.get("trainable_parameters")),
         "waveft.adapter_sha256": source.weights_sha256,

@@ -2,8 +2,7 @@
 import os
 
 from waveft.entry import return_freed_blocks_to_the_system
-from waveft.errors import UserError
-from waveft.export.lora import DEFAULT_LORA_RANK
+from waveft.export.lora import DEFAULT_LORA_RANK, check_rank
 from waveft.export.writer import ExportRequest, export_adapter
 from waveft.io.run_folder import PlannedExport, RunInfo
 
@@ -30,10 +29,7 @@ def check_export_fits(export_cfg, layers) -> None:
     if "lora" not in export_cfg.formats or export_cfg.lora_energy is not None:
         return
     rank = export_cfg.lora_rank or DEFAULT_LORA_RANK
-    for layer in layers:
-        if rank > min(layer.out_features, layer.in_features):
-            raise UserError(f"export.lora_rank={rank} is larger than layer {layer.name} ({layer.out_features}x"
-                            f"{layer.in_features}) allows: at most {min(layer.out_features, layer.in_features)}")
+    check_rank(layers, rank, f"export.lora_rank={rank}")
 
 
 def export_run(adapter_dir: str, planned: list[PlannedExport], say=print) -> None:

@@ -8,17 +8,17 @@ from typing import Optional
 
 import torch
 
+from waveft.adapters.methods import METHODS
 from waveft.errors import UserError
 from waveft.io.adapter_folder import PEFT_MODEL_PREFIX, AdapterFolder, load_adapter_weights
 
 KOHYA_UNET_PREFIX = "lora_unet_"
 
 
-# PEFT types whose layers are additive (W' = W + get_delta_weight()), by the `adapter.type` they come from.
-EXPORTABLE_PEFT_TYPES = {
-    "WAVEFT": "waveft", "SHIRA": "shira", "LORA": "lora", "LOHA": "loha", "LOKR": "lokr",
-    "FOURIERFT": "fourierft", "VERA": "vera", "ADALORA": "adalora", "WARA": "wara",
-}
+def exportable_peft_types() -> dict[str, str]:
+    """PEFT types whose layers are additive (W' = W + get_delta_weight()), to the `adapter.type` they come from:
+    the methods that declare themselves additive (waveft.adapters.methods)."""
+    return {m.peft_type: m.name for m in METHODS.values() if m.additive}
 
 
 # Why the PEFT methods a user is most likely to bring cannot export; the rest get the generic reason.
@@ -48,7 +48,7 @@ class SourceAdapter:
 
     @property
     def method(self) -> str:
-        return self.run_info.get("method") or EXPORTABLE_PEFT_TYPES.get(self.peft_type, self.peft_type.lower())
+        return self.run_info.get("method") or exportable_peft_types().get(self.peft_type, self.peft_type.lower())
 
 
 def read_source_adapter(path: str) -> SourceAdapter:
@@ -73,11 +73,12 @@ def read_source_adapter(path: str) -> SourceAdapter:
 def check_exportable(source: SourceAdapter) -> None:
     """Refuse, with the reason, an adapter whose change of the weights is not a difference the file can hold."""
     peft_type = source.peft_type
-    if peft_type not in EXPORTABLE_PEFT_TYPES:
+    exportable = exportable_peft_types()
+    if peft_type not in exportable:
         reason = NOT_ADDITIVE.get(peft_type, f"{peft_type} is not one of the additive methods this export knows")
         raise UserError(
             f"{source.path}: a {peft_type} adapter cannot be exported: {reason} "
-            f"(exportable: {', '.join(sorted(set(EXPORTABLE_PEFT_TYPES.values())))})"
+            f"(exportable: {', '.join(sorted(set(exportable.values())))})"
         )
     if source.peft_config.get("use_dora"):
         raise UserError(

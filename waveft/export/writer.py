@@ -136,7 +136,7 @@ def export_adapter(request: ExportRequest, progress: bool = True, say=print) -> 
 
         rank = request.energy if request.energy is not None else (request.rank or DEFAULT_LORA_RANK)
         if isinstance(rank, int):
-            check_rank(layers, rank)
+            check_rank(layers, rank, f"--rank {rank}")
         tensors, results = lora_tensors(layers, rank, dtype, progress)
         metadata = export_metadata(source, base, request.format, request.dtype, len(layers), results, rank)
         write_atomic(request.out, lambda f: f.write(save(tensors, metadata=metadata)))

@@ -1,5 +1,6 @@
 """How images are made: the settings of `waveft.generate`, shared by benchmark generation and training-time
 sampling. Importing this module loads no model library, so run configs can check scheduler names early."""
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -22,13 +23,24 @@ GenerationDtype = Literal["fp32", "fp16", "bf16"]
 
 
 @dataclass
-class GenerationSettings(CliSettings):
-    """Everything but the prompts and seeds that decides a generated image (batch_size only decides speed)."""
+class SamplerSettings(CliSettings):
+    """How the denoising runs: the settings every way of generating shares (the CLI, validation samples during
+    training, the benchmark), declared once; each adds its own image size, batching and dtype."""
 
     scheduler: SchedulerName = field(default="dpmpp_2m", metadata=cli("sampler"))
     steps: int = field(default=30, metadata=cli("denoising steps"))
     guidance_scale: float = field(default=7.5, metadata=cli("classifier-free guidance scale"))
     negative_prompt: str = field(default="", metadata=cli("negative prompt"))
+
+    def sampler(self) -> dict:
+        """These four settings, by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(SamplerSettings)}
+
+
+@dataclass
+class GenerationSettings(SamplerSettings):
+    """Everything but the prompts and seeds that decides a generated image (batch_size only decides speed)."""
+
     height: int = field(default=1024, metadata=cli("image height in pixels"))
     width: int = field(default=1024, metadata=cli("image width in pixels"))
     batch_size: int = field(default=4, metadata=cli("images per call (each image has its own generator)"))

@@ -106,7 +106,7 @@ class RunInfo:
     # Cost: peak accelerator memory (CUDA max_memory_allocated; peak RSS of the process on CPU).
     peak_memory_bytes: Optional[int] = _optional()
     peak_memory_kind: Optional[str] = _optional()  # "cuda_max_memory_allocated" or "cpu_peak_rss"
-    adapter_bytes: Optional[int] = _optional()  # the saved adapter folder's size on disk
+    adapter_bytes: Optional[int] = _optional()  # the adapter's size: its weights file (AdapterFolder.weights_bytes)
     # Losses by optimizer step: the training loss and, with validation.loss, the held-out loss.
     train_losses: Optional[list] = _optional()  # [[step, loss], ...]
     validation_losses: Optional[list] = _optional()  # [[step, loss], ...]

@@ -93,21 +93,32 @@ def _build(cls, values: Any, prefix: str, source: str):
     return cls(**kwargs)
 
 
-def apply_override(tree: dict, override: str) -> None:
-    """Set `key.sub=value` (the value read as YAML) in `tree`, making the sections it names."""
-    if "=" not in override:
+def apply_override(tree: dict, override: str, schema=None) -> None:
+    """Set `key.sub=value` (the value read as YAML; what is not YAML is a string) in `tree`, making the sections
+    it names. With `schema` (the tree's dataclass), a field annotated `dict` takes the rest of the dotted name as
+    one key: `overrides.model.pretrained=X` sets overrides["model.pretrained"] (a sweep's run-config overrides)."""
+    dotted, sep, raw = override.partition("=")
+    if not sep or not dotted.strip():
         raise UserError(f"override '{override}' must look like key.sub=value")
-    dotted, raw = override.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
-    node = tree
     parts = dotted.strip().split(".")
-    for part in parts[:-1]:
+    node, section = tree, schema
+    for index, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: index + 1])
+        if section is not None:
+            hint = typing.get_type_hints(section).get(part)
+            if hint is dict:
+                node.setdefault(part, {})[".".join(parts[index + 1:])] = value
+                return
+            if not dataclasses.is_dataclass(hint):
+                raise UserError(f"override '{override}': '{where}' is not a section")
+            section = hint
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise UserError(f"override '{override}': '{part}' is not a section")
+            raise UserError(f"override '{override}': '{where}' is not a section")
     node[parts[-1]] = value
 
 

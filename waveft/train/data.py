@@ -158,12 +158,16 @@ def to_pixels(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
 
 
+def view_pixels(image: Image.Image, view: View) -> tuple[torch.Tensor, torch.Tensor]:
+    """One view of an image as the UNet's inputs: pixels (3, H, W) in [-1, 1] and SDXL's time ids (6,)."""
+    return to_pixels(apply_view(image, view)), view_time_ids((image.height, image.width), view)
+
+
 def prepare_image(image: Image.Image, resolution: int, crop: str, flip: bool, rng: random.Random,
                   size: tuple[int, int] | None = None):
     """Resize to cover `size` (height, width; default a `resolution` square), crop, maybe flip; return pixels in
     [-1, 1] and SDXL's time ids (original_h, original_w, crop_top, crop_left, target_h, target_w)."""
-    view = choose_view(image.size, size or (resolution, resolution), crop, flip, rng)
-    return to_pixels(apply_view(image, view)), view_time_ids((image.height, image.width), view)
+    return view_pixels(image, choose_view(image.size, size or (resolution, resolution), crop, flip, rng))
 
 
 def file_digest(path: str) -> str:
@@ -206,8 +210,9 @@ class DreamBoothDataset(torch.utils.data.Dataset):
                            view.flip])
 
     def make_row(self, example: Example, view: View, image: Image.Image, masked: bool) -> dict:
-        row = {"pixels": to_pixels(apply_view(image, view)), "time_ids": view_time_ids((image.height, image.width),
-               view), "prompt": example.prompt, "view_key": self.view_key(example.path, view)}
+        pixels, time_ids = view_pixels(image, view)
+        row = {"pixels": pixels, "time_ids": time_ids, "prompt": example.prompt,
+               "view_key": self.view_key(example.path, view)}
         if masked:
             mask = apply_view(load_mask(example.path, self.cfg.masks.source), view, Image.Resampling.BILINEAR)
             row["mask"] = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]

@@ -112,13 +112,13 @@ class Latents:
         """Encode every fixed view not yet cached; True when every view the loop can ask for is fixed."""
         from tqdm.auto import tqdm
 
-        from waveft.train.data import apply_view, to_pixels
+        from waveft.train.data import view_pixels
 
         views, all_fixed = dataset.fixed_views()
         for example, view, image in tqdm(views, desc="caching latents", disable=not progress):
             key = dataset.view_key(example.path, view)
             if key not in self.cache:
-                self.posterior(to_pixels(apply_view(image, view)), key)
+                self.posterior(view_pixels(image, view)[0], key)
         return all_fixed
 
     @torch.no_grad()

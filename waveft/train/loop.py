@@ -21,7 +21,7 @@ from waveft.adapters.attach import AttachedAdapter, attach_adapter
 from waveft.config import RunConfig, config_to_dict, save_config
 from waveft.errors import UserError
 from waveft.export.run_exports import check_export_fits, export_run, planned_exports
-from waveft.io.adapter_folder import save_adapter
+from waveft.io.adapter_folder import AdapterFolder, save_adapter
 from waveft.io.run_folder import RunFolder, RunInfo
 from waveft.io.schema import read_yaml_mapping
 from waveft.models import DTYPES, load_sdxl
@@ -198,11 +198,9 @@ def build_optimizer(cfg: RunConfig, params):
     t = cfg.train
     kwargs = dict(lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay,
                   eps=t.adam_epsilon)
-    if t.optimizer == "prodigy":
-        try:
-            from prodigyopt import Prodigy
-        except ImportError:
-            raise UserError("train.optimizer=prodigy needs the prodigyopt package: pip install prodigyopt") from None
+    if t.optimizer == "prodigy":  # load_config checked that prodigyopt is installed
+        from prodigyopt import Prodigy
+
         return Prodigy(params, **kwargs, safeguard_warmup=t.prodigy_safeguard_warmup,
                        use_bias_correction=t.prodigy_use_bias_correction, d_coef=t.prodigy_d_coef)
     if t.optimizer == "adamw_8bit":
@@ -250,10 +248,6 @@ def peak_memory() -> tuple[int, str]:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated(), "cuda_max_memory_allocated"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_peak_rss"  # Linux reports KiB
-
-
-def folder_bytes(folder: str) -> int:
-    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(folder) for name in names)
 
 
 def describe_run(cfg: RunConfig, attached: AttachedAdapter, state: LoopState, train_seconds: float,
@@ -380,7 +374,7 @@ def save_run(cfg: RunConfig, accelerator, trained_unet, run_info: RunInfo) -> No
     run_info.exports = planned_exports(cfg.export, run_info)
     save_adapter(trained_unet, run.adapter, run_info=run_info)
     export_run(run.adapter, run_info.exports, say=accelerator.print)
-    run_info.adapter_bytes = folder_bytes(run.adapter)
+    run_info.adapter_bytes = AdapterFolder(run.adapter).weights_bytes()
     run_info.write(run.run_info)
     if cfg.validation.final:
         run_info.samples = final_samples(cfg)

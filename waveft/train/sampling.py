@@ -22,16 +22,7 @@ def validation_settings(cfg: RunConfig, dtype: str) -> GenerationSettings:
     v = cfg.validation
     resolution = v.resolution or cfg.data.resolution
     height, width = v.size or (resolution, resolution)
-    return GenerationSettings(
-        scheduler=v.scheduler,
-        steps=v.steps,
-        guidance_scale=v.guidance_scale,
-        negative_prompt=v.negative_prompt,
-        height=height,
-        width=width,
-        batch_size=len(v.seeds),
-        dtype=dtype,
-    )
+    return GenerationSettings(**v.sampler(), height=height, width=width, batch_size=len(v.seeds), dtype=dtype)
 
 
 def compute_dtype_name(cfg: RunConfig) -> str:

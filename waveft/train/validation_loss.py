@@ -37,11 +37,11 @@ class ValidationLoss:
                 image = dreambooth_data.load_rgb(path)
                 size = sizes[index] if sizes else (cfg.data.resolution, cfg.data.resolution)
                 view = dreambooth_data.choose_view(image.size, size, "center", False, random.Random(0))
-                pixels = dreambooth_data.to_pixels(dreambooth_data.apply_view(image, view))[None]
-                mean = vae.encode(pixels.to(device, vae.dtype)).latent_dist.mean
+                pixels, time_ids = dreambooth_data.view_pixels(image, view)
+                mean = vae.encode(pixels[None].to(device, vae.dtype)).latent_dist.mean
                 latents = (mean * vae.config.scaling_factor).to(dtype)
-                time_ids = dreambooth_data.view_time_ids((image.height, image.width), view)[None]
-                self.items.append((latents, Conditioning(embeds[None], pooled[None], time_ids.to(device, dtype))))
+                self.items.append((latents, Conditioning(embeds[None], pooled[None],
+                                                         time_ids[None].to(device, dtype))))
 
     @torch.no_grad()
     def evaluate(self, unet) -> float:
