@@ -35,7 +35,8 @@ CASES = {
 
 def train_a_few_steps(unet, adapter):
     """AdamW on a simple loss, with the method's step hook where the trainer calls it."""
-    step_hook = METHODS[adapter.type].step_hook
+    make_step_hook = METHODS[adapter.type].make_step_hook
+    step_hook = make_step_hook(unet) if make_step_hook is not None else None
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     g = torch.Generator().manual_seed(1)

@@ -67,8 +67,9 @@ class Method:
     check_layers: Optional[Callable] = None
     # Called once the adapter is injected: (unet, the ResolvedAdapter).
     after_attach: Optional[Callable] = None
-    # Called after every optimizer step, before gradients are cleared, as step_hook(unet, global_step).
-    step_hook: Optional[Callable] = None
+    # Made once per run from the adapted model: an object called after every optimizer step, before gradients
+    # are cleared, as hook(unet, global_step); it holds whatever state the method keeps across steps.
+    make_step_hook: Optional[Callable] = None
     # The PEFT field that must equal the run's optimizer steps (train.max_steps), if the method has one.
     total_steps_field: Optional[str] = None
     # Its PEFT type (adapter_config.json's `peft_type`), by which an adapter folder names its method.
@@ -196,15 +197,18 @@ class AdaLoraRankSchedule:
     adapter is saved at its initial rank with the pruned singular values at zero, which gives the same outputs.
     """
 
-    def __init__(self, model, adapter_name: str):
+    def __init__(self, model):
+        """The schedule of the model's AdaLoRA adapter (made once per run, after attaching)."""
         from peft.tuners.adalora.layer import RankAllocator
+        from peft.utils import PeftType
 
-        self.adapter_name = adapter_name
-        self.config = model.peft_config[adapter_name]
-        self.allocator = RankAllocator(model, self.config, adapter_name)
+        (self.adapter_name,) = [n for n, c in model.peft_config.items() if c.peft_type == PeftType.ADALORA]
+        self.config = model.peft_config[self.adapter_name]
+        self.allocator = RankAllocator(model, self.config, self.adapter_name)
         self.rank_pattern = None
 
-    def step(self, model, global_step: int) -> None:
+    def __call__(self, model, global_step: int) -> None:
+        """Rank allocation after optimizer step `global_step`."""
         final_step = self.config.total_step - self.config.tfinal
         if global_step < final_step:
             _, rank_pattern = self.allocator.update_and_allocate(model, global_step)
@@ -222,21 +226,6 @@ class AdaLoraRankSchedule:
     def _rank_pattern_of_weights(self, model) -> dict:
         suffix = f"lora_E.{self.adapter_name}"
         return {n: (p != 0).view(-1).tolist() for n, p in model.named_parameters() if suffix in n}
-
-
-ADALORA_SCHEDULE_ATTRIBUTE = "_waveft_adalora_schedule"
-
-
-def adalora_step_hook(model, global_step: int) -> None:
-    """Rank allocation after each optimizer step; its state lives on the model, made at the first step."""
-    from peft.utils import PeftType
-
-    schedule = model.__dict__.get(ADALORA_SCHEDULE_ATTRIBUTE)
-    if schedule is None:
-        (adapter_name,) = [n for n, c in model.peft_config.items() if c.peft_type == PeftType.ADALORA]
-        schedule = AdaLoraRankSchedule(model, adapter_name)
-        model.__dict__[ADALORA_SCHEDULE_ATTRIBUTE] = schedule  # not a submodule: kept out of state dicts
-    schedule.step(model, global_step)
 
 
 # ---- the registry --------------------------------------------------------------------------------------------
@@ -309,7 +298,7 @@ METHODS = {
                         explanation="target_r (out + in + 1) per layer after rank allocation, "
                                     "from init_r = 2 target_r"),
             dict(target_r=1, init_r=2, lora_alpha=32),
-            step_hook=adalora_step_hook,
+            make_step_hook=AdaLoraRankSchedule,
             total_steps_field="total_step",
             peft_type="ADALORA",
         ),

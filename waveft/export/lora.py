@@ -1,6 +1,7 @@
 """A kohya LoRA from each layer's difference through PEFT's `convert_to_lora` (an SVD per layer), with its error."""
 import statistics
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -41,13 +42,31 @@ class LoraLayerResult:
     energy_kept: float  # sum of the kept squared singular values / |dW|_F^2
 
 
-def lora_factors(delta: torch.Tensor, rank, dtype) -> tuple[torch.Tensor, torch.Tensor, float, float, float]:
+@dataclass(frozen=True)
+class LoraSize:
+    """How a LoRA export is sized: one `rank` for every layer, or per-layer ranks keeping `energy`, the fraction
+    of each layer's squared singular values (exactly one of the two is set)."""
+
+    rank: Optional[int] = None
+    energy: Optional[float] = None
+
+    def __post_init__(self):
+        if (self.rank is None) == (self.energy is None):
+            raise ValueError(f"give a LoRA rank or an energy, not both or neither (got {self})")
+
+    @property
+    def converter_argument(self):
+        """What PEFT's `convert_to_lora` takes for its `rank`: an int rank, or a float energy threshold."""
+        return self.rank if self.rank is not None else float(self.energy)
+
+
+def lora_factors(delta: torch.Tensor, size: LoraSize, dtype) -> tuple[torch.Tensor, torch.Tensor, float, float, float]:
     """(down: r x in, up: out x r, alpha, relative error, energy kept) of PEFT's conversion of one difference.
 
-    `rank` is an int (fixed: alpha = rank, the factors are PEFT's) or a float in (0, 1] (energy threshold:
-    alpha = 1 and both factors carry sqrt(r)). Either way the tools' (alpha / r) up @ down is PEFT's B @ A. A
-    file with per-layer ranks needs one alpha for all layers: diffusers maps kohya alphas to layers by the most
-    common value only. Cost: an SVD of the out x in matrix.
+    A fixed `size.rank` gives alpha = rank and PEFT's factors; an energy threshold gives alpha = 1 and both
+    factors carry sqrt(r). Either way the tools' (alpha / r) up @ down is PEFT's B @ A. A file with per-layer
+    ranks needs one alpha for all layers: diffusers maps kohya alphas to layers by the most common value only.
+    Cost: an SVD of the out x in matrix.
     """
     import warnings
 
@@ -55,13 +74,13 @@ def lora_factors(delta: torch.Tensor, rank, dtype) -> tuple[torch.Tensor, torch.
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _, state = convert_to_lora(_dense_delta_layer(delta), rank)
+        _, state = convert_to_lora(_dense_delta_layer(delta), size.converter_argument)
     down, up = state["layer.lora_A.weight"], state["layer.lora_B.weight"]
     r = down.shape[0]
     norm = torch.linalg.matrix_norm(delta)
     energy = min(float((torch.linalg.matrix_norm(up) / norm) ** 2), 1.0) if norm > 0 else 1.0
     alpha = float(r)
-    if not isinstance(rank, int):
+    if size.energy is not None:
         alpha, root = 1.0, r**0.5
         down, up = down * root, up * root
     down, up = down.to(dtype), up.to(dtype)
@@ -79,12 +98,12 @@ def check_rank(layers, rank: int, setting: str) -> None:
                             f"{layer.in_features}) allows: at most {min(layer.out_features, layer.in_features)}")
 
 
-def lora_tensors(layers: list[ExportLayer], rank, dtype, progress: bool = True):
+def lora_tensors(layers: list[ExportLayer], size: LoraSize, dtype, progress: bool = True):
     """The kohya LoRA's tensors and each layer's result; one dense difference alive at a time."""
     tensors, results = {}, []
     for layer in tqdm(layers, desc="LoRA (SVD per layer)", disable=not progress):
         delta = dense_delta(layer)
-        down, up, alpha, error, energy = lora_factors(delta, rank, dtype)
+        down, up, alpha, error, energy = lora_factors(delta, size, dtype)
         del delta
         name = layer.kohya_name
         tensors[f"{name}.lora_down.weight"] = down

@@ -4,12 +4,13 @@ import json
 import statistics
 from typing import Optional
 
-from waveft.export.lora import LoraLayerResult
+from waveft.export.lora import LoraLayerResult, LoraSize
 from waveft.export.source import SourceAdapter, exportable_peft_types
 
 
 def export_metadata(source: SourceAdapter, base: str, fmt: str, dtype_name: str, layers: int,
-                    results: Optional[list[LoraLayerResult]] = None, rank=None) -> dict[str, str]:
+                    results: Optional[list[LoraLayerResult]] = None,
+                    size: Optional[LoraSize] = None) -> dict[str, str]:
     """safetensors metadata (strings): what A1111 / Forge read (ss_*, modelspec.*), and the source adapter."""
     run = source.run_info
     title = f"{source.method} {run['subject']}" if run.get("subject") else f"{source.method} adapter"
@@ -38,13 +39,13 @@ def export_metadata(source: SourceAdapter, base: str, fmt: str, dtype_name: str,
     if fmt == "full-diff":
         meta.update({"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": "full"})})
         return meta
-    fixed = isinstance(rank, int)
+    fixed = size.rank is not None
     errors = [r.relative_error for r in results]
     meta.update({
         "ss_network_module": "networks.lora",
-        "ss_network_dim": str(rank) if fixed else "Dynamic",  # kohya's word for per-layer ranks
-        "ss_network_alpha": str(float(rank)) if fixed else "1.0",
-        "waveft.lora_rank" if isinstance(rank, int) else "waveft.lora_energy": str(rank),
+        "ss_network_dim": str(size.rank) if fixed else "Dynamic",  # kohya's word for per-layer ranks
+        "ss_network_alpha": str(float(size.rank)) if fixed else "1.0",
+        "waveft.lora_rank" if fixed else "waveft.lora_energy": str(size.rank if fixed else size.energy),
         "waveft.relative_error_worst": f"{max(errors):.6g}",
         "waveft.relative_error_median": f"{statistics.median(errors):.6g}",
         "waveft.energy_kept_min": f"{min(r.energy_kept for r in results):.6g}",

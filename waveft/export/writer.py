@@ -7,7 +7,14 @@ import torch
 from tqdm.auto import tqdm
 
 from waveft.errors import UserError
-from waveft.export.lora import DEFAULT_LORA_RANK, LoraLayerResult, check_rank, format_error_table, lora_tensors
+from waveft.export.lora import (
+    DEFAULT_LORA_RANK,
+    LoraLayerResult,
+    LoraSize,
+    check_rank,
+    format_error_table,
+    lora_tensors,
+)
 from waveft.export.metadata import export_metadata
 from waveft.export.safetensors_stream import write_safetensors_streamed
 from waveft.export.source import (
@@ -21,58 +28,6 @@ from waveft.io.files import write_atomic
 
 FORMATS = ("full-diff", "lora")
 EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-
-
-# ---- the source adapter ---------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# ---- LoRA through PEFT's converter -----------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# ---- files -------------------------------------------------------------------------------------------------------
-
-
-
-
-
-
-# ---- the export ------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -116,7 +71,6 @@ def check_request(request: ExportRequest) -> None:
         raise UserError(f"--out {request.out} exists; pass --overwrite to replace it")
 
 
-
 def export_adapter(request: ExportRequest, progress: bool = True, say=print) -> ExportResult:
     """Write the export file atomically: a failure at any point leaves no file (and any earlier one intact)."""
     check_request(request)
@@ -134,16 +88,14 @@ def export_adapter(request: ExportRequest, progress: bool = True, say=print) -> 
     else:
         from safetensors.torch import save
 
-        rank = request.energy if request.energy is not None else (request.rank or DEFAULT_LORA_RANK)
-        if isinstance(rank, int):
-            check_rank(layers, rank, f"--rank {rank}")
-        tensors, results = lora_tensors(layers, rank, dtype, progress)
-        metadata = export_metadata(source, base, request.format, request.dtype, len(layers), results, rank)
+        size = LoraSize(energy=request.energy) if request.energy is not None else \
+            LoraSize(rank=request.rank or DEFAULT_LORA_RANK)
+        if size.rank is not None:
+            check_rank(layers, size.rank, f"--rank {size.rank}")
+        tensors, results = lora_tensors(layers, size, dtype, progress)
+        metadata = export_metadata(source, base, request.format, request.dtype, len(layers), results, size)
         write_atomic(request.out, lambda f: f.write(save(tensors, metadata=metadata)))
         say(format_error_table(results))
         result = ExportResult(request.out, os.path.getsize(request.out), metadata, len(layers), results)
     say(f"wrote {request.out}: {request.format}, {len(layers)} layers, {request.dtype}, {result.bytes / 1e6:.1f} MB")
     return result
-
-
-# ---- at the end of a training run (the `export:` section) --------------------------------------------------------

@@ -311,9 +311,7 @@ def class_examples(cfg) -> list[Example]:
     return [Example(path, class_prompt(cfg.data)) for path in files]
 
 
-# ---- the offline synthetic subject --------------------------------------------------------------------------
-
-
+# ---- the offline synthetic subject -----------------------------------------------------------------------
 
 
 def ensure_instance_images(data_cfg) -> None:

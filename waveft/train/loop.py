@@ -147,7 +147,7 @@ def encode_prompts(components, prompts: list[str], mode: str, device) -> tuple[t
 
 def batch_conditioning(batch: TrainingBatch, prompt_embeds: dict, device, dtype) -> Conditioning:
     text = [prompt_embeds[p] for p in batch.prompts]
-    return Conditioning(torch.stack([t[0] for t in text]), torch.stack([t[1] for t in text]),
+    return Conditioning(torch.stack([hidden for hidden, _ in text]), torch.stack([pooled for _, pooled in text]),
                         batch.time_ids.to(device, dtype))
 
 
@@ -195,15 +195,15 @@ def batches_from(dataloader, dataset, state: LoopState, accelerator):
 
 
 def build_optimizer(cfg: RunConfig, params):
-    t = cfg.train
-    kwargs = dict(lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay,
-                  eps=t.adam_epsilon)
-    if t.optimizer == "prodigy":  # load_config checked that prodigyopt is installed
+    settings = cfg.train
+    kwargs = dict(lr=settings.learning_rate, betas=(settings.adam_beta1, settings.adam_beta2),
+                  weight_decay=settings.adam_weight_decay, eps=settings.adam_epsilon)
+    if settings.optimizer == "prodigy":  # load_config checked that prodigyopt is installed
         from prodigyopt import Prodigy
 
-        return Prodigy(params, **kwargs, safeguard_warmup=t.prodigy_safeguard_warmup,
-                       use_bias_correction=t.prodigy_use_bias_correction, d_coef=t.prodigy_d_coef)
-    if t.optimizer == "adamw_8bit":
+        return Prodigy(params, **kwargs, safeguard_warmup=settings.prodigy_safeguard_warmup,
+                       use_bias_correction=settings.prodigy_use_bias_correction, d_coef=settings.prodigy_d_coef)
+    if settings.optimizer == "adamw_8bit":
         try:
             import bitsandbytes
         except ImportError:
@@ -233,13 +233,13 @@ def make_accelerator(cfg: RunConfig):
     )
 
 
-def attach_checked_adapter(cfg: RunConfig, unet, weight_dtype, say) -> AttachedAdapter:
+def attach_checked_adapter(cfg: RunConfig, unet, weight_dtype, print_main) -> AttachedAdapter:
     """The adapter, checked against the model: frozen base weights in the compute dtype, trainable ones in fp32."""
     if unet.dtype != weight_dtype:
         unet.to(dtype=weight_dtype)
     attached = attach_adapter(unet, cfg.resolved_adapter)
     check_export_fits(cfg.export, attached.layers)
-    say(attached.describe())
+    print_main(attached.describe())
     return attached
 
 
@@ -338,14 +338,14 @@ def prepare_training(cfg: RunConfig, accelerator, unet, dataset) -> Training:
     return Training(unet, params, optimizer, lr_scheduler, dataloader, ema)
 
 
-def end_of_step(cfg: RunConfig, accelerator, components, t: Training, state: LoopState, progress,
+def end_of_step(cfg: RunConfig, accelerator, components, training: Training, state: LoopState, progress,
                 validation_loss: Optional[ValidationLoss]) -> None:
     """After each optimizer step: update the EMA, show and log the loss, checkpoint and validate when due."""
     step = state.global_step
     ema = cfg.train.ema
-    if t.ema is not None and step > ema.update_after_step and step % ema.every == 0:
-        t.ema.step(t.params)
-    lr = t.lr_scheduler.get_last_lr()[0]
+    if training.ema is not None and step > ema.update_after_step and step % ema.every == 0:
+        training.ema.step(training.params)
+    lr = training.lr_scheduler.get_last_lr()[0]
     state.train_losses.append([step, state.loss])
     progress.update(1)
     progress.set_postfix(loss=f"{state.loss:.4f}", lr=f"{lr:.2e}")
@@ -354,16 +354,17 @@ def end_of_step(cfg: RunConfig, accelerator, components, t: Training, state: Loo
     if not accelerator.is_main_process:
         return
     if validation_loss is not None and step % cfg.validation.loss.every_steps == 0:
-        with t.ema_weights(), accelerator.autocast():
-            state.validation_losses.append([step, validation_loss.evaluate(accelerator.unwrap_model(t.unet))])
+        with training.ema_weights(), accelerator.autocast():
+            state.validation_losses.append([step, validation_loss.evaluate(accelerator.unwrap_model(training.unet))])
         accelerator.log({"validation_loss": state.validation_losses[-1][1]}, step=step)
         plot_losses(RunFolder(cfg.output_dir).loss_plot, state.train_losses, state.validation_losses)
     if cfg.train.checkpointing_steps and step % cfg.train.checkpointing_steps == 0:
-        save_checkpoint(cfg.output_dir, step, accelerator.unwrap_model(t.unet), t.optimizer, t.lr_scheduler,
-                        accelerator.scaler, state.to_dict(), cfg.train.checkpoints_total_limit, t.ema)
+        save_checkpoint(cfg.output_dir, step, accelerator.unwrap_model(training.unet), training.optimizer,
+                        training.lr_scheduler, accelerator.scaler, state.to_dict(), cfg.train.checkpoints_total_limit,
+                        training.ema)
     if cfg.validation.every_steps and step % cfg.validation.every_steps == 0:
-        with t.ema_weights():
-            run_validation(cfg, accelerator, components, t.unet, step)
+        with training.ema_weights():
+            run_validation(cfg, accelerator, components, training.unet, step)
 
 
 def save_run(cfg: RunConfig, accelerator, trained_unet, run_info: RunInfo) -> None:
@@ -409,7 +410,7 @@ def train(cfg: RunConfig) -> TrainResult:
     accelerator = make_accelerator(cfg)
     run = RunFolder(cfg.output_dir)
     main = accelerator.is_main_process
-    say = accelerator.print
+    print_main = accelerator.print  # prints on the main process only
     set_seed(cfg.seed)
     weight_dtype = DTYPES[cfg.train.mixed_precision]
     device = accelerator.device
@@ -423,7 +424,7 @@ def train(cfg: RunConfig) -> TrainResult:
     dataset = dreambooth_data.DreamBoothDataset(cfg.data, cfg.seed)
     components = load_sdxl(cfg.model)
     unet, vae, noise_scheduler = components.unet, components.vae, components.noise_scheduler
-    attached = attach_checked_adapter(cfg, unet, weight_dtype, say)
+    attached = attach_checked_adapter(cfg, unet, weight_dtype, print_main)
     resume_from = find_resume_checkpoint(cfg)
     if main:
         start_output_dir(cfg)
@@ -449,7 +450,7 @@ def train(cfg: RunConfig) -> TrainResult:
     if not latents_source.vae_needed:
         vae.to("cpu")  # every latent is cached: the loop never encodes
 
-    t = prepare_training(cfg, accelerator, unet, dataset)
+    training = prepare_training(cfg, accelerator, unet, dataset)
     if main and cfg.train.report_to != "none":
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
                    for k, v in _flatten(config_to_dict(cfg)).items()}
@@ -457,55 +458,57 @@ def train(cfg: RunConfig) -> TrainResult:
 
     state = LoopState()
     if resume_from is not None:
-        state = LoopState.from_dict(load_checkpoint(resume_from, accelerator.unwrap_model(t.unet), t.optimizer,
-                                                    t.lr_scheduler, accelerator.scaler, t.ema))
-        if t.ema is not None:
-            t.ema.to(device)
-        say(f"resumed from {resume_from} at step {state.global_step}")
+        state = LoopState.from_dict(load_checkpoint(resume_from, accelerator.unwrap_model(training.unet),
+                                                    training.optimizer, training.lr_scheduler, accelerator.scaler,
+                                                    training.ema))
+        if training.ema is not None:
+            training.ema.to(device)
+        print_main(f"resumed from {resume_from} at step {state.global_step}")
     loss_settings = LossSettings.from_config(cfg, noise_scheduler)
-    step_hook = attached.method.step_hook
+    make_step_hook = attached.method.make_step_hook  # state a method keeps across steps (AdaLoRA's schedule)
+    step_hook = make_step_hook(accelerator.unwrap_model(training.unet)) if make_step_hook is not None else None
     progress = tqdm(total=cfg.train.max_steps, initial=state.global_step, desc="training",
                     disable=not accelerator.is_local_main_process)
     started = time.time()
-    t.unet.train()
+    training.unet.train()
 
     with progress:  # closed on errors too, so an error message starts on its own line
-        for batch in batches_from(t.dataloader, dataset, state, accelerator):
+        for batch in batches_from(training.dataloader, dataset, state, accelerator):
             if state.global_step >= cfg.train.max_steps:
                 break
-            g = micro_batch_generator(cfg.seed, accelerator.process_index, state.micro_step)
+            generator = micro_batch_generator(cfg.seed, accelerator.process_index, state.micro_step)
             state.micro_step += 1
-            with accelerator.accumulate(t.unet):
-                latents = latents_source.sample(batch, g, weight_dtype)
+            with accelerator.accumulate(training.unet):
+                latents = latents_source.sample(batch, generator, weight_dtype)
                 conditioning = batch_conditioning(batch, prompt_embeds, device, weight_dtype)
                 weights = mask_weights(batch.masks.to(device), latents.shape[-2:], cfg.data.masks.min_weight) \
                     if batch.masks is not None else None
-                loss = micro_batch_loss(t.unet, noise_scheduler, latents, conditioning, batch.num_instance, g,
-                                        loss_settings, weights)
+                loss = micro_batch_loss(training.unet, noise_scheduler, latents, conditioning, batch.num_instance,
+                                        generator, loss_settings, weights)
                 stop_if_diverged(accelerator, loss, cfg, state)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.train.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(t.params, cfg.train.max_grad_norm)
-                t.optimizer.step()
+                    accelerator.clip_grad_norm_(training.params, cfg.train.max_grad_norm)
+                training.optimizer.step()
                 if step_hook is not None and accelerator.sync_gradients:
-                    step_hook(accelerator.unwrap_model(t.unet), state.global_step + 1)
-                t.lr_scheduler.step()
-                t.optimizer.zero_grad(set_to_none=True)
+                    step_hook(accelerator.unwrap_model(training.unet), state.global_step + 1)
+                training.lr_scheduler.step()
+                training.optimizer.zero_grad(set_to_none=True)
             if accelerator.sync_gradients:
                 state.global_step += 1
                 state.loss = accelerator.gather(loss.detach()).mean().item()
-                end_of_step(cfg, accelerator, components, t, state, progress, validation_loss)
+                end_of_step(cfg, accelerator, components, training, state, progress, validation_loss)
 
     accelerator.wait_for_everyone()
     run_info = describe_run(cfg, attached, state, time.time() - started, latents_source.cache)
-    trained_unet = accelerator.unwrap_model(t.unet)
-    if t.ema is not None:  # the final adapter holds the EMA weights; the trained ones are kept beside
+    trained_unet = accelerator.unwrap_model(training.unet)
+    if training.ema is not None:  # the final adapter holds the EMA weights; the trained ones are kept beside
         if main:
             save_adapter(trained_unet, run.adapter_raw)
-        t.ema.copy_to(t.params)
+        training.ema.copy_to(training.params)
     # Training state leaves the accelerator, so that the sampling pipeline below has its memory.
     accelerator.free_memory()
-    del t
+    del training
     trained_unet.to("cpu")
     vae.to("cpu")
     if torch.cuda.is_available():
@@ -513,5 +516,5 @@ def train(cfg: RunConfig) -> TrainResult:
     if main:
         save_run(cfg, accelerator, trained_unet, run_info)
     accelerator.end_training()
-    say(f"adapter saved to {run.adapter} ({run_info.trainable_parameters:,} trainable parameters)")
+    print_main(f"adapter saved to {run.adapter} ({run_info.trainable_parameters:,} trainable parameters)")
     return TrainResult(run_info, trained_unet)
