@@ -230,14 +230,17 @@ class AdaLoraRankSchedule:
 
 # ---- the registry --------------------------------------------------------------------------------------------
 
+# WaveFT's and FourierFT's size: n_frequency trainable coefficients per layer, at most the smallest layer's weights.
+N_FREQUENCY_COEFFICIENTS = SizeSetting("n_frequency", coefficients, max_value=smallest_layer,
+                                       explanation="n_frequency coefficients per layer")
+
 METHODS = {
     m.name: m
     for m in [
         # `peft: {use_idwt: false}` is the paper's SHiRA: the same sparse coefficients, no wavelet transform.
         Method(
             "waveft", "WaveFTConfig",
-            SizeSetting("n_frequency", coefficients, max_value=smallest_layer,
-                        explanation="n_frequency coefficients per layer"),
+            N_FREQUENCY_COEFFICIENTS,
             dict(WAVEFT_PAPER_DEFAULTS, use_idwt=True),
             check_settings=_check_waveft_settings,
             check_layers=_check_waveft_fits,
@@ -284,8 +287,7 @@ METHODS = {
         ),
         Method(
             "fourierft", "FourierFTConfig",
-            SizeSetting("n_frequency", coefficients, max_value=smallest_layer,
-                        explanation="n_frequency coefficients per layer"),
+            N_FREQUENCY_COEFFICIENTS,
             dict(n_frequency=2592, scaling=32.0),
             peft_type="FOURIERFT",
         ),

@@ -4,11 +4,11 @@ these file names."""
 import json
 import os
 
-from waveft.io.files import atomic_directory, give_usual_permissions
+from waveft.io.files import FolderLayout, atomic_directory, give_usual_permissions, inside
 from waveft.io.run_folder import PlannedExport, RunInfo
 
 
-class AdapterFolder:
+class AdapterFolder(FolderLayout):
     """The paths inside one adapter folder (a run's `adapter/`, a checkpoint's, or any PEFT adapter)."""
 
     CONFIG = "adapter_config.json"  # PEFT's
@@ -16,16 +16,10 @@ class AdapterFolder:
     RUN_RECORD = "waveft_run.json"  # RunInfo.adapter_metadata(): what travels with the adapter
     MODEL_CARD = "README.md"
 
-    def __init__(self, root: str | os.PathLike):
-        self.root = os.fspath(root)
-
-    def _path(self, name: str) -> str:
-        return os.path.join(self.root, name)
-
-    config = property(lambda self: self._path(self.CONFIG))
-    weights = property(lambda self: self._path(self.WEIGHTS))
-    run_record = property(lambda self: self._path(self.RUN_RECORD))
-    model_card = property(lambda self: self._path(self.MODEL_CARD))
+    config = inside("CONFIG")
+    weights = inside("WEIGHTS")
+    run_record = inside("RUN_RECORD")
+    model_card = inside("MODEL_CARD")
 
     def is_adapter(self) -> bool:
         return os.path.isfile(self.config)

@@ -1,5 +1,6 @@
 """Atomic writes: a file or folder is built beside its destination and moved over it only once complete,
-so readers (and an earlier complete version) never see a half-written one, whatever interrupts the write."""
+so readers (and an earlier complete version) never see a half-written one, whatever interrupts the write.
+And `FolderLayout`, the base of the classes that own a folder's file names."""
 import json
 import os
 import shutil
@@ -73,3 +74,19 @@ def _sync_tree(folder: str) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+
+class FolderLayout:
+    """A folder's layout: its file names as class constants, their paths under `root` as `inside(NAME)`
+    properties (RunFolder, AdapterFolder)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = os.fspath(root)
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+
+def inside(constant: str) -> property:
+    """The path of the file named by the class constant `constant`, under the folder's root."""
+    return property(lambda self: self._path(getattr(self, constant)))

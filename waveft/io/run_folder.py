@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from waveft.errors import UserError
-from waveft.io.files import write_json_atomic
+from waveft.io.files import FolderLayout, inside, write_json_atomic
 
 
-class RunFolder:
+class RunFolder(FolderLayout):
     """The paths inside one run's `output_dir`."""
 
     CONFIG = "config.yaml"
@@ -30,21 +30,15 @@ class RunFolder:
     CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
     TRAINING_STATE = "training_state.json"  # inside a checkpoint: the loop state, written last
 
-    def __init__(self, root: str | os.PathLike):
-        self.root = os.fspath(root)
-
-    def _path(self, name: str) -> str:
-        return os.path.join(self.root, name)
-
-    config = property(lambda self: self._path(self.CONFIG))
-    run_info = property(lambda self: self._path(self.RUN_INFO))
-    adapter = property(lambda self: self._path(self.ADAPTER))
-    adapter_raw = property(lambda self: self._path(self.ADAPTER_RAW))
-    samples = property(lambda self: self._path(self.SAMPLES))
-    validation = property(lambda self: self._path(self.VALIDATION))
-    logs = property(lambda self: self._path(self.LOGS))
-    class_images = property(lambda self: self._path(self.CLASS_IMAGES))
-    loss_plot = property(lambda self: self._path(self.LOSS_PLOT))
+    config = inside("CONFIG")
+    run_info = inside("RUN_INFO")
+    adapter = inside("ADAPTER")
+    adapter_raw = inside("ADAPTER_RAW")
+    samples = inside("SAMPLES")
+    validation = inside("VALIDATION")
+    logs = inside("LOGS")
+    class_images = inside("CLASS_IMAGES")
+    loss_plot = inside("LOSS_PLOT")
 
     def checkpoint(self, step: int) -> str:
         return self._path(f"checkpoint-{step}")

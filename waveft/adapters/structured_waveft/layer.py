@@ -22,6 +22,7 @@ import torch
 from peft.tuners.waveft import wavelet as peft_wavelet
 from peft.tuners.waveft.layer import WaveFTLinear
 
+from waveft.adapters.tuner_forward import additive_forward
 from waveft.adapters.wavelet_ops import (
     SynthesisAxis,
     WaveletFilters,
@@ -204,23 +205,7 @@ class StructuredWaveFTLinear(WaveFTLinear):
     """
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        previous_dtype = x.dtype
-
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            result = self.base_layer(x, *args, **kwargs)
-        elif self.merged:
-            result = self.base_layer(x, *args, **kwargs)
-        else:
-            result = self.base_layer(x, *args, **kwargs)
-            for active_adapter in self.active_adapters:
-                if active_adapter not in self.waveft_spectrum:
-                    continue
-                x = self._cast_input_dtype(x, self.waveft_spectrum[active_adapter].dtype)
-                result = self._add_structured_delta(active_adapter, result, x)
-
-        return result.to(previous_dtype)
+        return additive_forward(self, x, self.waveft_spectrum, self._add_structured_delta, *args, **kwargs)
 
     def get_delta_weight(self, adapter) -> torch.Tensor:
         spectrum = self.waveft_spectrum[adapter]

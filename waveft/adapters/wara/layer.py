@@ -19,6 +19,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from waveft.adapters.tuner_forward import additive_forward
 from waveft.adapters.wavelet_ops import (
     SynthesisAxis,
     cached_tensors,
@@ -171,21 +172,10 @@ class WaraLinear(nn.Module, WaraLayer):
                 base_layer.weight.data -= self.get_delta_weight(adapter).to(base_layer.weight.dtype)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        previous_dtype = x.dtype
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            result = self.base_layer(x, *args, **kwargs)
-        elif self.merged:
-            result = self.base_layer(x, *args, **kwargs)
-        else:
-            result = self.base_layer(x, *args, **kwargs)
-            for adapter in self.active_adapters:
-                if adapter not in self.wara_A:
-                    continue
-                x = self._cast_input_dtype(x, self.wara_A[adapter].dtype)
-                result = result + self.wavelet_delta(adapter, x)
-        return result.to(previous_dtype)
+        def add_delta(adapter, result, x):
+            return result + self.wavelet_delta(adapter, x)
+
+        return additive_forward(self, x, self.wara_A, add_delta, *args, **kwargs)
 
     def __repr__(self) -> str:
         return "wara." + super().__repr__()
