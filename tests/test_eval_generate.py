@@ -84,7 +84,7 @@ def test_generation_is_complete_resumable_and_scorable(tiny_sdxl_dir, tmp_path):
     write_tiny_encoders(encoders)
     settings = ScoreSettings(str(encoders / "dino"), str(encoders / "clip"), str(encoders / "clip"), device="cpu")
     scores = score_images(folder, bench, settings, EmbeddingCache(tmp_path / "cache"))
-    assert scores["overall"]["images"] == len(rows) and scores["run"]["subject"] == "dog"
+    assert scores.overall["images"] == len(rows) and scores.run.subject == "dog"
 
 
 def test_two_processes_split_one_run_and_merge_their_manifests(tiny_sdxl_dir, tmp_path):
