@@ -273,7 +273,7 @@ def validate(cfg: RunConfig, source: str) -> None:
 
 
 def validate_trainer_features(cfg: RunConfig, source: str) -> None:
-    """Latent cache, buckets, masks, EMA, validation loss and Prodigy: checks that need no model."""
+    """Latent cache, buckets, masks, EMA, validation loss, Prodigy, wandb and the Hub: checks that need no model."""
     import importlib.util
 
     buckets, ema, vloss = cfg.data.buckets, cfg.train.ema, cfg.validation.loss

@@ -21,7 +21,8 @@ from waveft.adapters.attach import AttachedAdapter, attach_adapter
 from waveft.config import RunConfig, config_to_dict, save_config
 from waveft.errors import UserError
 from waveft.export.run_exports import check_export_fits, export_run, planned_exports
-from waveft.io.adapter_folder import AdapterFolder, save_adapter
+from waveft.io.adapter_folder import AdapterFolder, add_card_samples, save_adapter
+from waveft.io.hub import push_adapter_folder
 from waveft.io.run_folder import RunFolder, RunInfo
 from waveft.io.schema import read_yaml_mapping
 from waveft.models import DTYPES, load_sdxl
@@ -394,7 +395,8 @@ def end_of_step(cfg: RunConfig, accelerator, components, training: Training, sta
 
 
 def save_run(cfg: RunConfig, accelerator, trained_unet, run_info: RunInfo) -> None:
-    """The final adapter in PEFT's format, run_info.json (and loss.png) beside it, then the final samples."""
+    """The final adapter in PEFT's format, run_info.json (and loss.png) beside it, then the final samples, which
+    the adapter's model card then shows."""
     run = RunFolder(cfg.output_dir)
     if run_info.validation_losses:
         plot_losses(run.loss_plot, run_info.train_losses, run_info.validation_losses)
@@ -406,6 +408,7 @@ def save_run(cfg: RunConfig, accelerator, trained_unet, run_info: RunInfo) -> No
     if cfg.validation.final:
         run_info.samples = final_samples(cfg)
         log_image(accelerator, "samples", run_info.samples, run_info.steps)
+        add_card_samples(run.adapter, run.samples, run_info)
 
 
 def use_latent_cache(cfg: RunConfig) -> bool:
@@ -546,4 +549,6 @@ def train(cfg: RunConfig) -> TrainResult:
         save_run(cfg, accelerator, trained_unet, run_info)
     accelerator.end_training()
     print_main(f"adapter saved to {run.adapter} ({run_info.trainable_parameters:,} trainable parameters)")
+    if main and cfg.hub.push:  # last: a failed upload leaves the finished run as it is
+        push_adapter_folder(cfg.hub, run.adapter, print_main)
     return TrainResult(run_info, trained_unet)
