@@ -38,8 +38,8 @@ def test_wandb_offline_run_holds_losses_config_and_images(tiny_sdxl_dir, subject
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     out = tmp_path / "run"
-    result = train(tiny_cfg(tiny_sdxl_dir, subject_dir, out, "train.max_steps=3", "train.checkpointing_steps=0",
-                            "train.report_to=wandb", "validation.loss.every_steps=1", "validation.every_steps=3",
+    result = train(tiny_cfg(tiny_sdxl_dir, subject_dir, out, "train.max_steps=2", "train.checkpointing_steps=0",
+                            "train.report_to=wandb", "validation.loss.every_steps=1", "validation.every_steps=2",
                             "validation.seeds=[0]", "validation.steps=2", "train.wandb.group=sweep-a",
                             "train.wandb.tags=[waveft, budget-1]"))
     history, config, run, run_dir = read_offline_run(out / "logs")
@@ -47,12 +47,13 @@ def test_wandb_offline_run_holds_losses_config_and_images(tiny_sdxl_dir, subject
     losses = [(row["_step"], row["loss"]) for row in history if "loss" in row]
     assert losses == [tuple(pair) for pair in result.run_info.train_losses]  # every step, the very values
     validation = [(row["_step"], row["validation_loss"]) for row in history if "validation_loss" in row]
-    assert validation == [tuple(pair) for pair in result.run_info.validation_losses] and len(validation) == 3
-    assert config["adapter.type"]["value"] == "waveft" and config["train.max_steps"]["value"] == 3
-    assert config["data.instance_dir"]["value"] == str(subject_dir)
-    [image] = [row["validation"] for row in history if "validation" in row]
-    assert image["_type"] == "images/separated" and image["count"] == 1
-    assert list((run_dir / "files" / "media" / "images").glob("validation_3_*.png"))
+    assert validation == [tuple(pair) for pair in result.run_info.validation_losses] and len(validation) == 2
+    assert config["adapter.type"] == "waveft" and config["train.max_steps"] == 2
+    assert config["data.instance_dir"] == str(subject_dir)
+    [image] = [row for row in history if "validation/_type" in row]  # media are logged as nested keys
+    assert image["_step"] == 2 and image["validation/_type"] == "images/separated" and image["validation/count"] == 1
+    [file] = image["validation/filenames"]
+    assert (run_dir / "files" / file).is_file()
     assert run.run_group == "sweep-a" and list(run.tags) == ["waveft", "budget-1"]
 
 
