@@ -64,20 +64,16 @@ def save_adapter(unet, path: str, adapter_name: str = "default", run_info: RunIn
             model_card(run_info).save(folder.model_card)
 
 
-def add_card_samples(path: str, samples_dir: str, run: RunInfo) -> None:
-    """Copy the final samples (samples_dir's images, listed in its manifest) into the adapter folder's `samples/`
-    and rewrite the model card with them as its widget, so that the Hub shows them. Cost: one file copy each."""
-    from waveft.infer.generation import MANIFEST_NAME, read_manifest
-
+def add_card_samples(path: str, samples: list[tuple[str, str]], run: RunInfo) -> None:
+    """Copy the final samples, (image file, its prompt) pairs, into the adapter folder's `samples/` and rewrite
+    the model card with them as its widget, so that the Hub shows them. Cost: one file copy each."""
     folder = AdapterFolder(path)
-    rows = list(read_manifest(os.path.join(samples_dir, MANIFEST_NAME)).values())
     shutil.rmtree(folder.card_samples, ignore_errors=True)  # an earlier run's samples
     os.makedirs(folder.card_samples)
-    for row in rows:
-        shutil.copyfile(os.path.join(samples_dir, row["file"]),
-                        os.path.join(folder.card_samples, os.path.basename(row["file"])))
-    widget = [{"text": row["prompt"],
-               "output": {"url": f"{AdapterFolder.CARD_SAMPLES}/{os.path.basename(row['file'])}"}} for row in rows]
+    widget = []
+    for image, prompt in samples:
+        shutil.copyfile(image, os.path.join(folder.card_samples, os.path.basename(image)))
+        widget.append({"text": prompt, "output": {"url": f"{AdapterFolder.CARD_SAMPLES}/{os.path.basename(image)}"}})
     write_text_atomic(folder.model_card, str(model_card(run, widget)))
 
 

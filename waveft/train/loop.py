@@ -21,6 +21,7 @@ from waveft.adapters.attach import AttachedAdapter, attach_adapter
 from waveft.config import RunConfig, config_to_dict, save_config
 from waveft.errors import UserError
 from waveft.export.run_exports import check_export_fits, export_run, planned_exports
+from waveft.infer.generation import MANIFEST_NAME, read_manifest
 from waveft.io.adapter_folder import AdapterFolder, add_card_samples, save_adapter
 from waveft.io.hub import push_adapter_folder
 from waveft.io.run_folder import RunFolder, RunInfo
@@ -408,7 +409,8 @@ def save_run(cfg: RunConfig, accelerator, trained_unet, run_info: RunInfo) -> No
     if cfg.validation.final:
         run_info.samples = final_samples(cfg)
         log_image(accelerator, "samples", run_info.samples, run_info.steps)
-        add_card_samples(run.adapter, run.samples, run_info)
+        made = read_manifest(os.path.join(run.samples, MANIFEST_NAME)).values()
+        add_card_samples(run.adapter, [(os.path.join(run.samples, row.file), row.prompt) for row in made], run_info)
 
 
 def use_latent_cache(cfg: RunConfig) -> bool:
