@@ -43,19 +43,19 @@ def test_caption_dropout_at_0_keeps_every_prompt_and_at_1_drops_every_one(
 def test_caption_dropout_resumes_exactly(tiny_sdxl_dir, subject_dir, tmp_path, conditioned):
     from waveft.train.loop import train
 
-    settings = ("train.max_steps=6", "train.checkpointing_steps=3", "train.resume=latest",
+    settings = ("train.max_steps=4", "train.checkpointing_steps=2", "train.resume=latest",
                 "data.caption_dropout=0.5")
     train(tiny_cfg(tiny_sdxl_dir, subject_dir, tmp_path / "full", *settings))
     full_prompts = list(conditioned)
     assert {"", "a zjw ball"} == {p for prompts in full_prompts for p in prompts}  # some dropped, some not
-    # The same run, interrupted right after its step-3 checkpoint, then resumed.
+    # The same run, interrupted right after its step-2 checkpoint, then resumed.
     shutil.copytree(tmp_path / "full", tmp_path / "split")
-    for later in ("adapter", "checkpoint-6"):
+    for later in ("adapter", "checkpoint-4"):
         shutil.rmtree(tmp_path / "split" / later)
     (tmp_path / "split" / "run_info.json").unlink()
     conditioned.clear()
     train(tiny_cfg(tiny_sdxl_dir, subject_dir, tmp_path / "split", *settings))
-    assert conditioned == full_prompts[6:]  # micro-batches 7-12: the same prompts as the uninterrupted run
+    assert conditioned == full_prompts[4:]  # micro-batches 5-8: the same prompts as the uninterrupted run
     full, split = adapter_weights(tmp_path / "full"), adapter_weights(tmp_path / "split")
     for key in full:
         torch.testing.assert_close(split[key], full[key], rtol=1e-6, atol=1e-7)
