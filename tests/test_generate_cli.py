@@ -35,7 +35,7 @@ def test_training_cli_writes_the_documented_layout(trained_run):
     info = json.loads((trained_run / "run_info.json").read_text())
     assert info["method"] == "waveft" and info["steps"] == 4 and info["trainable_parameters"] == 64 * 64
     card = (trained_run / "adapter" / "README.md").read_text()
-    assert "library_name: peft" in card and 'instance_prompt: "a zjw ball"' in card and "4,096 trainable" in card
+    assert "library_name: peft" in card and "instance_prompt: a zjw ball" in card and "4,096 trainable" in card
     # 2 validation prompts x 2 seeds, 32 px each
     assert Image.open(trained_run / "samples" / "grid.png").size == (2 * 32, 2 * 32)
 

@@ -206,3 +206,18 @@ def test_tiny_sweep_plans_on_its_benchmark_and_writes_it_at_launch(tmp_path, mon
     write_inputs(load_sweep(TINY_SWEEP, tuple(args)), Children())  # what the launch writes first
     assert load_benchmark(tmp_path / "bench") == tiny_benchmark()  # the benchmark it planned on
     assert (tmp_path / "sweep" / "report" / "sweep.yaml").is_file()
+
+
+def test_a_sweeps_runs_are_one_wandb_group_each_tagged(tmp_path, benchmark, monkeypatch):
+    from eval.sweep.runs import expand_runs
+    from eval.sweep.schema import load_sweep, validate_sweep
+    from waveft.config import load_config
+
+    monkeypatch.chdir(REPO)
+    sweep = load_sweep(TINY_SWEEP, tuple(sweep_args(tmp_path, benchmark, "tiny-sdxl", "subjects=[puppy, teddy]")[2:]))
+    configs = [load_config(run.base_config, run.train_overrides).train.wandb
+               for run in expand_runs(sweep, validate_sweep(sweep, TINY_SWEEP), TINY_SWEEP)]
+    assert len(configs) == 4 and {w.group for w in configs} == {"sweep"}  # the sweep folder's name
+    assert sorted(tuple(w.tags) for w in configs) == [
+        (method, "budget-1", subject, "seed-42") for method in ("lora", "waveft") for subject in ("puppy", "teddy")]
+    assert len({w.name for w in configs}) == 4

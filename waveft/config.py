@@ -75,6 +75,9 @@ class DataConfig:
     flip_probability: float = 0.0
     repeats: int = 1
     num_workers: int = 0
+    # The share of micro-batches whose instance images are trained on the empty prompt (kohya's caption dropout),
+    # chosen by (seed, micro-batch number), so a resumed run drops the same ones.
+    caption_dropout: float = 0.0
     # The VAE posterior of each (image, crop, flip, size) computed once and kept on disk; auto: on.
     cache_latents: Literal["auto", True, False] = "auto"
     latent_cache_dir: Optional[str] = None  # default: $WAVEFT_CACHE_DIR/latents or ~/.cache/waveft/latents
@@ -101,6 +104,17 @@ class EMAConfig:
     decay: float = 0.999  # the largest decay; EMAModel warms up to it as (1 + step) / (10 + step)
     update_after_step: int = 0  # optimizer steps before the average starts
     every: int = 1  # update the average every this many optimizer steps
+
+
+@dataclass
+class WandbConfig:
+    """Where train.report_to=wandb files the run; a sweep sets `group` and `tags` so that a workspace shows it as
+    one table."""
+
+    project: str = "waveft-dreambooth"
+    name: Optional[str] = None  # default: wandb's own
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -131,6 +145,7 @@ class TrainConfig:
     resume: Optional[str] = None  # "latest" or a checkpoint folder
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
     log_every: int = 1
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
 
 
@@ -170,6 +185,15 @@ class ExportConfig:
 
 
 @dataclass
+class HubConfig:
+    """Upload of the adapter folder to the Hugging Face Hub (HfApi.upload_folder) once the run is saved."""
+
+    push: bool = False
+    repo_id: Optional[str] = None  # "user/name"; required with push
+    private: bool = True  # a repository created by the upload is private
+
+
+@dataclass
 class RunConfig:
     output_dir: str = ""
     overwrite_output_dir: bool = False
@@ -180,6 +204,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
     # The adapter section resolved once by load_config (what attach, the trainer and run_info.json read); not a
     # setting: not in config.yaml, not settable.
     resolved_adapter: Optional[ResolvedAdapter] = field(default=None, compare=False, repr=False,
@@ -232,8 +257,10 @@ def validate(cfg: RunConfig, source: str) -> None:
         _positive(value, key, source, allow_zero=True)
     if cfg.data.resolution % 8:
         raise UserError(f"{source}: key 'data.resolution' must be a multiple of 8, got {cfg.data.resolution}")
-    if not 0.0 <= cfg.data.flip_probability <= 1.0:
-        raise UserError(f"{source}: key 'data.flip_probability' must be in [0, 1], got {cfg.data.flip_probability}")
+    for key, value in [("data.flip_probability", cfg.data.flip_probability),
+                       ("data.caption_dropout", cfg.data.caption_dropout)]:
+        if not 0.0 <= value <= 1.0:
+            raise UserError(f"{source}: key '{key}' must be in [0, 1], got {value}")
     if cfg.train.checkpoints_total_limit is not None and cfg.train.checkpoints_total_limit < 1:
         raise UserError(f"{source}: key 'train.checkpoints_total_limit' must be >= 1 or null")
     if not cfg.adapter.target_modules:
@@ -246,7 +273,7 @@ def validate(cfg: RunConfig, source: str) -> None:
 
 
 def validate_trainer_features(cfg: RunConfig, source: str) -> None:
-    """Latent cache, buckets, masks, EMA, validation loss and Prodigy: checks that need no model."""
+    """Latent cache, buckets, masks, EMA, validation loss, Prodigy, wandb and the Hub: checks that need no model."""
     import importlib.util
 
     buckets, ema, vloss = cfg.data.buckets, cfg.train.ema, cfg.validation.loss
@@ -271,6 +298,11 @@ def validate_trainer_features(cfg: RunConfig, source: str) -> None:
                         f"got {cfg.validation.size}")
     if cfg.train.optimizer == "prodigy" and importlib.util.find_spec("prodigyopt") is None:
         raise UserError(f"{source}: train.optimizer=prodigy needs the prodigyopt package: pip install prodigyopt")
+    if cfg.train.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise UserError(f"{source}: train.report_to=wandb needs the wandb package: pip install wandb "
+                        f"(see requirements.txt), or report_to=tensorboard")
+    if cfg.hub.push and not cfg.hub.repo_id:
+        raise UserError(f"{source}: key 'hub.push' needs 'hub.repo_id' (the Hub repository, e.g. user/name)")
 
 
 def _validate_export(export: ExportConfig, source: str) -> None:

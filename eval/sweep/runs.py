@@ -87,6 +87,14 @@ def override_arg(key: str, value) -> str:
     return f"{key}={value if plain else json.dumps(value)}"
 
 
+def wandb_grouping(sweep: SweepConfig, method, budget: float, subject: Subject, seed: int) -> dict:
+    """With train.report_to=wandb, a sweep's runs are one group (the sweep folder's name: the paper sweeps share
+    it, as they share runs), each tagged with its method, budget, subject and seed: one table in a workspace."""
+    return {"train.wandb.group": Path(sweep.output_dir).name,
+            "train.wandb.name": f"{method.name}-budget-{budget:g}-{subject.name}-seed-{seed}",
+            "train.wandb.tags": [method.name, f"budget-{budget:g}", subject.name, f"seed-{seed}"]}
+
+
 def expand_runs(sweep: SweepConfig, subjects: list[Subject], source: str) -> list[Run]:
     """Every (method, budget, subject, seed), each with its training config validated."""
     dataset = benchmark_dataset(sweep)
@@ -103,6 +111,7 @@ def expand_runs(sweep: SweepConfig, subjects: list[Subject], source: str) -> lis
                         "data.instance_dir": str(dataset / subject.name), "data.subject": subject.name,
                         "data.class_noun": subject.class_noun, "data.identifier": sweep.benchmark.identifier,
                         "adapter.type": method.adapter, "adapter.label": method.name, "adapter.budget": budget,
+                        **wandb_grouping(sweep, method, budget, subject, seed),
                     }
                     overrides = tuple(override_arg(k, v) for k, v in
                                       [*sweep.overrides.items(), *method.overrides.items(), *owned.items()])

@@ -1,10 +1,11 @@
 """The adapter folder: PEFT's two files (adapter_config.json, adapter_model.safetensors), saved and loaded, the
-run's record beside them (waveft_run.json) and its model card (README.md). `AdapterFolder` is the one home of
-these file names."""
+run's record beside them (waveft_run.json) and its model card (README.md: huggingface_hub's ModelCard, with the
+final samples in samples/ as its widget). `AdapterFolder` is the one home of these file names."""
 import json
 import os
+import shutil
 
-from waveft.io.files import FolderLayout, atomic_directory, give_usual_permissions, inside
+from waveft.io.files import FolderLayout, atomic_directory, give_usual_permissions, inside, write_text_atomic
 from waveft.io.run_folder import PlannedExport, RunInfo
 
 
@@ -15,11 +16,13 @@ class AdapterFolder(FolderLayout):
     WEIGHTS = "adapter_model.safetensors"  # PEFT's
     RUN_RECORD = "waveft_run.json"  # RunInfo.adapter_metadata(): what travels with the adapter
     MODEL_CARD = "README.md"
+    CARD_SAMPLES = "samples"  # the final samples the model card's widget shows
 
     config = inside("CONFIG")
     weights = inside("WEIGHTS")
     run_record = inside("RUN_RECORD")
     model_card = inside("MODEL_CARD")
+    card_samples = inside("CARD_SAMPLES")
 
     def is_adapter(self) -> bool:
         return os.path.isfile(self.config)
@@ -37,7 +40,7 @@ class AdapterFolder(FolderLayout):
         return os.path.getsize(self.weights)
 
 
-
+SDXL_LICENSE = "openrail++"  # SDXL base 1.0's license, which an adapter trained on it carries
 # PeftModel.save_pretrained writes keys under this prefix; writing the same keys keeps files interchangeable.
 PEFT_MODEL_PREFIX = "base_model.model."
 
@@ -58,24 +61,60 @@ def save_adapter(unet, path: str, adapter_name: str = "default", run_info: RunIn
         if run_info is not None:
             with open(folder.run_record, "w") as f:
                 json.dump(run_info.adapter_metadata(), f, indent=2)
-            with open(folder.model_card, "w") as f:
-                f.write(model_card(run_info))
+            model_card(run_info).save(folder.model_card)
 
 
-def model_card(run: RunInfo) -> str:
-    """A Hub-style model card: what the adapter is, what it was trained on, and how to load it."""
-    return f"""---
-base_model: {run.base_model}
-library_name: peft
-tags: [stable-diffusion-xl, dreambooth, {run.method}, waveft-sdxl]
-instance_prompt: "{run.instance_prompt}"
----
+def add_card_samples(path: str, samples: list[tuple[str, str]], run: RunInfo) -> None:
+    """Copy the final samples, (image file, its prompt) pairs, into the adapter folder's `samples/` and rewrite
+    the model card with them as its widget, so that the Hub shows them. Cost: one file copy each."""
+    folder = AdapterFolder(path)
+    shutil.rmtree(folder.card_samples, ignore_errors=True)  # an earlier run's samples
+    os.makedirs(folder.card_samples)
+    widget = []
+    for image, prompt in samples:
+        shutil.copyfile(image, os.path.join(folder.card_samples, os.path.basename(image)))
+        widget.append({"text": prompt, "output": {"url": f"{AdapterFolder.CARD_SAMPLES}/{os.path.basename(image)}"}})
+    write_text_atomic(folder.model_card, str(model_card(run, widget)))
 
+
+def model_card(run: RunInfo, widget: list[dict] | None = None):
+    """The Hub's model card (huggingface_hub.ModelCard): metadata the Hub reads (base model, instance prompt,
+    tags, license, sample widget: [{"text": prompt, "output": {"url": file in this folder}}]), then what the
+    adapter is, its budget, and which file loads in which tool."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(
+        base_model=run.base_model,
+        library_name="peft",
+        license=SDXL_LICENSE,
+        pipeline_tag="text-to-image",
+        tags=["text-to-image", "stable-diffusion-xl", "diffusers", "dreambooth", "peft", run.adapter_type,
+              "waveft-sdxl"],
+        instance_prompt=run.instance_prompt,
+        widget=widget or None,
+    )
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{model_card_body(run)}")
+
+
+def _budget_line(run: RunInfo) -> str:
+    if run.budget is None:
+        return "the method's settings as given (no budget)"
+    return (f"budget {run.budget:g} in LoRA-rank-1 units ({run.budget_target_parameters:,} parameters asked, "
+            f"{run.budget_parameters:,} reached with {run.budget_settings})")
+
+
+def model_card_body(run: RunInfo) -> str:
+    return f"""
 # {run.method} DreamBooth adapter for SDXL: {run.subject}
 
-- method: `{run.adapter_type}` ({run.trainable_parameters:,} trainable parameters on {run.adapted_layers} layers)
+- method: `{run.adapter_type}` ({run.trainable_parameters:,} trainable parameters on {run.adapted_layers} layers of the UNet); {_budget_line(run)}
 - trained for {run.steps} steps on the subject `{run.subject}`; instance prompt `{run.instance_prompt}`
-- files: PEFT's `{AdapterFolder.CONFIG}` + `{AdapterFolder.WEIGHTS}`; `{AdapterFolder.RUN_RECORD}` holds the run's details
+- base model: `{run.base_model}`
+
+| file | what | loads in |
+|---|---|---|
+| `{AdapterFolder.CONFIG}`, `{AdapterFolder.WEIGHTS}` | the adapter in PEFT's format | PEFT (`PeftModel.from_pretrained`), `waveft.generate` |
+| `{AdapterFolder.RUN_RECORD}` | the run's details (method, budget, steps, cost) | any JSON reader |
 
 ```python
 import torch

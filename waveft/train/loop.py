@@ -1,12 +1,12 @@
 """The DreamBooth training loop: read `train()` top to bottom to follow one run, its loop to follow one step.
 
-Randomness is keyed by position: data order by (seed, epoch), crops by (seed, epoch, index), and each
-micro-batch's noise and timesteps by (seed, process, micro-batch number). A run resumed from a checkpoint
-therefore sees exactly what the uninterrupted run would have.
+Randomness is keyed by position: data order by (seed, epoch), crops by (seed, epoch, index), each
+micro-batch's noise and timesteps by (seed, process, micro-batch number) and its caption dropout by (seed,
+micro-batch number). A run resumed from a checkpoint therefore sees exactly what the uninterrupted run would have.
 """
 import dataclasses
-import importlib.util
 import os
+import random
 import resource
 import shutil
 import time
@@ -21,7 +21,9 @@ from waveft.adapters.attach import AttachedAdapter, attach_adapter
 from waveft.config import RunConfig, config_to_dict, save_config
 from waveft.errors import UserError
 from waveft.export.run_exports import check_export_fits, export_run, planned_exports
-from waveft.io.adapter_folder import AdapterFolder, save_adapter
+from waveft.infer.generation import MANIFEST_NAME, read_manifest
+from waveft.io.adapter_folder import AdapterFolder, add_card_samples, save_adapter
+from waveft.io.hub import push_adapter_folder
 from waveft.io.run_folder import RunFolder, RunInfo
 from waveft.io.schema import read_yaml_mapping
 from waveft.models import DTYPES, load_sdxl
@@ -36,7 +38,12 @@ from waveft.train.validation_loss import ValidationLoss, plot_losses
 # The latent cache changes no number (a cached run equals an uncached one), so it may change too.
 SETTINGS_THAT_MAY_CHANGE_ON_RESUME = {"output_dir", "train.resume", "train.max_steps", "overwrite_output_dir",
                                       "data.cache_latents", "data.latent_cache_dir", "export.formats",
-                                      "export.lora_rank", "export.lora_energy", "export.dtype"}
+                                      "export.lora_rank", "export.lora_energy", "export.dtype", "hub.push",
+                                      "hub.repo_id", "hub.private", "train.wandb.project", "train.wandb.name",
+                                      "train.wandb.group", "train.wandb.tags"}
+
+
+TRACKER_PROJECT = "waveft-dreambooth"  # TensorBoard's subfolder of logs/
 
 
 @dataclass
@@ -127,6 +134,8 @@ def start_output_dir(cfg: RunConfig) -> None:
 
 # ---- text ------------------------------------------------------------------------------------------------------
 
+EMPTY_PROMPT = ""  # what caption dropout trains on (SDXL's unconditional prompt)
+
 
 @torch.no_grad()
 def encode_prompts(components, prompts: list[str], mode: str, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,8 +154,18 @@ def encode_prompts(components, prompts: list[str], mode: str, device) -> tuple[t
     return torch.cat(hidden_states, dim=-1), pooled
 
 
-def batch_conditioning(batch: TrainingBatch, prompt_embeds: dict, device, dtype) -> Conditioning:
-    text = [prompt_embeds[p] for p in batch.prompts]
+def conditioned_prompts(batch: TrainingBatch, caption_dropout: float, seed: int, micro_step: int) -> list[str]:
+    """The prompts a micro-batch is trained on: with caption dropout, a `caption_dropout` share of micro-batches
+    have their instance rows' prompts replaced by the empty prompt (class rows keep theirs: they are the prior).
+    Which ones is decided by (seed, micro-batch number) alone, so a resumed run drops the same micro-batches."""
+    prompts = list(batch.prompts)
+    if caption_dropout and random.Random(f"caption-dropout/{seed}/{micro_step}").random() < caption_dropout:
+        prompts[:batch.num_instance] = [EMPTY_PROMPT] * batch.num_instance
+    return prompts
+
+
+def batch_conditioning(batch: TrainingBatch, prompts: list[str], prompt_embeds: dict, device, dtype) -> Conditioning:
+    text = [prompt_embeds[p] for p in prompts]
     return Conditioning(torch.stack([hidden for hidden, _ in text]), torch.stack([pooled for _, pooled in text]),
                         batch.time_ids.to(device, dtype))
 
@@ -173,6 +192,8 @@ def embed_prompts(cfg: RunConfig, components, dataset, device) -> dict:
     prompts = {e.prompt for e in dataset.instances} | {e.prompt for e in dataset.class_examples or []}
     if cfg.validation.loss.every_steps:  # held-out images are conditioned on the instance prompt
         prompts.add(dreambooth_data.instance_prompt(cfg.data))
+    if cfg.data.caption_dropout:
+        prompts.add(EMPTY_PROMPT)
     prompts = sorted(prompts)
     embeds, pooled = encode_prompts(components, prompts, cfg.model.text_hidden_states, device)
     return {p: (embeds[i], pooled[i]) for i, p in enumerate(prompts)}
@@ -220,10 +241,6 @@ def make_accelerator(cfg: RunConfig):
     # accelerate keeps one process-wide state; a second train() in this process (a test, a notebook, a sweep)
     # may ask for another mixed precision. The distributed (partial) state is kept.
     AcceleratorState._reset_state()
-    if cfg.train.report_to == "wandb":
-        if importlib.util.find_spec("wandb") is None:
-            raise UserError("train.report_to=wandb needs the wandb package: pip install wandb (or use tensorboard)")
-        os.environ.setdefault("WANDB_MODE", "offline" if "WANDB_API_KEY" not in os.environ else "online")
     return Accelerator(
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         mixed_precision=cfg.train.mixed_precision,
@@ -231,6 +248,17 @@ def make_accelerator(cfg: RunConfig):
         project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=RunFolder(cfg.output_dir).logs),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     )
+
+
+def tracker_settings(cfg: RunConfig) -> tuple[str, dict]:
+    """accelerate's init_trackers project name and init_kwargs. wandb writes into logs/ and runs offline unless
+    WANDB_API_KEY is set (an explicit WANDB_MODE wins); `wandb sync logs/wandb/offline-run-*` uploads later."""
+    if cfg.train.report_to != "wandb":
+        return TRACKER_PROJECT, {}
+    w = cfg.train.wandb
+    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    return w.project, {"wandb": {"dir": RunFolder(cfg.output_dir).logs, "mode": mode, "name": w.name,
+                                 "group": w.group, "tags": w.tags or None}}
 
 
 def attach_checked_adapter(cfg: RunConfig, unet, weight_dtype, print_main) -> AttachedAdapter:
@@ -368,7 +396,8 @@ def end_of_step(cfg: RunConfig, accelerator, components, training: Training, sta
 
 
 def save_run(cfg: RunConfig, accelerator, trained_unet, run_info: RunInfo) -> None:
-    """The final adapter in PEFT's format, run_info.json (and loss.png) beside it, then the final samples."""
+    """The final adapter in PEFT's format, run_info.json (and loss.png) beside it, then the final samples, which
+    the adapter's model card then shows."""
     run = RunFolder(cfg.output_dir)
     if run_info.validation_losses:
         plot_losses(run.loss_plot, run_info.train_losses, run_info.validation_losses)
@@ -380,6 +409,8 @@ def save_run(cfg: RunConfig, accelerator, trained_unet, run_info: RunInfo) -> No
     if cfg.validation.final:
         run_info.samples = final_samples(cfg)
         log_image(accelerator, "samples", run_info.samples, run_info.steps)
+        made = read_manifest(os.path.join(run.samples, MANIFEST_NAME)).values()
+        add_card_samples(run.adapter, [(os.path.join(run.samples, row.file), row.prompt) for row in made], run_info)
 
 
 def use_latent_cache(cfg: RunConfig) -> bool:
@@ -454,7 +485,9 @@ def train(cfg: RunConfig) -> TrainResult:
     if main and cfg.train.report_to != "none":
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
                    for k, v in _flatten(config_to_dict(cfg)).items()}
-        accelerator.init_trackers("waveft-dreambooth", config=hparams)
+        project, init_kwargs = tracker_settings(cfg)
+        os.makedirs(run.logs, exist_ok=True)
+        accelerator.init_trackers(project, config=hparams, init_kwargs=init_kwargs)
 
     state = LoopState()
     if resume_from is not None:
@@ -477,10 +510,11 @@ def train(cfg: RunConfig) -> TrainResult:
             if state.global_step >= cfg.train.max_steps:
                 break
             generator = micro_batch_generator(cfg.seed, accelerator.process_index, state.micro_step)
+            prompts = conditioned_prompts(batch, cfg.data.caption_dropout, cfg.seed, state.micro_step)
             state.micro_step += 1
             with accelerator.accumulate(training.unet):
                 latents = latents_source.sample(batch, generator, weight_dtype)
-                conditioning = batch_conditioning(batch, prompt_embeds, device, weight_dtype)
+                conditioning = batch_conditioning(batch, prompts, prompt_embeds, device, weight_dtype)
                 weights = mask_weights(batch.masks.to(device), latents.shape[-2:], cfg.data.masks.min_weight) \
                     if batch.masks is not None else None
                 loss = micro_batch_loss(training.unet, noise_scheduler, latents, conditioning, batch.num_instance,
@@ -517,4 +551,6 @@ def train(cfg: RunConfig) -> TrainResult:
         save_run(cfg, accelerator, trained_unet, run_info)
     accelerator.end_training()
     print_main(f"adapter saved to {run.adapter} ({run_info.trainable_parameters:,} trainable parameters)")
+    if main and cfg.hub.push:  # last: a failed upload leaves the finished run as it is
+        push_adapter_folder(cfg.hub, run.adapter, print_main)
     return TrainResult(run_info, trained_unet)
