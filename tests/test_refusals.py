@@ -98,3 +98,19 @@ def test_a_refused_run_creates_no_output_folder(case, tiny_sdxl_dir, subject_dir
 def test_optimizer_settings_and_non_finite_numbers_are_refused_naming_the_key(override, message):
     with pytest.raises(UserError, match=message):
         load_config(None, ("output_dir=out", "data.instance_dir=imgs", override))
+
+
+def test_the_toy_subject_is_made_only_in_its_own_folder(tmp_path):
+    from waveft.train.data import DreamBoothDataset, ensure_instance_images
+
+    def data(folder):
+        return load_config(None, ("output_dir=out", f"data.instance_dir={folder}",
+                                  "data.synthetic_if_missing=true")).data
+
+    ensure_instance_images(data(tmp_path / "toy_ball"))
+    assert len(os.listdir(tmp_path / "toy_ball")) == 4
+    for typo in (tmp_path / "my_dog", tmp_path / "toy_bal"):
+        ensure_instance_images(data(typo))
+        with pytest.raises(UserError, match=f"instance folder not found: {typo}"):
+            DreamBoothDataset(data(typo), seed=0)
+    assert sorted(os.listdir(tmp_path)) == ["toy_ball"]

@@ -57,7 +57,7 @@ def save_adapter(unet, path: str, adapter_name: str = "default", run_info: RunIn
         give_usual_permissions(folder.weights)
         if run_info is not None:
             with open(folder.run_record, "w") as f:
-                json.dump(run_info.adapter_metadata(), f, indent=2)
+                json.dump(run_info.adapter_metadata(), f, indent=2, allow_nan=False)
             with open(folder.model_card, "w") as f:
                 f.write(model_card(run_info))
 
