@@ -53,7 +53,7 @@ from waveft.infer.generation import GenerationJob, ManifestRow, is_done
 from waveft.infer.settings import GenerationDtype, GenerationSettings, SamplerSettings
 from waveft.io.adapter_folder import AdapterFolder
 from waveft.io.cli_settings import cli
-from waveft.io.files import write_json_atomic
+from waveft.io.files import check_can_write, write_json_atomic
 from waveft.io.run_folder import RunFolder, RunInfo
 
 # The negative prompt as the paper's protocol gives it; the source quotes it ending in "...", so this is the
@@ -125,6 +125,7 @@ def read_run(run_dir: str | Path) -> TrainedRun:
     for needed in (RunFolder.CONFIG, RunFolder.RUN_INFO, adapter_config):
         if not (run_dir / needed).is_file():
             raise UserError(f"{run_dir} is not a finished training run: {needed} is missing")
+    AdapterFolder(folder.adapter).check_weights()  # now, not when its turn to generate comes
     try:
         config = yaml.safe_load(Path(folder.config).read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
@@ -337,6 +338,9 @@ def main(argv=None) -> None:
     from waveft.infer.pipeline import load_pipeline
 
     args, settings = parse_args(argv)
+    check_can_write(args.out, "--out")
+    if args.drift_base_dir is not None:
+        check_can_write(args.drift_base_dir, "--drift-base-dir")
     set_up_process()
     drift_prompts = settings.drift_prompt_list() if settings.drift else []
     benchmark = load_benchmark(args.benchmark)

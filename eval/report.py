@@ -41,7 +41,8 @@ from eval.tables import (
     markdown_table,
 )
 from waveft.errors import UserError, cli_entry
-from waveft.io.files import write_text_atomic
+from waveft.io.cli_settings import refuse_non_finite
+from waveft.io.files import check_can_write, write_text_atomic
 from waveft.io.run_folder import RunInfo
 
 
@@ -275,6 +276,8 @@ def main(argv=None) -> None:
                         help="prompt indices (in each subject's list) shown in the qualitative grid (default: 0)")
     parser.add_argument("--grid-seed", type=int, default=None, help="image seed of the grid (default: the lowest)")
     args = parser.parse_args(argv)
+    refuse_non_finite(args.comparison_budget, "--comparison-budget")
+    check_can_write(args.out, "--out")
     runs = [load_scored_run(path) for path in find_metrics_files(args.inputs)]
     mixed = check_same_settings(runs, args.allow_mixed)
     groups = group_runs(runs)

@@ -10,6 +10,8 @@ import tempfile
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from waveft.errors import UserError
+
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # reading the umask means setting it; this puts it back
 
@@ -63,6 +65,23 @@ def write_atomic(path: str | Path, write) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def check_can_write(path: str | Path, what: str, folder: bool = True) -> None:
+    """Refuse, before any heavy work, a destination this process cannot write: a folder (or a file's folder) to
+    be made under a file, a folder without write permission, a file where a folder goes or the reverse. Creates
+    nothing. `what` names the flag or key, e.g. "--out"."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise UserError(f"{what} {path} is a {'file' if folder else 'folder'}; it must be a "
+                        f"{'folder' if folder else 'file'}")
+    existing = path if folder else path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{what} {path} cannot be written: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path} cannot be written: no write permission in {existing}")
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
