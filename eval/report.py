@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.files import read_json
+from eval.files import json_field, read_json
 from eval.layout import GENERATION_TIMING, METRICS_JSON, REPORT_CSV, REPORT_MD, REPORT_PAGE, REPORT_TEX
 from eval.qualitative import grid_rows, save_qualitative_png, write_grid_images
 from eval.report_page import render_page
@@ -75,6 +75,8 @@ def load_scored_run(path: Path) -> ScoredRun:
     missing = [key for key in ("settings", "per_subject", "smoke_test") if key not in result]
     if missing:
         raise UserError(f"{path} is not a metrics.json from eval.score (missing {', '.join(missing)})")
+    for key, kind in (("settings", dict), ("per_subject", dict), ("smoke_test", bool)):
+        json_field(result, key, kind, path)
     run = RunInfo.from_dict(result["run"], f"{path}: key 'run'") if result.get("run") else None
     # Images scored without a run_info.json (e.g. hand-made folders) are named after their folder.
     method = run.method if run else Path(result.get("images_dir", path.parent)).name

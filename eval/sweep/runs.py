@@ -20,7 +20,7 @@ from typing import Optional
 
 import yaml
 
-from eval.files import read_json
+from eval.files import json_field, read_json
 from eval.layout import metrics_file
 from eval.protocol import Subject
 from eval.sweep.runner import INTERRUPTED, Children, Outcome, device_env, error_line, exclusive
@@ -131,7 +131,7 @@ def check_finished_runs(runs: list[Run], settings: dict) -> None:
     for run in runs:
         if not run.done:
             continue
-        recorded = read_json(run.dir / DONE).get("settings", {})
+        recorded = json_field(read_json(run.dir / DONE), "settings", dict, run.dir / DONE)
         for section, values in settings.items():
             for key, value in values.items():
                 found = recorded.get(section, {}).get(key)
