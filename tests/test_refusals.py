@@ -2,10 +2,11 @@
 byte-identical (or absent), and says so in one `error:` line naming the setting, file or value."""
 import hashlib
 import os
+import shutil
 
 import pytest
 
-from tests.helpers import tiny_cfg
+from tests.helpers import tiny_cfg, write_benchmark
 from waveft.config import load_config
 from waveft.errors import UserError
 
@@ -114,3 +115,74 @@ def test_the_toy_subject_is_made_only_in_its_own_folder(tmp_path):
         with pytest.raises(UserError, match=f"instance folder not found: {typo}"):
             DreamBoothDataset(data(typo), seed=0)
     assert sorted(os.listdir(tmp_path)) == ["toy_ball"]
+
+
+def refused_in_one_line(main, argv, capsys) -> str:
+    """Run a CLI's main(argv) in this process; it must exit 2 with one `error:` line, which is returned."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(arg) for arg in argv])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and len(errors) == 1, errors
+    return errors[0]
+
+
+def _commands():
+    from eval.generate_benchmark import main as benchmark
+    from eval.report import main as report
+    from eval.score import main as score
+    from waveft.export.cli import main as export
+    from waveft.infer.cli import main as generate
+
+    return {"generate": generate, "export": export, "benchmark": benchmark, "score": score, "report": report}
+
+
+def _argv(command, run, out, tiny_sdxl_dir, tmp_path):
+    """Each writing command on `run` (a trained run), writing to `out`."""
+    bench = tmp_path / "bench"
+    if not bench.exists():
+        write_benchmark(bench)
+    return {
+        "generate": ["--adapter", run / "adapter", "--base", tiny_sdxl_dir, "--prompt", "a zjw ball", "--out", out,
+                     "--steps", "1", "--height", "32", "--width", "32"],
+        "export": ["--adapter", run / "adapter", "--format", "lora", "--base", tiny_sdxl_dir,
+                   "--out", out / "toy_lora.safetensors"],
+        "benchmark": ["--runs", run, "--benchmark", bench, "--out", out],
+        "score": ["--images", run, "--real", bench, "--out", out],
+        "report": [run, "--out", out],
+    }[command]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["generate", "export", "benchmark", "score", "report"])
+def test_a_destination_that_cannot_be_written_is_refused_before_any_work(command, finished_run, tiny_sdxl_dir,
+                                                                         tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "a_file" / "out"  # a folder under a file: no user can write there
+    error = refused_in_one_line(_commands()[command], _argv(command, finished_run, out, tiny_sdxl_dir, tmp_path),
+                                capsys)
+    assert "--out" in error and "cannot be written" in error and "a_file is a file" in error
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["generate", "export", "benchmark"])
+def test_truncated_adapter_weights_are_refused_by_every_reader(command, finished_run, tiny_sdxl_dir, tmp_path,
+                                                               capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    weights = run / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    out = tmp_path / "out"
+    error = refused_in_one_line(_commands()[command], _argv(command, run, out, tiny_sdxl_dir, tmp_path), capsys)
+    assert f"{weights}: damaged adapter weights" in error
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command, argv, flag", [
+    ("generate", ["--prompt", "p", "--base", "b", "--out", "{tmp}/out", "--guidance-scale", "nan"], "--guidance-scale"),
+    ("export", ["--adapter", "a", "--format", "lora", "--out", "{tmp}/x.safetensors", "--energy", "inf"], "--energy"),
+    ("report", ["{tmp}", "--out", "{tmp}/out", "--comparison-budget", "nan"], "--comparison-budget"),
+])
+def test_non_finite_numeric_flags_are_refused_naming_the_flag(command, argv, flag, tmp_path, capsys):
+    error = refused_in_one_line(_commands()[command], [a.format(tmp=tmp_path) for a in argv], capsys)
+    assert error.startswith(f"error: {flag} must be a finite number")
+    assert os.listdir(tmp_path) == []
