@@ -93,7 +93,7 @@ def _load_weights(model_class, name_or_path: str, role: str, **kwargs):
     and would score with a random network, so it is refused, naming the role and the first missing weight."""
     model, info = _load(model_class, name_or_path, output_loading_info=True, **kwargs)
     if info["missing_keys"]:
-        missing = info["missing_keys"]
+        missing = sorted(info["missing_keys"])
         raise UserError(f"encoder {name_or_path!r} given as the {role} lacks {len(missing)} of the "
                         f"{model_class.__name__}'s weights (first: {missing[0]}): it is not a {role} checkpoint")
     return model

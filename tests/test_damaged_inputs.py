@@ -2,13 +2,16 @@
 architecture. Each is refused in one `error:` line naming the file (or, for a cache, recomputed and said once)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.helpers import REPO
+from tests.helpers import REPO, write_generated
+from tests.test_sweep import benchmark, sweep_args  # noqa: F401 (a fixture)
+from waveft.errors import UserError
 from waveft.train.latent_cache import LatentCache, Latents
 
 
@@ -88,3 +91,94 @@ def test_a_killed_writer_leaves_no_temporary_behind_the_next_write(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+@pytest.fixture(scope="module")
+def tiny_encoders(tmp_path_factory):
+    from eval.tiny_encoders import write_tiny_encoders
+
+    folder = tmp_path_factory.mktemp("encoders")
+    write_tiny_encoders(folder)
+    return folder
+
+
+def test_an_encoder_of_another_architecture_is_refused(tiny_encoders, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from eval.encoders import ClipEncoder, DinoEncoder
+
+    assert DinoEncoder.load(str(tiny_encoders / "dino"), "cpu").architecture == "vit"
+    with pytest.raises(UserError, match="given as the DINO encoder is a 'clip' model"):
+        DinoEncoder.load(str(tiny_encoders / "clip"), "cpu")
+    with pytest.raises(UserError, match="given as the CLIP encoder is a 'vit' model"):
+        ClipEncoder.load(str(tiny_encoders / "dino"), "cpu")
+    # A checkpoint of the right type that lacks weights would score with randomly initialised ones.
+    partial = tmp_path / "dino"
+    shutil.copytree(tiny_encoders / "dino", partial)
+    weights = load_file(partial / "model.safetensors")
+    dropped = sorted(weights)[-1]
+    save_file({k: v for k, v in weights.items() if k != dropped}, partial / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(UserError, match="given as the DINO encoder lacks 1 of the ViTModel's weights"):
+        DinoEncoder.load(str(partial), "cpu")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[1, 2]", "expected a JSON object, found list"),
+    ('{"settings": {}, "per_subject": [], "smoke_test": false}', "key 'per_subject' must be a dict, found list"),
+    ('{"settings": {}, "per_subject": {}, "smoke_test": false, "run": {"method": "lora"}}', "key 'run': missing keys"),
+    ("{not json", "cannot read"),
+])
+def test_report_refuses_a_metrics_file_of_the_wrong_shape(content, message, tmp_path, capsys):
+    from eval.report import main
+
+    (tmp_path / "metrics.json").write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "metrics.json"), "--out", str(tmp_path / "report")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and len(errors) == 1 and message in errors[0]
+    assert str(tmp_path / "metrics.json") in errors[0]
+    assert not (tmp_path / "report").exists()
+
+
+def test_score_refuses_a_run_info_of_the_wrong_shape(tmp_path, capsys):
+    from eval.score import main
+
+    write_generated(tmp_path / "images", run_info=None)
+    (tmp_path / "images" / "run_info.json").write_text('["waveft"]')
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--images", str(tmp_path / "images"), "--real", str(tmp_path), "--out", str(tmp_path / "metrics")])
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and "run_info.json" in error and "not a run record" in error
+
+
+@pytest.mark.parametrize("override, message", [
+    ("generation.drift_prompts={tmp}/drift.txt", "key 'generation.drift_prompts': cannot read prompts file"),
+    ("scoring.tiny_encoders={swapped}", "key 'scoring.tiny_encoders': encoder '{swapped}/dino' given as the DINO "
+                                        "encoder is a 'clip' model"),
+])
+def test_a_dry_run_opens_what_later_stages_read(override, message, tmp_path, tiny_encoders, benchmark,  # noqa: F811
+                                                tiny_sdxl_dir, monkeypatch, capsys):
+    from eval.sweep.cli import main
+
+    swapped = tmp_path / "swapped"  # dino/ holds a CLIP checkpoint
+    shutil.copytree(tiny_encoders / "clip", swapped / "dino")
+    shutil.copytree(tiny_encoders / "clip", swapped / "clip")
+    monkeypatch.chdir(REPO)
+    args = sweep_args(tmp_path, benchmark, tiny_sdxl_dir, override.format(tmp=tmp_path, swapped=swapped), "--dry-run")
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and len(errors) == 1
+    assert message.format(swapped=swapped) in errors[0]
+
+
+def test_a_sweep_refuses_a_dino_folder_that_is_missing(tmp_path, benchmark, tiny_sdxl_dir, monkeypatch,  # noqa: F811
+                                                       capsys):
+    from eval.sweep.cli import main
+
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit):
+        main(sweep_args(tmp_path, benchmark, tiny_sdxl_dir, "scoring.tiny_encoders=null",
+                        f"scoring.dino={tmp_path}/dino", "scoring.lpips=null", "--dry-run"))
+    assert f"key 'scoring.dino': DINO encoder folder not found: {tmp_path}/dino" in capsys.readouterr().err
