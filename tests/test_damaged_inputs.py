@@ -182,3 +182,19 @@ def test_a_sweep_refuses_a_dino_folder_that_is_missing(tmp_path, benchmark, tiny
         main(sweep_args(tmp_path, benchmark, tiny_sdxl_dir, "scoring.tiny_encoders=null",
                         f"scoring.dino={tmp_path}/dino", "scoring.lpips=null", "--dry-run"))
     assert f"key 'scoring.dino': DINO encoder folder not found: {tmp_path}/dino" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [("[]", "expected a JSON object, found list"),
+                                              ('{"settings": "fp16"}', "key 'settings' must be a dict, found str")])
+def test_a_sweep_refuses_a_done_record_of_the_wrong_shape(content, message, tmp_path, benchmark, tiny_sdxl_dir,  # noqa: F811
+                                                          monkeypatch, capsys):
+    from eval.sweep.cli import main
+
+    monkeypatch.chdir(REPO)
+    done = tmp_path / "sweep" / "runs" / "waveft" / "budget-1" / "puppy" / "seed-42" / "done.json"
+    done.parent.mkdir(parents=True)
+    done.write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        main(sweep_args(tmp_path, benchmark, tiny_sdxl_dir, "--dry-run"))
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and f"{done}: {message}" in error
