@@ -87,6 +87,29 @@ def _load(model_class, name_or_path: str, **kwargs):
         ) from None
 
 
+def _load_weights(model_class, name_or_path: str, role: str, **kwargs):
+    """`_load` of a model whose every weight must come from the checkpoint: a checkpoint of another architecture
+    (a CLIP folder given as the DINO encoder) loads with its weights reported missing and randomly initialised,
+    and would score with a random network, so it is refused, naming the role and the first missing weight."""
+    model, info = _load(model_class, name_or_path, output_loading_info=True, **kwargs)
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise UserError(f"encoder {name_or_path!r} given as the {role} lacks {len(missing)} of the "
+                        f"{model_class.__name__}'s weights (first: {missing[0]}): it is not a {role} checkpoint")
+    return model
+
+
+def _checked_config(name_or_path: str, role: str, model_types: tuple[str, ...]):
+    """The checkpoint's config, refused unless its model type is one `role` can use."""
+    from transformers import AutoConfig
+
+    config = _load(AutoConfig, name_or_path)
+    if config.model_type not in model_types:
+        raise UserError(f"encoder {name_or_path!r} given as the {role} is a {config.model_type!r} model; the "
+                        f"{role} must be one of: {', '.join(model_types)}")
+    return config
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -95,6 +118,8 @@ class ImageEncoder:
     """An image encoder with its preprocessing; subclasses say how a pixel batch becomes embeddings."""
 
     kind: str  # "dino" or "clip"
+    role: str  # what error messages call it
+    model_types: tuple[str, ...]  # the checkpoint config's model_type values it can load
     architecture: str | None = None  # said in describe() where one kind has several
 
     def __init__(self, name_or_path: str, model, preprocessing: Preprocessing, device: str):
@@ -104,6 +129,17 @@ class ImageEncoder:
         self.device = device
         self.smoke_test = os.path.isfile(os.path.join(name_or_path, SMOKE_TEST_MARKER))
         self.fingerprint = _fingerprint(name_or_path, getattr(model.config, "_commit_hash", None))
+
+    @classmethod
+    def check_source(cls, name_or_path: str) -> None:
+        """Without loading weights (a sweep's dry run): a folder must hold a config of a model type this encoder
+        can load; a path that does not exist is refused; a Hub id is left to the load."""
+        from waveft.models import looks_like_path
+
+        if os.path.exists(name_or_path):
+            _checked_config(name_or_path, cls.role, cls.model_types)
+        elif looks_like_path(name_or_path):
+            raise UserError(f"{cls.role} folder not found: {name_or_path}")
 
     def describe(self) -> str:
         label = " [SMOKE TEST: tiny random weights]" if self.smoke_test else ""
@@ -138,17 +174,19 @@ class DinoEncoder(ImageEncoder):
     last hidden state already holds). The architecture is read from the checkpoint's config."""
 
     kind = "dino"
+    role = "DINO encoder"
+    model_types = ("vit", "dinov2")
 
     @classmethod
     def load(cls, name_or_path: str = DEFAULT_DINO, device: str | None = None) -> "DinoEncoder":
-        from transformers import AutoConfig, Dinov2Model, ViTModel
+        from transformers import Dinov2Model, ViTModel
 
-        config = _load(AutoConfig, name_or_path)
+        config = _checked_config(name_or_path, cls.role, cls.model_types)
         if config.model_type == "dinov2":
-            model = _load(Dinov2Model, name_or_path)
+            model = _load_weights(Dinov2Model, name_or_path, cls.role)
             preprocessing = dinov2_preprocessing(name_or_path)
         else:
-            model = _load(ViTModel, name_or_path, add_pooling_layer=False)
+            model = _load_weights(ViTModel, name_or_path, cls.role, add_pooling_layer=False)
             crop = model.config.image_size
             preprocessing = Preprocessing(round(crop * 256 / 224), crop, IMAGENET_MEAN, IMAGENET_STD)
         encoder = cls(name_or_path, model, preprocessing, device or default_device())
@@ -177,6 +215,8 @@ class ClipEncoder(ImageEncoder):
     """CLIP: projected image embeddings, and projected text embeddings for CLIP-T."""
 
     kind = "clip"
+    role = "CLIP encoder"
+    model_types = ("clip",)
 
     def __init__(self, name_or_path, model, preprocessing, device, tokenizer):
         super().__init__(name_or_path, model, preprocessing, device)
@@ -186,7 +226,8 @@ class ClipEncoder(ImageEncoder):
     def load(cls, name_or_path: str = DEFAULT_CLIP, device: str | None = None) -> "ClipEncoder":
         from transformers import CLIPModel, CLIPTokenizer
 
-        model = _load(CLIPModel, name_or_path)
+        _checked_config(name_or_path, cls.role, cls.model_types)
+        model = _load_weights(CLIPModel, name_or_path, cls.role)
         tokenizer = _load(CLIPTokenizer, name_or_path)
         size = model.config.vision_config.image_size
         return cls(name_or_path, model, Preprocessing(size, size, CLIP_MEAN, CLIP_STD), device or default_device(),

@@ -10,11 +10,24 @@ MANIFEST_KEYS = ("file", "subject", "prompt", "prompt_index", "seed")
 
 
 def read_json(path: str | Path) -> dict:
+    """A JSON file holding an object (every JSON file this project writes does); anything else is a UserError
+    naming the file."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def json_field(data: dict, key: str, kind: type, path: str | Path):
+    """`data[key]`, refused naming the file and key unless it is a `kind` (a file of another shape or origin)."""
+    value = data.get(key)
+    if not isinstance(value, kind):
+        raise UserError(f"{path}: key '{key}' must be a {kind.__name__}, found {type(value).__name__}")
+    return value
 
 
 def scorable_rows(images_dir: str | Path, keys: tuple[str, ...] = MANIFEST_KEYS) -> list[ManifestRow]:

@@ -53,7 +53,7 @@ from waveft.infer.generation import GenerationJob, ManifestRow, is_done
 from waveft.infer.settings import GenerationDtype, GenerationSettings, SamplerSettings
 from waveft.io.adapter_folder import AdapterFolder
 from waveft.io.cli_settings import cli
-from waveft.io.files import write_text_atomic
+from waveft.io.files import check_can_write, write_json_atomic
 from waveft.io.run_folder import RunFolder, RunInfo
 
 # The negative prompt as the paper's protocol gives it; the source quotes it ending in "...", so this is the
@@ -125,6 +125,7 @@ def read_run(run_dir: str | Path) -> TrainedRun:
     for needed in (RunFolder.CONFIG, RunFolder.RUN_INFO, adapter_config):
         if not (run_dir / needed).is_file():
             raise UserError(f"{run_dir} is not a finished training run: {needed} is missing")
+    AdapterFolder(folder.adapter).check_weights()  # now, not when its turn to generate comes
     try:
         config = yaml.safe_load(Path(folder.config).read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
@@ -280,8 +281,7 @@ def record_timing(state, folder: Path, timing: dict, settings: BenchmarkGenerati
     """generation.json: benchmark images per second over this call's processes (wall clock of the slowest)."""
     if folder in timing:
         images, seconds = timing[folder]
-        write_text_atomic(folder / TIMING_PART.format(rank=state.process_index),
-                          json.dumps({"images": images, "seconds": seconds}) + "\n")
+        write_json_atomic(folder / TIMING_PART.format(rank=state.process_index), {"images": images, "seconds": seconds})
     state.wait_for_everyone()
     if not state.is_main_process:
         return
@@ -289,10 +289,10 @@ def record_timing(state, folder: Path, timing: dict, settings: BenchmarkGenerati
     measured = [read_json(part) for part in parts]
     if measured:
         images, seconds = sum(m["images"] for m in measured), max(m["seconds"] for m in measured)
-        write_text_atomic(folder / GENERATION_TIMING, json.dumps({
+        write_json_atomic(folder / GENERATION_TIMING, {
             "images": images, "seconds": round(seconds, 3), "images_per_second": images / max(seconds, 1e-9),
             "processes": state.num_processes, "device": state.device.type, "resolution": settings.resolution,
-            "steps": settings.steps, "dtype": settings.dtype}, indent=2) + "\n")
+            "steps": settings.steps, "dtype": settings.dtype})
     for part in parts:
         part.unlink()
 
@@ -338,6 +338,9 @@ def main(argv=None) -> None:
     from waveft.infer.pipeline import load_pipeline
 
     args, settings = parse_args(argv)
+    check_can_write(args.out, "--out")
+    if args.drift_base_dir is not None:
+        check_can_write(args.drift_base_dir, "--drift-base-dir")
     set_up_process()
     drift_prompts = settings.drift_prompt_list() if settings.drift else []
     benchmark = load_benchmark(args.benchmark)
@@ -364,20 +367,20 @@ def main(argv=None) -> None:
     for target in base_targets:
         with folder_lock(target.folder, state.is_main_process):
             if state.is_main_process:
-                write_text_atomic(target.folder / BASE_DRIFT_SETTINGS, json.dumps(target.identity, indent=2) + "\n")
+                write_json_atomic(target.folder / BASE_DRIFT_SETTINGS, target.identity)
             make_images(state, [target], settings, pipelines)
     if state.is_main_process:
         for run in runs:
             # The adapter as it is now: its weights' size replaces what an older trainer recorded (the whole folder).
             copy = dataclasses.replace(run.info, **adapter_facts(Path(RunFolder(run.run_dir).adapter)))
-            write_text_atomic(args.out / run.name / RUN_INFO, json.dumps(copy.to_dict(), indent=2) + "\n")
+            write_json_atomic(args.out / run.name / RUN_INFO, copy.to_dict())
     timing = make_images(state, run_targets, settings, pipelines)
     for run in runs:
         record_timing(state, args.out / run.name, timing, settings)
     if state.is_main_process:
         for name, base in base_of.items():
             drift = args.out / name / DRIFT_DIR
-            write_text_atomic(drift / DRIFT_BASE, json.dumps({"dir": os.path.relpath(base, drift)}, indent=2) + "\n")
+            write_json_atomic(drift / DRIFT_BASE, {"dir": os.path.relpath(base, drift)})
         print(f"wrote the benchmark images and {MANIFEST} of {len(runs)} run(s) under {args.out}")
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.files import read_json
+from eval.files import json_field, read_json
 from eval.layout import GENERATION_TIMING, METRICS_JSON, REPORT_CSV, REPORT_MD, REPORT_PAGE, REPORT_TEX
 from eval.qualitative import grid_rows, save_qualitative_png, write_grid_images
 from eval.report_page import render_page
@@ -41,7 +41,8 @@ from eval.tables import (
     markdown_table,
 )
 from waveft.errors import UserError, cli_entry
-from waveft.io.files import write_text_atomic
+from waveft.io.cli_settings import refuse_non_finite
+from waveft.io.files import check_can_write, write_text_atomic
 from waveft.io.run_folder import RunInfo
 
 
@@ -74,6 +75,8 @@ def load_scored_run(path: Path) -> ScoredRun:
     missing = [key for key in ("settings", "per_subject", "smoke_test") if key not in result]
     if missing:
         raise UserError(f"{path} is not a metrics.json from eval.score (missing {', '.join(missing)})")
+    for key, kind in (("settings", dict), ("per_subject", dict), ("smoke_test", bool)):
+        json_field(result, key, kind, path)
     run = RunInfo.from_dict(result["run"], f"{path}: key 'run'") if result.get("run") else None
     # Images scored without a run_info.json (e.g. hand-made folders) are named after their folder.
     method = run.method if run else Path(result.get("images_dir", path.parent)).name
@@ -275,6 +278,8 @@ def main(argv=None) -> None:
                         help="prompt indices (in each subject's list) shown in the qualitative grid (default: 0)")
     parser.add_argument("--grid-seed", type=int, default=None, help="image seed of the grid (default: the lowest)")
     args = parser.parse_args(argv)
+    refuse_non_finite(args.comparison_budget, "--comparison-budget")
+    check_can_write(args.out, "--out")
     runs = [load_scored_run(path) for path in find_metrics_files(args.inputs)]
     mixed = check_same_settings(runs, args.allow_mixed)
     groups = group_runs(runs)

@@ -64,7 +64,7 @@ from eval.tables import (
 from waveft.errors import UserError, cli_entry
 from waveft.infer.generation import ManifestRow
 from waveft.io.cli_settings import CliSettings, cli
-from waveft.io.files import write_text_atomic
+from waveft.io.files import check_can_write, write_text_atomic
 from waveft.io.images import load_rgb
 from waveft.io.run_folder import RunInfo
 
@@ -334,6 +334,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     settings = ScoreSettings.from_args(args)
     settings.check()
+    check_can_write(args.out, "--out")
     cache = EmbeddingCache(settings.cache_dir or default_cache_dir())
     result = score_images(args.images, args.real, settings, cache, args.identifier)
     write_metrics(result, args.out)

@@ -57,7 +57,7 @@ python scripts/bench_adapters.py "${bench[@]}" --out "$out/step.md"
 start=$(date +%s)
 python train_dreambooth_waveft.py --config configs/sdxl_waveft_paper.yaml \
   output_dir="$out/run" overwrite_output_dir=true model.pretrained="$model" \
-  data.instance_dir="$out/subject" data.synthetic_if_missing=true \
+  data.instance_dir="$out/toy_ball" data.synthetic_if_missing=true \
   train.checkpointing_steps=1000 train.report_to=none validation.every_steps=0 validation.final=false \
   "${train[@]}"
 seconds=$(( $(date +%s) - start ))

@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         stages.append(run_stage("build full-size SDXL (fp16)", [py, "-m", "waveft.tiny", MODEL, "--size", "full"]))
     overrides = [
         f"output_dir={run_dir}", "overwrite_output_dir=true", f"model.pretrained={MODEL}",
-        f"data.instance_dir={os.path.join(args.work, 'subject')}", "data.synthetic_if_missing=true",
+        f"data.instance_dir={os.path.join(args.work, 'toy_ball')}", "data.synthetic_if_missing=true",
         f"data.resolution={args.resolution}", f"train.max_steps={args.steps}", "train.gradient_accumulation_steps=1",
         "train.mixed_precision=no", "train.gradient_checkpointing=true",
         f"train.checkpointing_steps={args.steps + 1}", "train.report_to=none", "validation.every_steps=0",

@@ -18,8 +18,26 @@ import pytest
 from eval.sweep.cli import main
 from tests.test_sweep import REPO, SWEEP, benchmark, done_markers, run_sweep, snapshot, sweep_args  # noqa: F401
 
-pytestmark = pytest.mark.skipif(shutil.which("sbatch") is None,
-                                reason="no Slurm here (sbatch not on PATH): bash scripts/slurm_local_cluster.sh start")
+START_CLUSTER = "start one with: bash scripts/slurm_local_cluster.sh start"
+
+
+def slurm_unreachable() -> str | None:
+    """Why these tests cannot reach a Slurm controller here, or None: client tools alone (sbatch on PATH) do not
+    make a cluster, so the controller is asked (`scontrol ping`, as scripts/slurm_local_cluster.sh does)."""
+    if shutil.which("sbatch") is None or shutil.which("scontrol") is None:
+        return f"no Slurm here (sbatch or scontrol not on PATH); {START_CLUSTER}"
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=15)
+    except subprocess.TimeoutExpired:
+        return f"the Slurm controller does not answer (scontrol ping timed out); {START_CLUSTER}"
+    if "is UP" not in ping.stdout:
+        answer = (ping.stdout.strip() or ping.stderr.strip()).splitlines()
+        return f"no reachable Slurm controller (scontrol ping: {answer[0] if answer else 'no answer'}); {START_CLUSTER}"
+    return None
+
+
+UNREACHABLE = slurm_unreachable()
+pytestmark = pytest.mark.skipif(UNREACHABLE is not None, reason=UNREACHABLE or "")
 # One CPU per task, so that the local cluster (this machine's cores) runs tasks side by side.
 SLURM = ["launcher.type=slurm", "launcher.gpus_per_run=0", "launcher.cpus_per_run=1", "launcher.time_minutes=20"]
 # The tiny sweep reduced to one run (WaveFT on one subject), where one run shows what is compared.

@@ -69,7 +69,8 @@ class DataConfig:
     class_noun: str = "object"
     instance_prompt: Optional[str] = None  # default: "a {identifier} {class_noun}"
     captions: bool = False  # use a sidecar <image>.txt caption when present
-    synthetic_if_missing: bool = False  # generate the offline synthetic subject in instance_dir if it is missing
+    # Write the offline toy subject into instance_dir if it is missing and named toy_ball (any other: an error).
+    synthetic_if_missing: bool = False
     resolution: int = 1024
     crop: Literal["random", "center"] = "random"
     flip_probability: float = 0.0
@@ -245,6 +246,8 @@ def validate(cfg: RunConfig, source: str) -> None:
         ("train.log_every", cfg.train.log_every),
         ("validation.steps", cfg.validation.steps),
         ("data.prior_preservation.num_class_images", cfg.data.prior_preservation.num_class_images),
+        ("data.prior_preservation.generation_steps", cfg.data.prior_preservation.generation_steps),
+        ("data.prior_preservation.generation_batch_size", cfg.data.prior_preservation.generation_batch_size),
     ]:
         _positive(value, key, source)
     for key, value in [
@@ -253,6 +256,7 @@ def validate(cfg: RunConfig, source: str) -> None:
         ("train.noise_offset", cfg.train.noise_offset),
         ("validation.every_steps", cfg.validation.every_steps),
         ("data.num_workers", cfg.data.num_workers),
+        ("data.prior_preservation.loss_weight", cfg.data.prior_preservation.loss_weight),
     ]:
         _positive(value, key, source, allow_zero=True)
     if cfg.data.resolution % 8:
@@ -267,6 +271,7 @@ def validate(cfg: RunConfig, source: str) -> None:
         raise UserError(f"{source}: key 'adapter.target_modules' must name at least one module")
     if cfg.adapter.budget is not None:
         _positive(cfg.adapter.budget, "adapter.budget", source)
+    _validate_optimizer(cfg.train, source)
     _validate_export(cfg.export, source)
     cfg.resolved_adapter = resolve_adapter(cfg.adapter, cfg.train.max_steps, source)
     validate_trainer_features(cfg, source)
@@ -303,6 +308,20 @@ def validate_trainer_features(cfg: RunConfig, source: str) -> None:
                         f"(see requirements.txt), or report_to=tensorboard")
     if cfg.hub.push and not cfg.hub.repo_id:
         raise UserError(f"{source}: key 'hub.push' needs 'hub.repo_id' (the Hub repository, e.g. user/name)")
+
+
+def _validate_optimizer(train: TrainConfig, source: str) -> None:
+    """What torch's AdamW, bitsandbytes' AdamW8bit and Prodigy would refuse (with a traceback, after the output
+    folder is set up) or silently misuse (a zero clip norm or Min-SNR gamma)."""
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(train, key) < 1.0:
+            raise UserError(f"{source}: key 'train.{key}' must be in [0, 1), got {getattr(train, key)!r}")
+    _positive(train.adam_epsilon, "train.adam_epsilon", source)
+    _positive(train.adam_weight_decay, "train.adam_weight_decay", source, allow_zero=True)
+    _positive(train.prodigy_d_coef, "train.prodigy_d_coef", source)
+    for key in ("max_grad_norm", "snr_gamma"):
+        if getattr(train, key) is not None:
+            _positive(getattr(train, key), f"train.{key}", source)
 
 
 def _validate_export(export: ExportConfig, source: str) -> None:

@@ -32,6 +32,12 @@ def _load(what: str, source: str, loader):
         raise UserError(f"could not load the {what} from {source!r}: {str(exc).splitlines()[0]}") from None
 
 
+def looks_like_path(name: str) -> bool:
+    """A model named by a local path rather than a Hub id ("org/name"): a path that is missing is an error, not
+    a download."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
 def load_sdxl(model_cfg) -> SDXLComponents:
     """Every component frozen, in fp32 except the VAE, which takes `model.vae_dtype`."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -42,8 +48,7 @@ def load_sdxl(model_cfg) -> SDXLComponents:
 
         ensure_tiny_sdxl(model_cfg.pretrained)
     base = model_cfg.pretrained
-    looks_like_path = base.startswith(("/", ".", "~")) or base.count("/") > 1
-    if looks_like_path and not os.path.isdir(base):
+    if looks_like_path(base) and not os.path.isdir(base):
         raise UserError(f"model.pretrained: folder not found: {base} (give a local diffusers folder or a Hub id)")
     common = dict(revision=model_cfg.revision)
     weights = dict(common, variant=model_cfg.variant)

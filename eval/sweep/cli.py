@@ -56,7 +56,7 @@ from eval.sweep.schema import SweepConfig, benchmark_is_to_be_built, load_sweep,
 from eval.sweep.stages import report_argv
 from eval.tiny_benchmark import write_tiny_benchmark
 from waveft.errors import UserError, cli_entry
-from waveft.io.files import write_text_atomic
+from waveft.io.files import check_can_write, write_text_atomic
 
 
 def report_dir(sweep: SweepConfig) -> Path:
@@ -186,6 +186,8 @@ def main(argv=None) -> None:
     subjects = validate_sweep(sweep, args.sweep)
     runs = expand_runs(sweep, subjects, args.sweep)
     check_finished_runs(runs, result_settings(sweep))
+    check_can_write(sweep.output_dir, f"{args.sweep}: key 'output_dir'")
+    check_can_write(report_dir(sweep), f"{args.sweep}: key 'report.dir'")
     if args.report_only:
         sys.exit(finish(sweep, runs, [], Children()))
     launcher = make_launcher(sweep, args, sum(not run.done for run in runs))

@@ -20,7 +20,7 @@ from typing import Optional
 
 import yaml
 
-from eval.files import read_json
+from eval.files import json_field, read_json
 from eval.layout import metrics_file
 from eval.protocol import Subject
 from eval.sweep.runner import INTERRUPTED, Children, Outcome, device_env, error_line, exclusive
@@ -28,7 +28,7 @@ from eval.sweep.schema import MethodSpec, SweepConfig, benchmark_dataset
 from eval.sweep.stages import generate_argv, score_argv, train_argv
 from waveft.config import load_config
 from waveft.errors import UserError
-from waveft.io.files import write_text_atomic
+from waveft.io.files import write_json_atomic
 from waveft.io.run_folder import RunFolder
 
 DONE = "done.json"
@@ -140,7 +140,7 @@ def check_finished_runs(runs: list[Run], settings: dict) -> None:
     for run in runs:
         if not run.done:
             continue
-        recorded = read_json(run.dir / DONE).get("settings", {})
+        recorded = json_field(read_json(run.dir / DONE), "settings", dict, run.dir / DONE)
         for section, values in settings.items():
             for key, value in values.items():
                 found = recorded.get(section, {}).get(key)
@@ -196,19 +196,19 @@ def _execute_locked(sweep: SweepConfig, run: Run, env: dict, children: Children)
             log = logs / f"{stage}.log"
             return record_failure(run, Outcome(run.id, False, stage, f"exit status {status}: {error_line(log)}", log))
     metrics = read_json(metrics_file(run.metrics_dir))
-    write_text_atomic(run.dir / DONE, json.dumps({
+    write_json_atomic(run.dir / DONE, {
         "metrics": str(metrics_file(run.metrics_dir).relative_to(run.dir)),
         "method": run.method.name, "adapter_type": run.method.adapter, "budget": run.budget,
         "subject": run.subject.name, "seed": run.seed, "settings": result_settings(sweep),
         "overall": metrics.get("overall"), "stage_seconds": seconds,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }, indent=2) + "\n")
+    })
     return Outcome(run.id, True)
 
 
 def record_failure(run: Run, outcome: Outcome) -> Outcome:
-    write_text_atomic(run.dir / FAILED, json.dumps(
-        {"stage": outcome.stage, "error": outcome.message, "log": outcome.log and str(outcome.log)}, indent=2) + "\n")
+    write_json_atomic(run.dir / FAILED,
+                      {"stage": outcome.stage, "error": outcome.message, "log": outcome.log and str(outcome.log)})
     return outcome
 
 

@@ -38,9 +38,34 @@ def check_stage_settings(generation: BenchmarkGenerationSettings, scoring: Scori
         raise UserError(f"{source}: key 'scoring.tiny_encoders' replaces 'scoring.dino', 'scoring.clip' and "
                         "'scoring.cmmd_clip': set either")
     scoring.check(source, "scoring")
+    check_stage_inputs(generation, scoring, source)
     if scoring.lpips is not None and importlib.util.find_spec("lpips") is None:
         raise UserError(f"{source}: key 'scoring.lpips' is {scoring.lpips!r}, which needs the lpips package "
                         "(pip install lpips==0.1.4; it pulls torchvision); or set scoring.lpips=null")
+
+
+def check_stage_inputs(generation: BenchmarkGenerationSettings, scoring: ScoringSettings, source: str) -> None:
+    """Open what the stages after training will read (the drift prompts file; the encoders' configs, not their
+    weights), so that a missing or wrong file fails the sweep (and its dry run) now, not hours later."""
+    from eval.encoders import ClipEncoder, DinoEncoder
+
+    if generation.drift and generation.drift_prompts:
+        try:
+            generation.drift_prompt_list()
+        except UserError as exc:
+            raise UserError(f"{source}: key 'generation.drift_prompts': {exc}") from None
+    tiny = scoring.tiny_encoders
+    if tiny and not all((Path(tiny) / name / "config.json").is_file() for name in ("dino", "clip")):
+        return  # the launch builds them
+    key = "scoring.tiny_encoders" if tiny else None
+    settings = scoring.score_settings()
+    for encoder, name, own_key in ((DinoEncoder, settings.dino, "scoring.dino"),
+                                   (ClipEncoder, settings.clip, "scoring.clip"),
+                                   (ClipEncoder, settings.cmmd_clip, "scoring.cmmd_clip")):
+        try:
+            encoder.check_source(name)
+        except UserError as exc:
+            raise UserError(f"{source}: key '{key or own_key}': {exc}") from None
 
 
 REPO = Path(__file__).resolve().parents[2]

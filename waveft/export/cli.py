@@ -6,6 +6,7 @@ from waveft.entry import return_freed_blocks_to_the_system, set_up_process
 from waveft.errors import cli_entry
 from waveft.export.lora import DEFAULT_LORA_RANK
 from waveft.export.writer import EXPORT_DTYPES, FORMATS, ExportRequest, export_adapter
+from waveft.io.cli_settings import refuse_non_finite
 
 
 def parse_args(argv=None) -> ExportRequest:
@@ -26,6 +27,7 @@ def parse_args(argv=None) -> ExportRequest:
                         "adapter's recorded base model; only its UNet config is read")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
+    refuse_non_finite(args.energy, "--energy")
     return ExportRequest(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ExportRequest)})
 
 

@@ -63,6 +63,7 @@ def read_source_adapter(path: str) -> SourceAdapter:
         run_info = folder.read_run_record()
     except json.JSONDecodeError as exc:
         raise UserError(f"--adapter {path}: not valid JSON ({exc})") from None
+    folder.check_weights()
     digest = hashlib.sha256()
     with open(folder.weights, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

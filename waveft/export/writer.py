@@ -24,7 +24,7 @@ from waveft.export.source import (
     dense_delta,
     read_source_adapter,
 )
-from waveft.io.files import write_atomic
+from waveft.io.files import check_can_write, write_atomic
 
 FORMATS = ("full-diff", "lora")
 EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -69,6 +69,7 @@ def check_request(request: ExportRequest) -> None:
         raise UserError(f"--out {request.out} must be a .safetensors file")
     if os.path.exists(request.out) and not request.overwrite:
         raise UserError(f"--out {request.out} exists; pass --overwrite to replace it")
+    check_can_write(request.out, "--out", folder=False)
 
 
 def export_adapter(request: ExportRequest, progress: bool = True, say=print) -> ExportResult:

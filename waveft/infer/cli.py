@@ -16,6 +16,7 @@ from waveft.infer.generation import (
 from waveft.infer.pipeline import load_pipeline
 from waveft.infer.settings import GenerationSettings
 from waveft.io.adapter_folder import AdapterFolder
+from waveft.io.files import check_can_write
 
 
 def parse_args(argv=None):
@@ -35,6 +36,7 @@ def parse_args(argv=None):
 @cli_entry
 def main(argv=None) -> None:
     args = parse_args(argv)
+    check_can_write(args.out, "--out")
     set_up_process()
     prompts = list(args.prompt) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
     if not prompts:

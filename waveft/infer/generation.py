@@ -100,7 +100,7 @@ def read_prompts_file(path: str) -> list[str]:
 
 
 def write_manifest(path: str, rows: dict[str, ManifestRow]) -> None:
-    write_text_atomic(path, "".join(json.dumps(row.to_json()) + "\n" for row in rows.values()))
+    write_text_atomic(path, "".join(json.dumps(row.to_json(), allow_nan=False) + "\n" for row in rows.values()))
 
 
 def is_done(folder: str | os.PathLike, rows: dict[str, ManifestRow], job: GenerationJob) -> bool:

@@ -54,6 +54,8 @@ def load_pipeline(
 
     if adapter_dir is not None and not AdapterFolder(adapter_dir).is_adapter():
         raise UserError(f"no {AdapterFolder.CONFIG} in adapter folder {adapter_dir}")
+    if adapter_dir is not None:
+        AdapterFolder(adapter_dir).check_weights()
     torch_dtype = DTYPES[dtype]
     # The UNet first, alone: its checkpoint's pages (mapped while it converts to `dtype`) are released before the
     # text encoders load, so the peak is the UNet's own. Full-size SDXL in fp32 on CPU: 14.8 GB peak RSS, against

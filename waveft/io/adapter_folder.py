@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 
+from waveft.errors import UserError
 from waveft.io.files import FolderLayout, atomic_directory, give_usual_permissions, inside, write_text_atomic
 from waveft.io.run_folder import PlannedExport, RunInfo
 
@@ -35,6 +36,20 @@ class AdapterFolder(FolderLayout):
         with open(self.run_record) as f:
             return json.load(f)
 
+    def check_weights(self) -> None:
+        """Refuse a missing or damaged weights file (truncated, or not safetensors: safetensors checks that the
+        header covers the file exactly) before any model loads; only the header is read."""
+        from safetensors import SafetensorError, safe_open
+
+        if not os.path.isfile(self.weights):
+            raise UserError(f"adapter folder {self.root}: {self.WEIGHTS} is missing")
+        try:
+            with safe_open(self.weights, "pt"):
+                pass
+        except SafetensorError as exc:
+            raise UserError(f"{self.weights}: damaged adapter weights ({exc}); train again or restore the "
+                            f"file") from None
+
     def weights_bytes(self) -> int:
         """The adapter's size on disk: its weights file alone (exports written beside it are not the adapter)."""
         return os.path.getsize(self.weights)
@@ -60,7 +75,7 @@ def save_adapter(unet, path: str, adapter_name: str = "default", run_info: RunIn
         give_usual_permissions(folder.weights)
         if run_info is not None:
             with open(folder.run_record, "w") as f:
-                json.dump(run_info.adapter_metadata(), f, indent=2)
+                json.dump(run_info.adapter_metadata(), f, indent=2, allow_nan=False)
             model_card(run_info).save(folder.model_card)
 
 
@@ -171,6 +186,7 @@ def load_adapter_weights(unet, path: str, adapter_name: str = "default") -> None
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    AdapterFolder(path).check_weights()
     state = load_file(AdapterFolder(path).weights)
     state = {key.removeprefix(PEFT_MODEL_PREFIX): value for key, value in state.items()}
     # What PEFT saves for this adapter (AdaLoRA, for one, never saves its `ranknum` buffers).

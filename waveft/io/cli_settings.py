@@ -8,6 +8,7 @@ CLI parses and passes it on without spelling any flag itself. Supported field ty
 """
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from typing import Literal
@@ -43,6 +44,21 @@ def _none_word_option(word: str, choices) -> dict:
         return None if value == word else value
 
     return {"type": convert, "metavar": "{" + ",".join(allowed) + "}" if choices else None}
+
+
+def non_finite(value) -> float | None:
+    """The first NaN or infinity in a number or list of numbers, else None. Such a value passes every range check
+    (comparisons with NaN are false), so each flag or key that takes a number refuses it first."""
+    for number in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(number, float) and not math.isfinite(number):
+            return number
+    return None
+
+
+def refuse_non_finite(value, flag: str) -> None:
+    """For a plain argparse option of type float: a UserError naming `flag` if `value` is NaN or infinite."""
+    if non_finite(value) is not None:
+        raise UserError(f"{flag} must be a finite number, got {non_finite(value)!r}")
 
 
 class CliSettings:
@@ -87,7 +103,9 @@ class CliSettings:
 
     def check(self, source: str | None = None, section: str | None = None) -> None:
         """Raise a UserError for the first problem, naming the CLI option, or `source: key 'section.field'`."""
-        problems = self.problems()
+        problems = [(f.name, f"must be a finite number, got {non_finite(getattr(self, f.name))!r}")
+                    for f in dataclasses.fields(self) if non_finite(getattr(self, f.name)) is not None]
+        problems = problems or self.problems()
         if not problems:
             return
         name, message = problems[0]

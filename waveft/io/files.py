@@ -1,12 +1,16 @@
 """Atomic writes: a file or folder is built beside its destination and moved over it only once complete,
 so readers (and an earlier complete version) never see a half-written one, whatever interrupts the write.
 And `FolderLayout`, the base of the classes that own a folder's file names."""
+import glob
 import json
 import os
 import shutil
+import socket
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
+
+from waveft.errors import UserError
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # reading the umask means setting it; this puts it back
@@ -17,11 +21,40 @@ def give_usual_permissions(path: str | Path) -> None:
     os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_UMASK)
 
 
+def _temporary_prefix(path: Path) -> str:
+    """A temporary of `path` is `.NAME.HOST-PID.RANDOM.tmp`: the writer it belongs to can be told from its name."""
+    return f".{path.name}.{socket.gethostname()}-"
+
+
+def _process_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporaries of `path` left by a killed writer on this host (SIGKILL skips every cleanup);
+    a live writer's, or another host's (a shared file system), are left alone."""
+    prefix = _temporary_prefix(path)
+    for stale in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        pid = stale.name[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and not _process_is_alive(int(pid)):
+            with suppress(FileNotFoundError):  # another writer removed it first
+                stale.unlink()
+
+
 def write_atomic(path: str | Path, write) -> None:
-    """Call `write(binary_file)` on a temp file beside `path`, flush it to disk, then move it over `path`."""
+    """Call `write(binary_file)` on a temp file beside `path`, flush it to disk, then move it over `path`. A
+    temporary a killed earlier writer left is removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_temporary_prefix(path)}{os.getpid()}.",
+                               suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -34,12 +67,31 @@ def write_atomic(path: str | Path, write) -> None:
         raise
 
 
+def check_can_write(path: str | Path, what: str, folder: bool = True) -> None:
+    """Refuse, before any heavy work, a destination this process cannot write: a folder (or a file's folder) to
+    be made under a file, a folder without write permission, a file where a folder goes or the reverse. Creates
+    nothing. `what` names the flag or key, e.g. "--out"."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise UserError(f"{what} {path} is a {'file' if folder else 'folder'}; it must be a "
+                        f"{'folder' if folder else 'file'}")
+    existing = path if folder else path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{what} {path} cannot be written: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path} cannot be written: no write permission in {existing}")
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def write_json_atomic(path: str | Path, data) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+    """Strict JSON: a NaN or infinity (which json.dumps would write as the non-JSON NaN / Infinity that other
+    readers refuse) is a ValueError here, before anything is written."""
+    write_text_atomic(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 @contextmanager

@@ -5,6 +5,7 @@ modules that declare settings (`waveft.config`, the adapter methods, the sweep) 
 other way round.
 """
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -29,9 +30,23 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _refuse_non_finite(value: Any, key: str, source: str) -> None:
+    """NaN or infinity (YAML's .nan / .inf, or "nan" read as a float) is never a setting: it would pass every
+    range check (comparisons with NaN are false) and surface hours later as a NaN loss or score."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{source}: key '{key}' must be a finite number, got {value!r}")
+    if isinstance(value, dict):
+        for name, item in value.items():
+            _refuse_non_finite(item, f"{key}.{name}" if key else name, source)
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            _refuse_non_finite(item, f"{key}[{index}]", source)
+
+
 def coerce_value(value: Any, tp, key: str, source: str) -> Any:
     """Check `value` against the annotation `tp` (a dataclass: built from a mapping, unknown keys refused);
-    ints are accepted for floats. Raise naming the key."""
+    ints are accepted for floats; NaN and infinity are refused everywhere. Raise naming the key."""
+    _refuse_non_finite(value, key, source)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -68,9 +83,12 @@ def coerce_value(value: Any, tp, key: str, source: str) -> Any:
         return float(value)
     if tp is float and isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             pass
+        else:
+            _refuse_non_finite(number, key, source)
+            return number
     if tp is bool and not isinstance(value, bool) or tp is int and isinstance(value, bool):
         raise UserError(f"{source}: key '{key}' must be {_type_name(tp)}, got {value!r}")
     if not isinstance(value, tp):

@@ -36,7 +36,7 @@ def save_checkpoint(output_dir: str, step: int, unet, optimizer, lr_scheduler, s
         if ema is not None:
             torch.save(ema.state_dict(), os.path.join(staging, "ema.pt"))
         with open(os.path.join(staging, RunFolder.TRAINING_STATE), "w") as f:
-            json.dump(state, f, indent=2)
+            json.dump(state, f, indent=2, allow_nan=False)
     if total_limit is not None:
         for _, old in list_checkpoints(output_dir)[:-total_limit]:
             shutil.rmtree(old)

@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageOps
 
 from waveft.errors import UserError
-from waveft.fixtures.synthetic_subject import write_synthetic_subject
+from waveft.fixtures.synthetic_subject import TOY_SUBJECT, write_synthetic_subject
 from waveft.io.images import IMAGE_EXTENSIONS, list_images, load_mask, load_rgb
 from waveft.io.run_folder import RunFolder
 
@@ -71,6 +71,10 @@ def bucket_sizes(data_cfg) -> list[tuple[int, int]]:
         if height >= b.step and max(width / height, height / width) <= b.max_ratio:
             sizes.add((height, width))
         width += b.step
+    if not sizes:
+        raise UserError(f"data.buckets: no bucket of about {area} pixels (data.buckets.area) with sides multiples of "
+                        f"{b.step} (data.buckets.step) has an aspect ratio within {b.max_ratio:g} "
+                        f"(data.buckets.max_ratio); raise data.buckets.max_ratio or change the area")
     return sorted(sizes)
 
 
@@ -315,8 +319,13 @@ def class_examples(cfg) -> list[Example]:
 
 
 def ensure_instance_images(data_cfg) -> None:
+    """With data.synthetic_if_missing, write the toy subject into a missing instance folder named after it. Any
+    other missing folder is left missing, so that the dataset refuses it on every process, naming it: a typo
+    must not train on toy images."""
     from waveft.io.files import atomic_directory
 
-    if data_cfg.synthetic_if_missing and not os.path.isdir(data_cfg.instance_dir):
-        with atomic_directory(data_cfg.instance_dir) as staging:
+    folder = data_cfg.instance_dir
+    if data_cfg.synthetic_if_missing and not os.path.isdir(folder) \
+            and os.path.basename(os.path.normpath(folder)) == TOY_SUBJECT:
+        with atomic_directory(folder) as staging:
             write_synthetic_subject(staging)

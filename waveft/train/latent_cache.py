@@ -2,7 +2,8 @@
 
 An entry is keyed by what made it: the image file's content, the resize, crop box and flip (`View`), and the
 VAE's identity (a hash of its weights, dtype and scaling). A changed image, crop, VAE or dtype therefore never
-reuses a stale entry. Entries are written atomically; processes and runs share the folder.
+reuses a stale entry. Entries are written atomically; processes and runs share the folder. An entry damaged
+anyway (a full disk, a copy cut short) is removed and recomputed, and the run says so once.
 
 Each step samples its latents from the posterior as the VAE's own `latent_dist.sample` does (mean + std * noise
 drawn from the micro-batch's generator), so a cached run gives the same adapter, bit for bit, as an uncached one.
@@ -10,7 +11,9 @@ drawn from the micro-batch's generator), so a cached run gives the same adapter,
 import hashlib
 import json
 import os
+import sys
 import tempfile
+from contextlib import suppress
 
 import torch
 
@@ -54,19 +57,41 @@ class LatentCache:
         self.folder = os.path.join(folder, vae_id)
         self.hits = 0
         self.misses = 0
+        self.damaged = 0  # entries found damaged, removed and recomputed
 
     def _path(self, view_key: str) -> str:
         return os.path.join(self.folder, hashlib.sha256(view_key.encode()).hexdigest() + ".safetensors")
 
-    def __contains__(self, view_key: str) -> bool:
-        return os.path.isfile(self._path(view_key))
-
-    def get(self, view_key: str, device):
-        """(mean, std), each (4, h, w) on `device`, or None if the view was never encoded."""
-        from safetensors.torch import load
+    def _whole_entry(self, view_key: str) -> str | None:
+        """The entry's file if it holds a whole entry (safetensors checks that the header covers the file exactly;
+        only the header is read), else None; a damaged file is removed so that the view is encoded again."""
+        from safetensors import SafetensorError, safe_open
 
         path = self._path(view_key)
         if not os.path.isfile(path):
+            return None
+        try:
+            with safe_open(path, "pt") as f:
+                if set(f.keys()) == {"mean", "std"}:
+                    return path
+        except SafetensorError:
+            pass
+        if not self.damaged:
+            print(f"latent cache: {path} is damaged; recomputing it (and any other damaged entry)", file=sys.stderr)
+        self.damaged += 1
+        with suppress(FileNotFoundError):  # another process may have removed it first
+            os.unlink(path)
+        return None
+
+    def __contains__(self, view_key: str) -> bool:
+        return self._whole_entry(view_key) is not None
+
+    def get(self, view_key: str, device):
+        """(mean, std), each (4, h, w) on `device`, or None if the view was never encoded (or its entry is damaged)."""
+        from safetensors.torch import load
+
+        path = self._whole_entry(view_key)
+        if path is None:
             self.misses += 1
             return None
         self.hits += 1
@@ -82,7 +107,7 @@ class LatentCache:
         write_atomic(self._path(view_key), lambda f: f.write(data))
 
     def stats(self) -> dict:
-        return {"hits": self.hits, "misses": self.misses, "folder": self.folder}
+        return {"hits": self.hits, "misses": self.misses, "damaged": self.damaged, "folder": self.folder}
 
 
 class Latents:

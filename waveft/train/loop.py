@@ -110,6 +110,20 @@ def check_output_dir(cfg: RunConfig) -> None:
             )
 
 
+def check_named_paths(cfg: RunConfig) -> None:
+    """The folders settings name that the run reads later (after the output folder is started), checked now: a
+    refused run must leave its output folder as it found it. The instance folder, model, VAE and checkpoint are
+    read before that point and checked where they are read."""
+    from waveft.io.images import list_images
+
+    if cfg.validation.loss.every_steps and cfg.validation.loss.images:
+        list_images(cfg.validation.loss.images, "validation.loss.images folder")
+    class_dir = cfg.data.prior_preservation.class_dir
+    if cfg.data.prior_preservation.enabled and class_dir and os.path.exists(class_dir) \
+            and not os.path.isdir(class_dir):
+        raise UserError(f"data.prior_preservation.class_dir: {class_dir} is a file, not a folder")
+
+
 def find_resume_checkpoint(cfg: RunConfig):
     if cfg.train.resume is None:
         return None
@@ -435,7 +449,9 @@ def prepare_latents(cfg: RunConfig, accelerator, vae, dataset) -> Latents:
 def train(cfg: RunConfig) -> TrainResult:
     from accelerate.utils import set_seed
 
+    # Every check that can refuse the run comes before start_output_dir, the first write into output_dir.
     check_output_dir(cfg)
+    check_named_paths(cfg)
     if use_latent_cache(cfg):
         check_writable(cache_folder(cfg.data))
     accelerator = make_accelerator(cfg)
