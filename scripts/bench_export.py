@@ -1,6 +1,8 @@
 """What exporting costs and loses: file size vs relative error |dW - BA|_F / |dW|_F of a WaveFT adapter exported
-by `python -m waveft.export` as a LoRA (fixed ranks, energy thresholds) or a full difference, with each export's
-peak memory (the export process's maximum resident set size) and wall time.
+by `python -m waveft.export` as a LoRA (fixed ranks, energy thresholds), a full difference or WaveFT's own file
+(`--format waveft`: its error is that of the ComfyUI node's reader against PEFT's difference, max abs of the
+largest entry; its size beside the PEFT file's), with each export's peak memory (the export process's maximum
+resident set size) and wall time.
 
     python scripts/bench_export.py --out outputs/bench-export [--sdxl-sample-blocks 2]
 
@@ -27,8 +29,9 @@ from waveft.config import AdapterConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TINY_SETTINGS = [("full-diff", []), ("lora", ["--rank", "4"]), ("lora", ["--rank", "8"]), ("lora", ["--rank", "16"]),
-                 ("lora", ["--rank", "32"]), ("lora", ["--energy", "0.9"]), ("lora", ["--energy", "0.99"])]
+TINY_SETTINGS = [("waveft", []), ("full-diff", []), ("lora", ["--rank", "4"]), ("lora", ["--rank", "8"]),
+                 ("lora", ["--rank", "16"]), ("lora", ["--rank", "32"]), ("lora", ["--energy", "0.9"]),
+                 ("lora", ["--energy", "0.99"])]
 SDXL_RANKS = [8, 16, 32, 64, 128, 256]
 
 
@@ -74,9 +77,33 @@ def run_export(adapter: str, out: str, fmt: str, extra: list[str]) -> dict:
             "seconds": time.time() - started}
 
 
+def native_error(adapter: str, native: str, base: str) -> float:
+    """Worst over the layers of max |the ComfyUI node's difference from the native file - PEFT's| / max |PEFT's|."""
+    import importlib.util
+
+    from safetensors.torch import load_file
+
+    from waveft.export import attach_source_adapter, dense_delta, read_source_adapter
+
+    spec = importlib.util.spec_from_file_location("waveft_native", os.path.join(REPO, "integrations", "comfyui",
+                                                                              "waveft_native.py"))
+    reader = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reader)
+    tensors = load_file(native)
+    worst = 0.0
+    for layer in attach_source_adapter(read_source_adapter(adapter), base):
+        expected = dense_delta(layer)
+        delta = reader.NativeLayer(layer.kohya_name, tensors).delta()
+        worst = max(worst, float((delta - expected).abs().max() / expected.abs().max()))
+    return worst
+
+
 def row(label: str, result: dict) -> str:
     m = result["metadata"]
-    if m["waveft.format"] == "full-diff":
+    if m["waveft.format"] == "waveft":
+        worst = f"{result['native_error']:.1e} (lossless)"
+        median = f"{result['bytes'] / result['peft_bytes']:.2f}x the PEFT file"
+    elif m["waveft.format"] == "full-diff":
         worst = median = "0 (lossless)"
     else:
         worst = f"{float(m['waveft.relative_error_worst']):.3f}"
@@ -102,8 +129,16 @@ def bench_tiny(out: str) -> list[str]:
     for fmt, extra in TINY_SETTINGS:
         label = fmt + (" " + " ".join(extra) if extra else "")
         result = run_export(adapter, os.path.join(out, "tiny.safetensors"), fmt, [*extra, "--dtype", "fp16"])
+        if fmt == "waveft":
+            add_native_columns(result, adapter, os.path.join(out, "tiny.safetensors"), base)
         lines.append(row(label, result))
     return lines
+
+
+def add_native_columns(result: dict, adapter: str, native: str, base: str) -> None:
+    from waveft.export_native import peft_weights_bytes
+
+    result.update(native_error=native_error(adapter, native, base), peft_bytes=peft_weights_bytes(adapter))
 
 
 def sdxl_base(out: str) -> str:
@@ -125,6 +160,8 @@ def bench_sdxl(out: str, sample_blocks: int) -> list[str]:
     base = sdxl_base(out)
     full = os.path.join(out, "sdxl-waveft")
     make_waveft_adapter(full, base, unet_skeleton(SDXL_UNET_CONFIG), 2592, ["to_q", "to_k", "to_v", "to_out.0"])
+    native = run_export(full, os.path.join(out, "sdxl-native.safetensors"), "waveft", [])
+    add_native_columns(native, full, os.path.join(out, "sdxl-native.safetensors"), base)
     diff = run_export(full, os.path.join(out, "sdxl-full-diff.safetensors"), "full-diff", ["--dtype", "fp16"])
     shapes = [(x.out_features, x.in_features) for x in attach_source_adapter(read_source_adapter(full), base)]
     os.remove(os.path.join(out, "sdxl-full-diff.safetensors"))
@@ -139,7 +176,7 @@ def bench_sdxl(out: str, sample_blocks: int) -> list[str]:
     singular = [torch.linalg.svdvals(dense_delta(x)) for x in attach_source_adapter(read_source_adapter(sample), base)]
     lines = [f"SDXL's real shapes (560 layers), WaveFT n_frequency 2592 (budget 1), fp16 files. Full difference: all "
              f"560 layers; LoRA: {n} sampled layers of all four shapes, file size for all 560:", "", *HEADER,
-             row("full-diff (560 layers)", diff)]
+             row("waveft, native (560 layers)", native), row("full-diff (560 layers)", diff)]
     for rank in SDXL_RANKS:
         errors = [float((s[rank:] ** 2).sum().sqrt() / (s**2).sum().sqrt()) for s in singular]
         measured = f"{lora['peak_rss_mb']:,.0f} MB ({n} layers)" if rank == 32 else ""

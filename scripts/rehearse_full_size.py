@@ -6,8 +6,10 @@ Stages, each in its own process (so each has its own peak RSS): build the full-s
 (`.cache/sdxl-full`), train `configs/sdxl_waveft_paper.yaml` on it (fp32: this CPU has no bf16 instructions;
 gradient checkpointing; a synthetic subject; `--steps` optimizer steps at `--resolution`), reload the saved
 adapter in stock PEFT and merge it (and time PEFT's own load against this project's), generate one image
-with `python -m waveft.generate`, and export it when `waveft.export` exists. Prints a Markdown table:
-layers adapted, trainable parameters, adapter size on disk, peak RSS and seconds per stage. Fails if a stage
+with `python -m waveft.generate`, export it (full difference; WaveFT's own file) when `waveft.export` exists,
+and run that file in ComfyUI's real code where it is beside the checkout (`scripts/comfyui_full_size.py`).
+Prints a Markdown table: layers adapted, trainable parameters, adapter size on disk, peak RSS and seconds per
+stage. Fails if a stage
 fails, if the adapter does not have SDXL's 560 layers and 1,451,520 parameters, or if a stage's peak RSS
 exceeds 16 GB.
 """
@@ -112,6 +114,13 @@ def main(argv=None) -> int:
             py, "-m", "waveft.export", "--adapter", adapter, "--base", MODEL, "--format", "full-diff",
             "--out", os.path.join(args.work, "export", "full-diff.safetensors"), "--overwrite",
         ]))  # fmt: skip
+        native = os.path.join(args.work, "export", "native.safetensors")
+        stages.append(run_stage("export (waveft.export, native waveft)", [
+            py, "-m", "waveft.export", "--adapter", adapter, "--base", MODEL, "--format", "waveft", "--out", native,
+            "--overwrite",
+        ]))  # fmt: skip
+        print(next(line for line in stages[-1].output.splitlines() if line.startswith("native WaveFT file")))
+        stages += comfyui_stage(adapter, native, args)
     else:
         print("(no waveft.export in this tree: export stage skipped)")
     from waveft.io.adapter_folder import AdapterFolder
@@ -127,6 +136,24 @@ def main(argv=None) -> int:
     for failure in failures:
         print(f"error: {failure}")
     return 1 if failures else 0
+
+
+def comfyui_stage(adapter: str, native: str, args) -> list[Stage]:
+    """The native file in ComfyUI's real code (scripts/comfyui_full_size.py), where its source is beside the
+    checkout: the example workflow through ComfyUI's executor, 560 patched weights against PEFT's merge."""
+    sys.path.insert(0, REPO)
+    from tests.comfyui_env import ABSENT, comfyui_dir
+
+    if comfyui_dir() is None:
+        print(f"(ComfyUI stage skipped: {ABSENT})")
+        return []
+    stage = run_stage("ComfyUI: workflow with the native file; 560 layers vs PEFT merge", [
+        sys.executable, os.path.join(REPO, "scripts", "comfyui_full_size.py"), "--model", MODEL, "--adapter",
+        adapter, "--native", native, "--resolution", str(args.resolution), "--work",
+        os.path.join(args.work, "comfyui"),
+    ])  # fmt: skip
+    print(stage.output[stage.output.index("## WaveFT's own file in ComfyUI"):].rsplit("PEAK_KB", 1)[0])
+    return [stage]
 
 
 def print_table(stages: list[Stage], reload: dict, adapter_bytes: int, args) -> None:

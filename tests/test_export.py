@@ -311,12 +311,13 @@ def test_a_run_exports_the_files_its_config_asks_for_and_its_card_says_where_the
 
     cfg = tiny_cfg(tiny_sdxl_dir, subject_dir, tmp_path / "run", "train.max_steps=2",
                    "train.gradient_accumulation_steps=1", "train.checkpointing_steps=0",
-                   "export.formats=[lora, full-diff]", "export.lora_rank=4", "export.dtype=fp32")
+                   "export.formats=[lora, full-diff, waveft]", "export.lora_rank=4", "export.dtype=fp32")
     train(cfg)
     adapter = tmp_path / "run" / "adapter"
     lora, diff = adapter / "toy_ball_waveft_lora_r4.safetensors", adapter / "toy_ball_waveft_full_diff.safetensors"
-    assert lora.is_file() and diff.is_file()
+    assert lora.is_file() and diff.is_file() and (adapter / "toy_ball_waveft_native.safetensors").is_file()
     card = (adapter / "README.md").read_text()
+    assert "`toy_ball_waveft_native.safetensors` | WaveFT's own file" in card and "custom_nodes/" in card
     assert "<lora:toy_ball_waveft_lora_r4:1>" in card and "Load LoRA" in card and "load_lora_weights" in card
     assert "`toy_ball_waveft_full_diff.safetensors` | full weight difference" in card
     unet = load_unet(tiny_sdxl_dir)
@@ -331,13 +332,14 @@ def test_a_run_exports_the_files_its_config_asks_for_and_its_card_says_where_the
     ("export.lora_energy=1.5", "'export.lora_energy' must be in (0, 1]"),
     ("export.lora_rank=0", "'export.lora_rank' must be > 0"),
     ("export.lora_rnk=4", "unknown key 'export.lora_rnk'"),
+    ("adapter.type=lora", "'export.formats' names waveft, WaveFT's own file, but adapter.type is 'lora'"),
 ])
 def test_export_settings_are_checked_with_the_config(override, message):
     from waveft.config import load_config
     from waveft.errors import UserError
 
     with pytest.raises(UserError, match=re.escape(message)):
-        load_config(None, ("output_dir=x", "data.instance_dir=y", "export.formats=[lora]", override))
+        load_config(None, ("output_dir=x", "data.instance_dir=y", "export.formats=[lora, waveft]", override))
 
 
 def test_a_lora_rank_too_large_for_a_layer_stops_the_run_before_training(tiny_sdxl_dir, subject_dir, tmp_path):

@@ -179,7 +179,7 @@ class ValidationConfig(SamplerSettings):
 class ExportConfig:
     """Files for ComfyUI / Forge / A1111 / InvokeAI / diffusers written into the adapter folder at the end of the
     run (`waveft.export`; the model card says which loads where)."""
-    formats: list[Literal["lora", "full-diff"]] = field(default_factory=list)
+    formats: list[Literal["lora", "full-diff", "waveft"]] = field(default_factory=list)
     lora_rank: Optional[int] = None  # same rank for every layer (default 32 unless lora_energy is set)
     lora_energy: Optional[float] = None  # per-layer ranks keeping this fraction of the squared singular values
     dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
@@ -272,7 +272,7 @@ def validate(cfg: RunConfig, source: str) -> None:
     if cfg.adapter.budget is not None:
         _positive(cfg.adapter.budget, "adapter.budget", source)
     _validate_optimizer(cfg.train, source)
-    _validate_export(cfg.export, source)
+    _validate_export(cfg.export, cfg.adapter.type, source)
     cfg.resolved_adapter = resolve_adapter(cfg.adapter, cfg.train.max_steps, source)
     validate_trainer_features(cfg, source)
 
@@ -324,7 +324,7 @@ def _validate_optimizer(train: TrainConfig, source: str) -> None:
             _positive(getattr(train, key), f"train.{key}", source)
 
 
-def _validate_export(export: ExportConfig, source: str) -> None:
+def _validate_export(export: ExportConfig, adapter_type: str, source: str) -> None:
     lora = "lora" in export.formats
     if export.lora_rank is not None and export.lora_energy is not None:
         raise UserError(f"{source}: set 'export.lora_rank' or 'export.lora_energy', not both")
@@ -334,6 +334,9 @@ def _validate_export(export: ExportConfig, source: str) -> None:
         _positive(export.lora_rank, "export.lora_rank", source)
     if export.lora_energy is not None and not 0 < export.lora_energy <= 1:
         raise UserError(f"{source}: key 'export.lora_energy' must be in (0, 1], got {export.lora_energy}")
+    if "waveft" in export.formats and adapter_type != "waveft":
+        raise UserError(f"{source}: 'export.formats' names waveft, WaveFT's own file, but adapter.type is "
+                        f"{adapter_type!r}: its exports are lora, full-diff")
     if len(set(export.formats)) != len(export.formats):
         raise UserError(f"{source}: key 'export.formats' names a format twice: {export.formats}")
 

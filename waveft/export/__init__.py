@@ -1,9 +1,11 @@
 """Export an adapter to the files ComfyUI, Forge / A1111, InvokeAI and diffusers' `load_lora_weights` read.
 
-`python -m waveft.export --adapter RUN/adapter --format full-diff|lora --out FILE.safetensors
+`python -m waveft.export --adapter RUN/adapter --format full-diff|lora|waveft --out FILE.safetensors
 [--rank N | --energy F] [--dtype fp16|bf16|fp32] [--base MODEL] [--overwrite]`
 
-Both formats name SDXL UNet layers the kohya way, `lora_unet_<diffusers module path, "." -> "_">`:
+The formats name SDXL UNet layers the kohya way, `lora_unet_<diffusers module path, "." -> "_">`:
+- `waveft`: WaveFT's own file, the trained spectrum and its locations (`waveft.export.native`): lossless, at the
+  adapter's size; read by the ComfyUI node in `integrations/comfyui/`.
 - `full-diff`: `<name>.diff` (out x in), the adapter's weight difference itself: lossless.
 - `lora`: `<name>.lora_down.weight` (rank x in), `<name>.lora_up.weight` (out x rank) and `<name>.alpha`, from
   PEFT's `convert_to_lora` (an SVD of each layer's difference at a fixed rank, or the smallest rank keeping an

@@ -12,8 +12,8 @@ from waveft.io.cli_settings import refuse_non_finite
 def parse_args(argv=None) -> ExportRequest:
     parser = argparse.ArgumentParser(
         prog="python -m waveft.export",
-        description="Export an adapter as a kohya-named full weight difference or LoRA for ComfyUI, Forge / "
-        "A1111, InvokeAI and diffusers.",
+        description="Export an adapter as WaveFT's own file (for the ComfyUI node in integrations/comfyui), or "
+        "as a kohya-named full weight difference or LoRA for ComfyUI, Forge / A1111, InvokeAI and diffusers.",
     )
     parser.add_argument("--adapter", required=True, help="the adapter folder (RUN/adapter)")
     parser.add_argument("--format", required=True, choices=FORMATS)
@@ -22,7 +22,8 @@ def parse_args(argv=None) -> ExportRequest:
     size.add_argument("--rank", type=int, help=f"lora: the same rank for every layer (default {DEFAULT_LORA_RANK})")
     size.add_argument("--energy", type=float, help="lora: per-layer rank keeping this fraction of the squared "
                       "singular values, in (0, 1]; 1.0 is exact")
-    parser.add_argument("--dtype", default="fp16", choices=list(EXPORT_DTYPES))
+    parser.add_argument("--dtype", default="fp16", choices=list(EXPORT_DTYPES),
+                        help="full-diff, lora (the waveft file keeps the spectrum as trained, fp32)")
     parser.add_argument("--base", help="base model (Hub id or folder) for the layer shapes; default: the "
                         "adapter's recorded base model; only its UNet config is read")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

@@ -39,6 +39,8 @@ def export_metadata(source: SourceAdapter, base: str, fmt: str, dtype_name: str,
     if fmt == "full-diff":
         meta.update({"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": "full"})})
         return meta
+    if fmt != "lora":  # the native file adds its own keys (waveft.export.native)
+        return meta
     fixed = size.rank is not None
     errors = [r.relative_error for r in results]
     meta.update({

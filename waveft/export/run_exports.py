@@ -15,6 +15,8 @@ def planned_exports(export_cfg, run_info: RunInfo) -> list[PlannedExport]:
     for fmt in export_cfg.formats:
         if fmt == "full-diff":
             planned.append(PlannedExport(fmt, f"{stem}_full_diff.safetensors", export_cfg.dtype))
+        elif fmt == "waveft":
+            planned.append(PlannedExport(fmt, f"{stem}_native.safetensors", "fp32"))
         elif export_cfg.lora_energy is not None:
             planned.append(PlannedExport(fmt, f"{stem}_lora_energy{export_cfg.lora_energy:g}.safetensors",
                                          export_cfg.dtype, energy=export_cfg.lora_energy))

@@ -16,6 +16,7 @@ from waveft.export.lora import (
     lora_tensors,
 )
 from waveft.export.metadata import export_metadata
+from waveft.export.native import NATIVE_FORMAT, check_native_exportable, write_native
 from waveft.export.safetensors_stream import write_safetensors_streamed
 from waveft.export.source import (
     attach_source_adapter,
@@ -26,7 +27,7 @@ from waveft.export.source import (
 )
 from waveft.io.files import check_can_write, write_atomic
 
-FORMATS = ("full-diff", "lora")
+FORMATS = ("full-diff", "lora", "waveft")  # waveft: WaveFT's own file (waveft.export.native)
 EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -59,8 +60,8 @@ def check_request(request: ExportRequest) -> None:
         raise UserError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {request.dtype!r}")
     if request.rank is not None and request.energy is not None:
         raise UserError("give --rank or --energy, not both")
-    if request.format == "full-diff" and (request.rank is not None or request.energy is not None):
-        raise UserError("--rank and --energy are for --format lora; a full-diff file is lossless")
+    if request.format != "lora" and (request.rank is not None or request.energy is not None):
+        raise UserError(f"--rank and --energy are for --format lora; a {request.format} file is lossless")
     if request.rank is not None and request.rank < 1:
         raise UserError(f"--rank must be >= 1, got {request.rank}")
     if request.energy is not None and not 0 < request.energy <= 1:
@@ -77,10 +78,15 @@ def export_adapter(request: ExportRequest, progress: bool = True, say=print) -> 
     check_request(request)
     source = read_source_adapter(request.adapter)
     check_exportable(source)
+    if request.format == NATIVE_FORMAT:
+        check_native_exportable(source, FORMATS)
     base = base_model_of(source, request.base)
     layers = attach_source_adapter(source, base)
     dtype = EXPORT_DTYPES[request.dtype]
-    if request.format == "full-diff":
+    if request.format == NATIVE_FORMAT:
+        metadata = write_native(request.out, source, base, layers, say=say)
+        result = ExportResult(request.out, os.path.getsize(request.out), metadata, len(layers))
+    elif request.format == "full-diff":
         metadata = export_metadata(source, base, request.format, request.dtype, len(layers))
         specs = [(f"{layer.kohya_name}.diff", dtype, (layer.out_features, layer.in_features)) for layer in layers]
         deltas = (dense_delta(layer).to(dtype) for layer in tqdm(layers, desc="full-diff", disable=not progress))
@@ -98,5 +104,6 @@ def export_adapter(request: ExportRequest, progress: bool = True, say=print) -> 
         write_atomic(request.out, lambda f: f.write(save(tensors, metadata=metadata)))
         say(format_error_table(results))
         result = ExportResult(request.out, os.path.getsize(request.out), metadata, len(layers), results)
-    say(f"wrote {request.out}: {request.format}, {len(layers)} layers, {request.dtype}, {result.bytes / 1e6:.1f} MB")
+    say(f"wrote {request.out}: {request.format}, {len(layers)} layers, {result.metadata['waveft.dtype']}, "
+        f"{result.bytes / 1e6:.1f} MB")
     return result

@@ -154,19 +154,33 @@ def model_card_section(run: RunInfo) -> str:
             size = f"rank {item.rank}" if item.rank is not None else f"per-layer ranks keeping {item.energy:g} energy"
             rows.append(f"| `{item.file}` | kohya LoRA, {size}, {item.dtype} (an SVD approximation: its "
                         f"per-layer error is in the file's metadata) | ComfyUI, Forge / A1111, InvokeAI, diffusers |")
+        elif item.format == "waveft":
+            rows.append(f"| `{item.file}` | WaveFT's own file: the trained spectrum and its locations (lossless, "
+                        f"the adapter's size) | ComfyUI with the WaveFT node |")
         else:
             rows.append(f"| `{item.file}` | full weight difference, {item.dtype} (lossless) | "
                         f"ComfyUI, Forge / A1111, InvokeAI (not diffusers) |")
-    example = next((i for i in planned if i.format == "lora"), planned[0])
-    name = example.file.removesuffix(".safetensors")
-    diffusers_lines = "" if example.format != "lora" else f"""
-- diffusers:
+    by_format = {item.format: item for item in planned}
+    example = by_format.get("lora") or by_format.get("full-diff")  # files A1111 and InvokeAI read
+    lines = []
+    if example:
+        lines.append("""- ComfyUI: put the file in `models/loras/`; a "Load LoRA" node between "Load Checkpoint" and the
+  sampler, with this file and strength 1.0.""")
+    if "waveft" in by_format:
+        lines.append(f"""- ComfyUI, WaveFT's own file: link or copy the project's `integrations/comfyui/` folder into
+  `ComfyUI/custom_nodes/` (it needs nothing beyond ComfyUI) and restart; put `{by_format["waveft"].file}` in
+  `models/loras/` and load it with the stock "Load LoRA" node (or "Load WaveFT"), strength 1.0.""")
+    if example:
+        name = example.file.removesuffix(".safetensors")
+        lines.append(f"""- Forge / A1111: put the file in `models/Lora/`; add `<lora:{name}:1>` to the prompt.
+- InvokeAI: Model Manager -> add the file (an SDXL LoRA); enable it in the LoRA panel at weight 1.""")
+    if "lora" in by_format:
+        lines.append(f"""- diffusers:
 
 ```python
 pipe = StableDiffusionXLPipeline.from_pretrained("{run.base_model}", torch_dtype=torch.float16)
-pipe.load_lora_weights("path/to/this/folder/{example.file}")
-```
-"""
+pipe.load_lora_weights("path/to/this/folder/{by_format["lora"].file}")
+```""")
     return f"""
 ## Use it in ComfyUI / Forge / A1111 / InvokeAI / diffusers
 
@@ -174,11 +188,8 @@ pipe.load_lora_weights("path/to/this/folder/{example.file}")
 |---|---|---|
 {chr(10).join(rows)}
 
-- ComfyUI: put the file in `models/loras/`; a "Load LoRA" node between "Load Checkpoint" and the sampler, with
-  this file and strength 1.0.
-- Forge / A1111: put the file in `models/Lora/`; add `<lora:{name}:1>` to the prompt.
-- InvokeAI: Model Manager -> add the file (an SDXL LoRA); enable it in the LoRA panel at weight 1.
-{diffusers_lines}"""
+{chr(10).join(lines)}
+"""
 
 
 def load_adapter_weights(unet, path: str, adapter_name: str = "default") -> None:

@@ -52,7 +52,7 @@ class PlannedExport:
     """One file the `export:` section asks for, written into adapter/ at the end of the run
     (`waveft.export.run_exports`); listed in run_info.json and waveft_run.json, and in the model card."""
 
-    format: str  # "lora" or "full-diff"
+    format: str  # "lora", "full-diff" or "waveft"
     file: str  # its name inside the adapter folder
     dtype: str
     rank: Optional[int] = None  # lora at one rank for every layer
