@@ -13,7 +13,7 @@ import torch
 
 from tests.comfyui_env import ABSENT, NODE_DIR, comfyui_dir
 from tests.test_export import assert_one_line_error, export, load_unet, make_adapter
-from waveft.export import kohya_name
+from waveft.export.source import kohya_name
 
 needs_comfyui = pytest.mark.skipif(comfyui_dir() is None, reason=ABSENT)
 
@@ -112,8 +112,8 @@ def test_the_reader_gives_peft_s_difference_for_every_wavelet_the_project_accept
 
     from waveft.adapters.methods import peft_runnable_wavelets
     from waveft.adapters.structured_waveft import enable_structured_waveft
-    from waveft.export import ExportLayer
-    from waveft.export_native import native_tensors
+    from waveft.export.native import native_tensors
+    from waveft.export.source import ExportLayer
 
     reader = native_reader()
     runnable = peft_runnable_wavelets() - {"coif5"}  # PEFT's coif5 table is wrong (48 taps): its layer fails
@@ -140,9 +140,9 @@ def test_the_paper_sized_file_is_near_the_peft_file(tmp_path):
     within 2x of PEFT's (it is 1.05x: one float per coefficient, 4 location tables)."""
     from tests.test_budget import SDXL_UNET_CONFIG
     from waveft.adapters.attach import attach_adapter
-    from waveft.checkpointing import ADAPTER_WEIGHTS_NAME, save_adapter
     from waveft.config import AdapterConfig
-    from waveft.export import unet_skeleton
+    from waveft.export.source import unet_skeleton
+    from waveft.io.adapter_folder import AdapterFolder, save_adapter
 
     base = tmp_path / "sdxl"
     unet = unet_skeleton(SDXL_UNET_CONFIG)
@@ -151,7 +151,7 @@ def test_the_paper_sized_file_is_near_the_peft_file(tmp_path):
     adapter = tmp_path / "adapter"
     save_adapter(unet, str(adapter))
     result = export(str(adapter), tmp_path / "native.safetensors", "waveft", base=str(base))
-    peft_bytes = os.path.getsize(adapter / ADAPTER_WEIGHTS_NAME)
+    peft_bytes = AdapterFolder(str(adapter)).weights_bytes()
     assert sum(layer.trainable_parameters for layer in layers) == 1_451_520 and result.layers == 560
     assert result.bytes < 2 * peft_bytes and result.metadata["waveft.location_tables"] == "4"
     assert result.metadata["ss_base_model_version"] == "sdxl_base_v1-0"
@@ -173,7 +173,7 @@ def test_export_says_the_native_size_beside_the_peft_file_and_writes_its_metadat
 
 
 def export_adapter_saying(adapter, out, said):
-    from waveft.export import ExportRequest, export_adapter
+    from waveft.export.writer import ExportRequest, export_adapter
 
     return export_adapter(ExportRequest(adapter=adapter, format="waveft", out=str(out)), progress=False,
                           say=said.append)
@@ -213,16 +213,16 @@ def test_format_waveft_of_another_method_names_the_formats_it_has(tiny_sdxl_dir,
 
 
 def test_a_truncated_adapter_file_is_one_line(tiny_sdxl_dir, tmp_path, capsys):
-    from waveft.checkpointing import ADAPTER_WEIGHTS_NAME
+    from waveft.io.adapter_folder import AdapterFolder
 
     adapter = make_adapter(tmp_path / "adapter", tiny_sdxl_dir, "waveft")
-    weights = os.path.join(adapter, ADAPTER_WEIGHTS_NAME)
+    weights = AdapterFolder(adapter).weights
     with open(weights, "r+b") as f:
         f.truncate(os.path.getsize(weights) // 2)
     out = tmp_path / "out" / "x.safetensors"
     out.parent.mkdir()
     assert_one_line_error(capsys, out, "--adapter", adapter, "--format", "waveft",
-                          contains=(ADAPTER_WEIGHTS_NAME, "not a readable safetensors file"))
+                          contains=(weights, "not a readable safetensors file"))
 
 
 @needs_comfyui
