@@ -83,7 +83,7 @@ def native_error(adapter: str, native: str, base: str) -> float:
 
     from safetensors.torch import load_file
 
-    from waveft.export import attach_source_adapter, dense_delta, read_source_adapter
+    from waveft.export.source import attach_source_adapter, dense_delta, read_source_adapter
 
     spec = importlib.util.spec_from_file_location("waveft_native", os.path.join(REPO, "integrations", "comfyui",
                                                                               "waveft_native.py"))
@@ -136,9 +136,9 @@ def bench_tiny(out: str) -> list[str]:
 
 
 def add_native_columns(result: dict, adapter: str, native: str, base: str) -> None:
-    from waveft.export_native import peft_weights_bytes
+    from waveft.io.adapter_folder import AdapterFolder
 
-    result.update(native_error=native_error(adapter, native, base), peft_bytes=peft_weights_bytes(adapter))
+    result.update(native_error=native_error(adapter, native, base), peft_bytes=AdapterFolder(adapter).weights_bytes())
 
 
 def sdxl_base(out: str) -> str:

@@ -99,7 +99,7 @@ def compare_with_peft_merge(patcher, model: str, adapter: str):
     from safetensors import safe_open
 
     from waveft.adapters.waveft_locations import shared_waveft_locations
-    from waveft.export import kohya_name, read_unet_config, unet_skeleton
+    from waveft.export.source import kohya_name, read_unet_config, unet_skeleton
 
     key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
     with shared_waveft_locations():
@@ -141,6 +141,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from tests.comfyui_env import import_comfyui, load_waveft_node
+    from waveft.io.adapter_folder import AdapterFolder
 
     import_comfyui(extra_args=("--fp16-unet",))
     import folder_paths
@@ -174,7 +175,7 @@ def main(argv=None) -> int:
     worst, patch_seconds, compared, patched_keys = compare_with_peft_merge(patcher, args.model, args.adapter)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     native_bytes = os.path.getsize(args.native)
-    peft_bytes = os.path.getsize(os.path.join(args.adapter, "adapter_model.safetensors"))
+    peft_bytes = AdapterFolder(args.adapter).weights_bytes()
 
     print(f"\n## WaveFT's own file in ComfyUI (full-size random SDXL, CPU, {args.resolution} px, {args.steps} step)\n")
     print("| | value |\n|---|---|")
