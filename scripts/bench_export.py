@@ -4,7 +4,7 @@ by `python -m waveft.export` as a LoRA (fixed ranks, energy thresholds), a full 
 largest entry; its size beside the PEFT file's), with each export's peak memory (the export process's maximum
 resident set size) and wall time.
 
-    python scripts/bench_export.py --out outputs/bench-export [--sdxl-sample-blocks 2]
+    python scripts/bench_export.py --out outputs/bench-export [--sdxl-sample-blocks 2] [--native-only]
 
 Two models: the built-in tiny SDXL, and SDXL's real shapes (its UNet config only: the export reads no base
 weights). The adapters are random WaveFT adapters at budget 1 (the relative error does not depend on the
@@ -115,7 +115,7 @@ def row(label: str, result: dict) -> str:
 HEADER = ["| export | file | rel. error median | rel. error worst | peak memory | time |", "|---|---|---|---|---|---|"]
 
 
-def bench_tiny(out: str) -> list[str]:
+def bench_tiny(out: str, native_only: bool = False) -> list[str]:
     from diffusers import UNet2DConditionModel
 
     from waveft.fixtures.tiny import ensure_tiny_sdxl
@@ -126,7 +126,7 @@ def bench_tiny(out: str) -> list[str]:
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
     make_waveft_adapter(adapter, base, unet, 128, ["to_q", "to_k", "to_v", "to_out.0"])  # budget 1 on 64 x 64
     lines = ["Tiny SDXL (64 layers of 64 x 64), WaveFT n_frequency 128 (budget 1), fp16 files:", "", *HEADER]
-    for fmt, extra in TINY_SETTINGS:
+    for fmt, extra in TINY_SETTINGS[:1] if native_only else TINY_SETTINGS:
         label = fmt + (" " + " ".join(extra) if extra else "")
         result = run_export(adapter, os.path.join(out, "tiny.safetensors"), fmt, [*extra, "--dtype", "fp16"])
         if fmt == "waveft":
@@ -154,7 +154,7 @@ def lora_file_bytes(shapes: list[tuple[int, int]], rank: int, itemsize: int = 2)
     return sum((o + i) * rank * itemsize + itemsize for o, i in shapes)
 
 
-def bench_sdxl(out: str, sample_blocks: int) -> list[str]:
+def bench_sdxl(out: str, sample_blocks: int, native_only: bool = False) -> list[str]:
     from waveft.export.source import attach_source_adapter, dense_delta, read_source_adapter, unet_skeleton
 
     base = sdxl_base(out)
@@ -162,6 +162,9 @@ def bench_sdxl(out: str, sample_blocks: int) -> list[str]:
     make_waveft_adapter(full, base, unet_skeleton(SDXL_UNET_CONFIG), 2592, ["to_q", "to_k", "to_v", "to_out.0"])
     native = run_export(full, os.path.join(out, "sdxl-native.safetensors"), "waveft", [])
     add_native_columns(native, full, os.path.join(out, "sdxl-native.safetensors"), base)
+    if native_only:
+        return ["SDXL's real shapes (560 layers), WaveFT n_frequency 2592 (budget 1):", "", *HEADER,
+                row("waveft, native (560 layers)", native)]
     diff = run_export(full, os.path.join(out, "sdxl-full-diff.safetensors"), "full-diff", ["--dtype", "fp16"])
     shapes = [(x.out_features, x.in_features) for x in attach_source_adapter(read_source_adapter(full), base)]
     os.remove(os.path.join(out, "sdxl-full-diff.safetensors"))
@@ -196,12 +199,13 @@ def main() -> None:
     parser.add_argument("--sdxl-sample-blocks", type=int, default=1)
     parser.add_argument("--skip-sdxl", action="store_true")
     parser.add_argument("--skip-tiny", action="store_true")
+    parser.add_argument("--native-only", action="store_true", help="only WaveFT's own file (seconds, not hours)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    lines = [] if args.skip_tiny else bench_tiny(args.out)
+    lines = [] if args.skip_tiny else bench_tiny(args.out, args.native_only)
     print("\n".join(lines), flush=True)
     if not args.skip_sdxl:
-        sdxl = bench_sdxl(args.out, args.sdxl_sample_blocks)
+        sdxl = bench_sdxl(args.out, args.sdxl_sample_blocks, args.native_only)
         print("\n" + "\n".join(sdxl))
         lines += ["", *sdxl]
     with open(os.path.join(args.out, "bench_export.md"), "w") as f:

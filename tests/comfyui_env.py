@@ -71,6 +71,11 @@ def import_comfyui(extra_args=()):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
     if importlib.util.find_spec("torchvision") is None:
+        # diffusers and transformers note at import which packages exist (and parse their versions): they must
+        # see that torchvision is absent before the stand-in makes it findable.
+        import diffusers  # noqa: F401
+        import transformers  # noqa: F401
+
         sys.meta_path.append(_TorchvisionStandIn())
     if "comfy.cli_args" not in sys.modules:
         import comfy.options
