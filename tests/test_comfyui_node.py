@@ -222,7 +222,7 @@ def test_a_truncated_adapter_file_is_one_line(tiny_sdxl_dir, tmp_path, capsys):
     out = tmp_path / "out" / "x.safetensors"
     out.parent.mkdir()
     assert_one_line_error(capsys, out, "--adapter", adapter, "--format", "waveft",
-                          contains=(weights, "not a readable safetensors file"))
+                          contains=(weights, "damaged adapter weights"))
 
 
 @needs_comfyui
