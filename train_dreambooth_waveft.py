@@ -1,6 +1,7 @@
 """DreamBooth WaveFT for SDXL. Runs the same under `python` and `accelerate launch`.
 
     python train_dreambooth_waveft.py --config configs/tiny.yaml [key.sub=value ...]
+    python train_dreambooth_waveft.py --config configs/sdxl_waveft_paper.yaml --estimate-memory   (no weights loaded)
     accelerate launch train_dreambooth_waveft.py --config configs/sdxl_waveft_paper.yaml output_dir=runs/dog
 """
 import argparse
@@ -15,8 +16,16 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML experiment config")
     parser.add_argument("overrides", nargs="*", help="key.sub=value settings applied on top of the config")
+    parser.add_argument("--estimate-memory", action="store_true",
+                        help="print the expected peak accelerator memory of a training step (from the model's "
+                             "config files only, no weights) and exit")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, tuple(args.overrides))
+    if args.estimate_memory:
+        from waveft.memory_estimate import estimate_step_memory
+
+        print(estimate_step_memory(cfg).table())
+        return
     set_up_process()
 
     from waveft.train.loop import train

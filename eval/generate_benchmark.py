@@ -50,7 +50,7 @@ from eval.protocol import fill_prompt, load_benchmark
 from waveft.entry import set_up_process
 from waveft.errors import UserError, cli_entry
 from waveft.infer.generation import GenerationJob, ManifestRow, is_done
-from waveft.infer.settings import GenerationDtype, GenerationSettings, SamplerSettings
+from waveft.infer.settings import GenerationDtype, GenerationSettings, Quantization, SamplerSettings
 from waveft.io.adapter_folder import AdapterFolder
 from waveft.io.cli_settings import cli
 from waveft.io.files import check_can_write, write_json_atomic
@@ -86,13 +86,14 @@ class BenchmarkGenerationSettings(SamplerSettings):
     resolution: int = field(default=1024, metadata=cli("image height and width"))
     batch_size: int = field(default=4, metadata=cli("images per call (each image has its own generator)"))
     dtype: GenerationDtype = field(default="bf16", metadata=cli("pipeline dtype"))
+    quantize: Quantization = field(default="none", metadata=cli("quantize the UNet's Linear layers (bitsandbytes)"))
     drift: bool = field(default=True, metadata=cli("also generate the drift prompts, adapted and base model"))
     drift_prompts: str | None = field(default=None, metadata=cli(
         "file of drift prompts, one per line (default: DEFAULT_DRIFT_PROMPTS, ten everyday scenes)"))
 
     def generation(self) -> GenerationSettings:
         return GenerationSettings(**self.sampler(), height=self.resolution, width=self.resolution,
-                                  batch_size=self.batch_size, dtype=self.dtype)
+                                  batch_size=self.batch_size, dtype=self.dtype, quantize=self.quantize)
 
     def problems(self) -> list[tuple[str, str]]:
         found = [("seeds", f"must list distinct seeds, got {self.seeds}")] if (
@@ -360,9 +361,11 @@ def main(argv=None) -> None:
     pipelines = {}
     for run in runs:  # the adapted model, and the base model with no adapter
         pipelines[run.name] = lambda run=run: load_pipeline(run.base_model, RunFolder(run.run_dir).adapter, run.vae,
-                                                            settings.dtype, device, settings.scheduler)
+                                                            settings.dtype, device, settings.scheduler,
+                                                            settings.quantize)
         pipelines[f"base:{run.name}"] = lambda run=run: load_pipeline(run.base_model, None, run.vae, settings.dtype,
-                                                                      device, settings.scheduler)
+                                                                      device, settings.scheduler,
+                                                                      settings.quantize)
     # The base model's drift images first, each folder under its lock, so that concurrent calls make them once.
     for target in base_targets:
         with folder_lock(target.folder, state.is_main_process):

@@ -6,6 +6,10 @@
     on the meta device) at 1024-px token counts: forward + backward of one layer;
 (b) one training step (forward, backward, AdamW) of an SDXL-shaped UNet: real channel widths and attention
     shapes, depth and resolution reduced for a CPU; with CUDA also the full SDXL UNet at 1024 px in bf16.
+(c), (d): the full-size UNet's step; the cost's growth with the budget.
+(e) waveft.memory_estimate's peak for configs/sdxl_waveft_paper.yaml: LoRA r1 / PEFT WaveFT / structured WaveFT
+    over a bf16, int8 and nf4 base, gradient checkpointing on and off (no weights: seconds each).
+(f) the structured WaveFT's training step over the same UNet unquantized and quantized (--quantize).
 
 Variants: frozen base, LoRA r=1, PEFT WaveFT and structured WaveFT with n_frequency = in + out per layer (the
 LoRA r=1 budget). Times are medians over interleaved repeats. Peak memory is the peak of bytes held by tensors
@@ -19,16 +23,15 @@ import platform
 import statistics
 import sys
 import time
-import weakref
 from dataclasses import dataclass
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from waveft.adapters.structured_waveft import enable_structured_waveft
 from waveft.adapters.waveft_locations import shared_waveft_locations
 from waveft.fixtures.tiny import SDXL_UNET_CONFIG, materialise, tiny_unet_config
+from waveft.memory_estimate import LiveStorage, estimate_step_memory
+from waveft.models import quantize_linear_layers
 
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TOKENS = 77
@@ -39,37 +42,6 @@ VARIANT_TITLES = {
     "peft_waveft": "PEFT WaveFT",
     "structured_waveft": "structured WaveFT",
 }
-
-
-def _dense_tensors(tree) -> list:
-    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor) and t.layout == torch.strided]
-
-
-class PeakTensorMemory(TorchDispatchMode):
-    """Peak bytes of tensor storages allocated while active (views and in-place results are not new storage)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self._tracked = set()
-
-    def _release(self, key, nbytes):
-        self._tracked.discard(key)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in _dense_tensors((args, kwargs))}
-        for tensor in _dense_tensors(out):  # a sparse tensor's memory is its dense index and value tensors
-            storage = tensor.untyped_storage()
-            key = storage.data_ptr()
-            if key == 0 or key in inputs or key in self._tracked:
-                continue
-            self._tracked.add(key)
-            self.live += storage.nbytes()
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._release, key, storage.nbytes())
-        return out
 
 
 def target_module_names(model) -> list:
@@ -163,7 +135,7 @@ def peak_memory(step, device: torch.device) -> int:
         step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - baseline
-    with PeakTensorMemory() as tracker:
+    with LiveStorage() as tracker:
         step()
     return tracker.peak
 
@@ -342,6 +314,104 @@ def bench_unet_step(config, device, dtype, warmup, repeats, clock, gradient_chec
     return {v: Measurement(seconds[v], peak_memory(steps[v], device)) for v in VARIANTS}, trainable_counts
 
 
+# ---------------------------------------------------------------- (e) estimated peak memory of the paper config
+
+ESTIMATE_METHODS = {
+    "LoRA r1": ("adapter.type=lora", "adapter.peft={}", "adapter.budget=1"),
+    "PEFT WaveFT": ("adapter.implementation=peft",),
+    "structured WaveFT": (),
+}
+PAPER_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                            "sdxl_waveft_paper.yaml")
+
+
+def estimate_table(resolution: int) -> str:
+    """waveft.memory_estimate for configs/sdxl_waveft_paper.yaml (bf16) at `resolution`: each method over a bf16,
+    int8 and nf4 base, gradient checkpointing on and off."""
+    from waveft.config import load_config
+
+    lines = [
+        f"### (e) Estimated peak accelerator memory of a training step, configs/sdxl_waveft_paper.yaml at "
+        f"{resolution} px (bf16, batch 1; `--estimate-memory`, no weights; CUDA context not included)",
+        "",
+        "| method | base | gradient checkpointing | weights (GiB) | adapter + optimizer (GiB) | activations (GiB) "
+        "| largest temporary (GiB) | total (GiB) |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for method, overrides in ESTIMATE_METHODS.items():
+        for quantize in ("none", "int8", "nf4"):
+            for checkpointing in ("true", "false"):
+                cfg = load_config(PAPER_CONFIG, (*overrides, f"model.quantize={quantize}",
+                                                 f"data.resolution={resolution}",
+                                                 f"train.gradient_checkpointing={checkpointing}"))
+                e = estimate_step_memory(cfg)
+                parts = (e.weights, e.adapter_state, e.activations, e.largest_temporary, e.total)
+                base = "bf16" if quantize == "none" else quantize
+                lines.append(f"| {method} | {base} | {'on' if checkpointing == 'true' else 'off'} | "
+                             + " | ".join(f"{part / 2**30:.2f}" for part in parts) + " |")
+                print(lines[-1], flush=True)
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- (f) the structured layer over a quantized base
+
+
+def bench_quantized_step(config, device, dtype, kinds, warmup, repeats, clock) -> dict:
+    """One training step of the structured WaveFT (budget 1) over the same UNet with its Linear layers as they
+    are and quantized (`kinds`: none, int8, nf4), interleaved; {kind: (Measurement, weight bytes)}."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        base = UNet2DConditionModel.from_config(config)
+    base = materialise(base, dtype, device).requires_grad_(False)
+    size = config["sample_size"]
+    pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+    inputs = dict(
+        timestep=torch.tensor([500], device=device),
+        encoder_hidden_states=torch.randn(1, TEXT_TOKENS, config["cross_attention_dim"], device=device, dtype=dtype),
+        added_cond_kwargs=dict(text_embeds=torch.randn(1, pooled, device=device, dtype=dtype),
+                               time_ids=torch.tensor([[size * 8] * 2 + [0, 0] + [size * 8] * 2], device=device,
+                                                     dtype=dtype)),
+    )
+    latents = torch.randn(1, 4, size, size, device=device, dtype=dtype)
+
+    def step_of(kind):
+        unet = sharing_frozen_weights(base)
+        if kind != "none":
+            quantize_linear_layers(unet, kind, dtype)
+        weight_bytes = sum(t.untyped_storage().nbytes() for t in [*unet.parameters(), *unet.buffers()])
+        trainable = add_adapter(unet, "structured_waveft")
+        unet.enable_gradient_checkpointing()
+        unet.train()
+        optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=1e-4)
+
+        def step():
+            loss = torch.nn.functional.mse_loss(unet(latents, **inputs).sample.float(), latents.float())
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return step, weight_bytes
+
+    steps, weights = {}, {}
+    for kind in kinds:
+        steps[kind], weights[kind] = step_of(kind)
+    seconds = interleaved_medians(steps, warmup, repeats, synchronizer(device), clock)
+    return {k: (Measurement(seconds[k], peak_memory(steps[k], device)), weights[k]) for k in kinds}
+
+
+def quantized_step_table(measured: dict, label: str) -> str:
+    lines = [f"### (f) Structured WaveFT training step over a quantized base: {label}", "",
+             "| base | UNet weights (MiB) | step time (s) | step peak beyond the weights (MiB) | time / unquantized |",
+             "|---|---:|---:|---:|---:|"]
+    plain = measured["none"][0].seconds
+    for kind, (m, weight_bytes) in measured.items():
+        lines.append(f"| {kind} | {weight_bytes / 2**20:,.0f} | {m.seconds:.2f} | {m.peak_bytes / 2**20:,.0f} | "
+                     f"{ratio(m.seconds, plain)} |")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -421,17 +491,21 @@ def main():
     parser.add_argument(
         "--sections", default="a,b",
         help="comma-separated: a (projections), b (reduced UNet step), c (full-size UNet step at "
-        "--full-resolution, gradient checkpointing), d (cost growth with the budget, 1/3/10)",
+        "--full-resolution, gradient checkpointing), d (cost growth with the budget, 1/3/10), e (estimated peak "
+        "memory of the paper config at --estimate-resolution), f (structured WaveFT step over --quantize bases "
+        "at --full-resolution)",
     )  # fmt: skip
-    parser.add_argument("--full-resolution", type=int, default=256, help="image size of section c, in pixels")
+    parser.add_argument("--full-resolution", type=int, default=256, help="image size of sections c and f, in pixels")
+    parser.add_argument("--estimate-resolution", type=int, default=1024, help="image size of section e, in pixels")
+    parser.add_argument("--quantize", default="none,nf4", help="section f: bases to compare (none, int8, nf4)")
     parser.add_argument("--step-repeats", type=int, help="timed repeats per UNet step (default: 7 in b, 2 in c)")
     parser.add_argument(
         "--tiny-unet", action="store_true", help="section c on the built-in tiny UNet: a test of this script"
     )
     args = parser.parse_args()
     sections = set(args.sections.split(","))
-    if not sections <= set("abcd"):
-        parser.error(f"--sections: unknown {sorted(sections - set('abcd'))}")
+    if not sections <= set("abcdef"):
+        parser.error(f"--sections: unknown {sorted(sections - set('abcdef'))}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -506,6 +580,17 @@ def main():
         )
     if "d" in sections:
         report.append(budget_growth_table(bench_budget_growth((1, 3, 10), device, dtype, 1, repeats // 3, clock)))
+    if "e" in sections:
+        report.append(estimate_table(args.estimate_resolution))
+    if "f" in sections:
+        latent = args.full_resolution // 8
+        config = dict(tiny_unet_config(), sample_size=latent) if args.tiny_unet else unet_config(False, latent)
+        kinds = args.quantize.split(",")
+        measured = bench_quantized_step(config, device, dtype, kinds, 1, repeats_c, clock)
+        unet_name = "tiny UNet" if args.tiny_unet else "full SDXL UNet"
+        label = (f"{unet_name}, {args.full_resolution} px, {dtype} compute, gradient checkpointing, AdamW, "
+                 f"median of {repeats_c} after 1 warm-up")
+        report.append(quantized_step_table(measured, label))
     if shape_total is not None and step is not None:
         report.append(targets_summary(shape_total, step))
     text = "\n".join(report)

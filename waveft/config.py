@@ -11,7 +11,7 @@ import yaml
 
 from waveft.adapters.methods import ResolvedAdapter, resolve_adapter
 from waveft.errors import UserError
-from waveft.infer.settings import SamplerSettings
+from waveft.infer.settings import Quantization, SamplerSettings
 from waveft.io.files import write_text_atomic
 from waveft.io.schema import DERIVED, apply_override, coerce_value, read_yaml_extending
 
@@ -30,6 +30,9 @@ class ModelConfig:
     # "diffusers": penultimate hidden state of both text encoders, as StableDiffusionXLPipeline.
     # "paper": the WaveFT paper's training quirk (encoder 1 last hidden state, encoder 2 penultimate).
     text_hidden_states: Literal["diffusers", "paper"] = "diffusers"
+    # The UNet's Linear layers quantized at load by bitsandbytes (the adapted projections too; the adapter
+    # stays fp32); matmuls in train.mixed_precision's dtype. The saved adapter is the same as without.
+    quantize: Quantization = "none"
 
 
 @dataclass
@@ -274,7 +277,23 @@ def validate(cfg: RunConfig, source: str) -> None:
     _validate_optimizer(cfg.train, source)
     _validate_export(cfg.export, cfg.adapter.type, source)
     cfg.resolved_adapter = resolve_adapter(cfg.adapter, cfg.train.max_steps, source)
+    validate_quantization(cfg, source)
     validate_trainer_features(cfg, source)
+
+
+def validate_quantization(cfg: RunConfig, source: str) -> None:
+    """`model.quantize` needs bitsandbytes and a method that trains over a quantized base."""
+    import importlib.util
+
+    if cfg.model.quantize == "none":
+        return
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(f"{source}: model.quantize={cfg.model.quantize} needs the bitsandbytes package: "
+                        f"pip install bitsandbytes (or set model.quantize=none)")
+    refusal = cfg.resolved_adapter.method.quantization_refusals.get(cfg.model.quantize)
+    if refusal is not None:
+        raise UserError(f"{source}: adapter.type={cfg.adapter.type} cannot train over model.quantize="
+                        f"{cfg.model.quantize}: {refusal}; use model.quantize=none")
 
 
 def validate_trainer_features(cfg: RunConfig, source: str) -> None:

@@ -1,5 +1,6 @@
 """Load SDXL's components (UNet, VAE, both text encoders and tokenizers, noise scheduler) from a Hub id or folder."""
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -38,8 +39,11 @@ def looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1
 
 
-def load_sdxl(model_cfg) -> SDXLComponents:
-    """Every component frozen, in fp32 except the VAE, which takes `model.vae_dtype`."""
+def load_sdxl(model_cfg, weight_dtype: torch.dtype = torch.float32) -> SDXLComponents:
+    """Every component frozen and read from disk directly in the precision it runs in: the UNet and both text
+    encoders in `weight_dtype` (the run's compute dtype; never an fp32 copy on the way in a bf16 or fp16 run),
+    the VAE in `model.vae_dtype`. With `model.quantize`, the UNet's Linear layers are then quantized
+    (`quantize_linear_layers`)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -51,7 +55,7 @@ def load_sdxl(model_cfg) -> SDXLComponents:
     if looks_like_path(base) and not os.path.isdir(base):
         raise UserError(f"model.pretrained: folder not found: {base} (give a local diffusers folder or a Hub id)")
     common = dict(revision=model_cfg.revision)
-    weights = dict(common, variant=model_cfg.variant)
+    weights = dict(common, variant=model_cfg.variant, dtype=weight_dtype)
     components = SDXLComponents(
         tokenizer=_load("tokenizer", base,
                         lambda: AutoTokenizer.from_pretrained(base, subfolder="tokenizer", **common)),
@@ -77,21 +81,75 @@ def load_sdxl(model_cfg) -> SDXLComponents:
     for module in (components.unet, components.vae, components.text_encoder, components.text_encoder_2):
         module.requires_grad_(False)
         module.eval()
-    if components.vae.dtype != DTYPES[model_cfg.vae_dtype]:
-        components.vae.to(dtype=DTYPES[model_cfg.vae_dtype])
+    if model_cfg.quantize != "none":
+        quantize_linear_layers(components.unet, model_cfg.quantize, weight_dtype)
     return components
 
 
 def _load_vae(model_cfg):
     from diffusers import AutoencoderKL
 
+    dtype = DTYPES[model_cfg.vae_dtype]
     if model_cfg.vae is None:
         base = model_cfg.pretrained
         return _load(
             "vae",
             base,
             lambda: AutoencoderKL.from_pretrained(
-                base, subfolder="vae", revision=model_cfg.revision, variant=model_cfg.variant
+                base, subfolder="vae", revision=model_cfg.revision, variant=model_cfg.variant, dtype=dtype
             ),
         )
-    return _load("vae", model_cfg.vae, lambda: AutoencoderKL.from_pretrained(model_cfg.vae))
+    return _load("vae", model_cfg.vae, lambda: AutoencoderKL.from_pretrained(model_cfg.vae, dtype=dtype))
+
+
+def quantize_linear_layers(model: torch.nn.Module, kind: str, compute_dtype: torch.dtype) -> int:
+    """Replace every quantizable `nn.Linear` of `model` by bitsandbytes' quantized layer, in place, one layer at
+    a time (so the peak is the model plus one layer): `nf4` (4-bit NormalFloat, `Linear4bit`, blocks of 64 with
+    compressed statistics: ~0.53 bytes per weight) or `int8` (`Linear8bitLt`, row-wise absmax: ~1 byte per
+    weight). Matmuls run in `compute_dtype`. Biases stay as they are. Sets the flags PEFT reads
+    (`is_loaded_in_4bit` / `is_loaded_in_8bit`) so LoRA attaches its bitsandbytes layers. Returns the number
+    of layers quantized."""
+    import bitsandbytes as bnb
+
+    device = next(model.parameters()).device
+    linears = [(name, module) for name, module in model.named_modules() if is_quantizable(module, kind)]
+    for name, linear in linears:
+        has_bias = linear.bias is not None
+        if kind == "nf4":
+            quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias,
+                                          compute_dtype=compute_dtype, quant_type="nf4", device="meta")
+            quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4",
+                                                 compress_statistics=True)
+        else:
+            quantized = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias,
+                                            has_fp16_weights=False, device="meta")
+            quantized.weight = bnb.nn.Int8Params(linear.weight.data, requires_grad=False, has_fp16_weights=False)
+        if has_bias:
+            quantized.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, quantized.to(device))  # .to() quantizes
+    setattr(model, "is_loaded_in_4bit" if kind == "nf4" else "is_loaded_in_8bit", True)
+    return len(linears)
+
+
+NF4_BLOCK = 64  # weights per bitsandbytes nf4 block
+
+
+def is_quantizable(module: torch.nn.Module, kind: str) -> bool:
+    """A plain Linear layer that bitsandbytes can run quantized. In nf4 its input size must be a multiple of the
+    block (bitsandbytes' CPU inference kernel repacks weights by blocks per row); all of SDXL's are, the tiny
+    model's 32-wide embeddings are not and stay as they are."""
+    return type(module) is torch.nn.Linear and (kind != "nf4" or module.in_features % NF4_BLOCK == 0)
+
+
+def is_linear_layer(module: torch.nn.Module) -> bool:
+    """A plain `nn.Linear` (not a subclass such as a PEFT layer) or one `quantize_linear_layers` made."""
+    if type(module) is torch.nn.Linear:
+        return True
+    bnb = sys.modules.get("bitsandbytes")  # loaded if anything was quantized
+    return bnb is not None and isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    """Whether `quantize_linear_layers` quantized `model`."""
+    return getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)

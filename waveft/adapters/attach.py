@@ -8,6 +8,7 @@ from waveft.adapters.budget import BudgetPlan, LayerShape
 from waveft.adapters.methods import Method, ResolvedAdapter, as_resolved
 from waveft.adapters.waveft_locations import shared_waveft_locations
 from waveft.errors import UserError
+from waveft.models import is_linear_layer
 
 
 def module_matches(name: str, target: str) -> bool:
@@ -16,14 +17,15 @@ def module_matches(name: str, target: str) -> bool:
 
 
 def target_layers(model: torch.nn.Module, target_modules: list[str]) -> dict[str, torch.nn.Linear]:
-    """The modules the adapter will wrap; each target entry must match something, and only nn.Linear."""
+    """The modules the adapter will wrap; each target entry must match something, and only Linear layers (plain
+    or quantized by `model.quantize`)."""
     found = {}
     for target in target_modules:
         matches = [(n, m) for n, m in model.named_modules() if module_matches(n, target)]
         if not matches:
             raise UserError(f"adapter.target_modules entry {target!r} matches no module of the UNet")
         for name, module in matches:
-            if type(module) is not torch.nn.Linear:
+            if not is_linear_layer(module):
                 raise UserError(
                     f"adapter.target_modules entry {target!r} matches {name}, a {type(module).__name__}, "
                     f"not a Linear layer"

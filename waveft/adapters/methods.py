@@ -78,6 +78,8 @@ class Method:
     additive: bool = field(default=True, kw_only=True)
     # Importing it makes the config class available (and registers a method of this project with PEFT).
     config_module: str = "peft"
+    # model.quantize kinds the method cannot train over, with the reason.
+    quantization_refusals: dict = field(default_factory=dict)
 
     def config_class(self):
         return getattr(importlib.import_module(self.config_module), self.peft_config_class_name)
@@ -228,6 +230,11 @@ class AdaLoraRankSchedule:
         return {n: (p != 0).view(-1).tolist() for n, p in model.named_parameters() if suffix in n}
 
 
+# LyCORIS layers shape their delta like the base weight; bitsandbytes' nf4 weight is packed.
+NF4_PACKED_WEIGHT = ("PEFT's {} layer reshapes its delta to the base layer's weight tensor, which bitsandbytes "
+                     "packs into (out * in / 2, 1) bytes in nf4 (int8 works)")
+
+
 # ---- the registry --------------------------------------------------------------------------------------------
 
 # WaveFT's and FourierFT's size: n_frequency trainable coefficients per layer, at most the smallest layer's weights.
@@ -267,6 +274,7 @@ METHODS = {
                         explanation="two rank-r pairs, 2 r (out + in) per layer"),
             dict(r=1, alpha=64),
             peft_type="LOHA",
+            quantization_refusals={"nf4": NF4_PACKED_WEIGHT.format("LoHa")},
         ),
         Method(
             "lokr", "LoKrConfig",
@@ -274,6 +282,7 @@ METHODS = {
                         explanation="Kronecker factors per layer, the second of rank r until it is full"),
             dict(r=20, alpha=192),
             peft_type="LOKR",
+            quantization_refusals={"nf4": NF4_PACKED_WEIGHT.format("LoKr")},
         ),
         # The projections are regenerated from projection_prng_key: saving them needs PEFT's tuner object,
         # which attaching to a UNet does not keep (see waveft.adapters.attach).

@@ -46,7 +46,8 @@ def main(argv=None) -> None:
         raise UserError("no base model: pass --base (the adapter folder does not name one)")
     settings = GenerationSettings.from_args(args)
     settings.check()
-    pipe = load_pipeline(base, args.adapter, args.vae, settings.dtype, args.device, settings.scheduler)
+    pipe = load_pipeline(base, args.adapter, args.vae, settings.dtype, args.device, settings.scheduler,
+                         settings.quantize)
     rows = generate_images(pipe, prompt_seed_jobs(prompts, args.seeds, base_model=base, adapter=args.adapter),
                            args.out, settings)
     save_grid([os.path.join(args.out, r.file) for r in rows], os.path.join(args.out, GRID_NAME), len(args.seeds))

@@ -1,4 +1,5 @@
-"""An SDXL pipeline from a Hub id or folder, with an adapter merged into its UNet, and its scheduler by name."""
+"""An SDXL pipeline from a Hub id or folder, with an adapter merged into its UNet (attached, on a quantized base),
+and its scheduler by name."""
 import contextlib
 from typing import Optional
 
@@ -7,7 +8,7 @@ import torch
 from waveft.errors import UserError
 from waveft.infer.settings import SCHEDULERS
 from waveft.io.adapter_folder import AdapterFolder
-from waveft.models import DTYPES
+from waveft.models import DTYPES, is_quantized, quantize_linear_layers
 
 
 def set_scheduler(pipe, name: str) -> None:
@@ -19,8 +20,9 @@ def set_scheduler(pipe, name: str) -> None:
     pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **kwargs)
 
 
-def merge_adapter(unet, adapter_dir: str):
-    """Load a PEFT adapter folder onto `unet` and merge it into the weights: no inference cost remains."""
+def attach_saved_adapter(unet, adapter_dir: str):
+    """Load a PEFT adapter folder onto `unet`, unmerged: the PeftModel, whose base model is `unet` with the
+    adapter's layers in place."""
     from peft import PeftModel
 
     from waveft.adapters.structured_waveft import enable_structured_waveft
@@ -28,9 +30,20 @@ def merge_adapter(unet, adapter_dir: str):
 
     with shared_waveft_locations():
         peft_model = PeftModel.from_pretrained(unet, adapter_dir)
-    # Our WaveFT layer also merges wavelets that stock PEFT's layer cannot run.
+    # Our WaveFT layer also runs (and merges) wavelets that stock PEFT's layer cannot run.
     enable_structured_waveft(peft_model)
-    return peft_model.merge_and_unload()
+    return peft_model
+
+
+def merge_adapter(unet, adapter_dir: str):
+    """Load a PEFT adapter folder onto `unet` and merge it into the weights: no inference cost remains.
+    A quantized base (model.quantize) is refused: its weights are packed, and merging would re-quantize them."""
+    if is_quantized(unet):
+        raise UserError(
+            f"cannot merge the adapter {adapter_dir} into a quantized base (its Linear weights are packed by "
+            f"bitsandbytes): merge onto the unquantized base (quantize none), or keep the adapter attached"
+        )
+    return attach_saved_adapter(unet, adapter_dir).merge_and_unload()
 
 
 @contextlib.contextmanager
@@ -48,8 +61,10 @@ def load_pipeline(
     dtype: str = "fp32",
     device: Optional[str] = None,
     scheduler: str = "dpmpp_2m",
+    quantize: str = "none",
 ):
-    """A StableDiffusionXLPipeline from a Hub id or folder, with the adapter (if any) merged."""
+    """A StableDiffusionXLPipeline from a Hub id or folder, with the adapter (if any) merged; with `quantize`
+    (int8, nf4) the UNet's Linear layers are quantized and the adapter stays attached, unmerged."""
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 
     if adapter_dir is not None and not AdapterFolder(adapter_dir).is_adapter():
@@ -62,8 +77,11 @@ def load_pipeline(
     # 14.8-18.2 GB (varying run to run) with the pipeline loading every component itself.
     with _base_model_errors(base_model):
         unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet", dtype=torch_dtype)
+    if quantize != "none":
+        quantize_linear_layers(unet, quantize, torch_dtype)
     if adapter_dir is not None:
-        unet = merge_adapter(unet, adapter_dir)
+        unet = attach_saved_adapter(unet, adapter_dir).get_base_model() if is_quantized(unet) else \
+            merge_adapter(unet, adapter_dir)
     with _base_model_errors(base_model):
         kwargs = {"unet": unet, "dtype": torch_dtype}
         if vae is not None:

@@ -20,6 +20,8 @@ SCHEDULERS = {
 }
 SchedulerName = Literal[tuple(SCHEDULERS)]  # type: ignore[valid-type]  (the names above, one list)
 GenerationDtype = Literal["fp32", "fp16", "bf16"]
+# bitsandbytes quantization of the UNet's Linear layers (model.quantize, --quantize): none, 8-bit, 4-bit NormalFloat.
+Quantization = Literal["none", "int8", "nf4"]
 
 
 @dataclass
@@ -45,10 +47,13 @@ class GenerationSettings(SamplerSettings):
     width: int = field(default=1024, metadata=cli("image width in pixels"))
     batch_size: int = field(default=4, metadata=cli("images per call (each image has its own generator)"))
     dtype: GenerationDtype = field(default="fp32", metadata=cli("pipeline dtype"))
+    # The UNet's Linear layers quantized by bitsandbytes (as model.quantize); the adapter then stays unmerged.
+    quantize: Quantization = field(default="none", metadata=cli("quantize the UNet's Linear layers"))
 
     def image_settings(self) -> dict:
-        """The settings that change the pictures: all but batch_size."""
-        return {k: v for k, v in vars(self).items() if k != "batch_size"}
+        """The settings that change the pictures: all but batch_size. An unquantized base is left out, so that
+        folders made before `quantize` existed keep their identity."""
+        return {k: v for k, v in vars(self).items() if k != "batch_size" and not (k == "quantize" and v == "none")}
 
     def problems(self) -> list[tuple[str, str]]:
         """(field, what is wrong) for values no pipeline can use."""

@@ -26,6 +26,7 @@ from waveft.io.adapter_folder import AdapterFolder, add_card_samples, save_adapt
 from waveft.io.hub import push_adapter_folder
 from waveft.io.run_folder import RunFolder, RunInfo
 from waveft.io.schema import read_yaml_mapping
+from waveft.memory_estimate import estimate_step_memory
 from waveft.models import DTYPES, load_sdxl
 from waveft.train import data as dreambooth_data
 from waveft.train.checkpointing import list_checkpoints, load_checkpoint, save_checkpoint
@@ -275,10 +276,8 @@ def tracker_settings(cfg: RunConfig) -> tuple[str, dict]:
                                  "group": w.group, "tags": w.tags or None}}
 
 
-def attach_checked_adapter(cfg: RunConfig, unet, weight_dtype, print_main) -> AttachedAdapter:
-    """The adapter, checked against the model: frozen base weights in the compute dtype, trainable ones in fp32."""
-    if unet.dtype != weight_dtype:
-        unet.to(dtype=weight_dtype)
+def attach_checked_adapter(cfg: RunConfig, unet, print_main) -> AttachedAdapter:
+    """The adapter, checked against the model (loaded in the compute dtype); its trainable weights in fp32."""
     attached = attach_adapter(unet, cfg.resolved_adapter)
     check_export_fits(cfg.export, attached.layers)
     print_main(attached.describe())
@@ -466,12 +465,13 @@ def train(cfg: RunConfig) -> TrainResult:
 
     # Data, models and adapter, all checked before anything is written.
     if main:
+        print(estimate_step_memory(cfg).line())  # before any weight loads: a run that cannot fit says so first
         dreambooth_data.ensure_instance_images(cfg.data)
     accelerator.wait_for_everyone()
     dataset = dreambooth_data.DreamBoothDataset(cfg.data, cfg.seed)
-    components = load_sdxl(cfg.model)
+    components = load_sdxl(cfg.model, weight_dtype)
     unet, vae, noise_scheduler = components.unet, components.vae, components.noise_scheduler
-    attached = attach_checked_adapter(cfg, unet, weight_dtype, print_main)
+    attached = attach_checked_adapter(cfg, unet, print_main)
     resume_from = find_resume_checkpoint(cfg)
     if main:
         start_output_dir(cfg)

@@ -22,7 +22,8 @@ def validation_settings(cfg: RunConfig, dtype: str) -> GenerationSettings:
     v = cfg.validation
     resolution = v.resolution or cfg.data.resolution
     height, width = v.size or (resolution, resolution)
-    return GenerationSettings(**v.sampler(), height=height, width=width, batch_size=len(v.seeds), dtype=dtype)
+    return GenerationSettings(**v.sampler(), height=height, width=width, batch_size=len(v.seeds), dtype=dtype,
+                              quantize=cfg.model.quantize)
 
 
 def compute_dtype_name(cfg: RunConfig) -> str:
@@ -106,7 +107,8 @@ def final_samples(cfg: RunConfig) -> str:
     shutil.rmtree(run.samples, ignore_errors=True)  # samples of an earlier adapter (a resumed run) must not be kept
     dtype = compute_dtype_name(cfg)
     pipe = load_pipeline(cfg.model.pretrained, run.adapter, cfg.model.vae,
-                         dtype=dtype if torch.cuda.is_available() else "fp32", scheduler=cfg.validation.scheduler)
+                         dtype=dtype if torch.cuda.is_available() else "fp32", scheduler=cfg.validation.scheduler,
+                         quantize=cfg.model.quantize)
     if cfg.model.prediction_type is not None:  # the training override, which the base model's files lack
         pipe.scheduler.register_to_config(prediction_type=cfg.model.prediction_type)
     rows = generate_images(pipe, prompt_seed_jobs(validation_prompts(cfg), cfg.validation.seeds), run.samples,

@@ -114,11 +114,23 @@ class AdapterPlan:
 
     def sampled_products(self, w_t: torch.Tensor, u_t: torch.Tensor) -> torch.Tensor:
         """`sum_n w_t[s_k, n] * u_t[g_k, n]` for every spectrum entry k, in spectrum order."""
+        if w_t.device.type == "meta":  # shapes only (waveft.memory_estimate): the one value per entry either gives
+            return w_t.new_empty(len(self.csr_columns))
         if w_t.dtype in (torch.float32, torch.float64):
-            products = torch.sparse.sampled_addmm(self._pattern(w_t.dtype), w_t, u_t.T, beta=0.0).values()
+            products = self.sampled_addmm_products(w_t, u_t)
         else:  # sampled_addmm has no half-precision kernels
-            products = torch.linalg.vecdot(w_t[self.output_columns[self.csr_order]], u_t[self.csr_columns])
+            products = self.gathered_products(w_t, u_t)
         return torch.empty_like(products).index_copy_(0, self.csr_order, products)
+
+    def sampled_addmm_products(self, w_t: torch.Tensor, u_t: torch.Tensor) -> torch.Tensor:
+        """The products in CSR order by `torch.sparse.sampled_addmm` (fp32 / fp64; on CUDA cuSPARSE, whose setup
+        runs on every call): no temporary beyond the values."""
+        return torch.sparse.sampled_addmm(self._pattern(w_t.dtype), w_t, u_t.T, beta=0.0).values()
+
+    def gathered_products(self, w_t: torch.Tensor, u_t: torch.Tensor) -> torch.Tensor:
+        """The products in CSR order by gathering both rows of every entry and `vecdot`: any dtype, two
+        (n_frequency, N) temporaries."""
+        return torch.linalg.vecdot(w_t[self.output_columns[self.csr_order]], u_t[self.csr_columns])
 
     def _pattern(self, dtype) -> torch.Tensor:
         if dtype not in self._patterns:
@@ -153,7 +165,7 @@ def _weighted_bags(indices, offsets, rows, weights):
 
 def _autocast_off(device_type: str):
     # Entering a disabling autocast context costs more than this layer's small ops: only when needed.
-    if torch.is_autocast_enabled(device_type):
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 

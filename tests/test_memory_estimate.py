@@ -1,0 +1,91 @@
+"""The memory preflight: a training step on meta tensors, checked against itself and against a real CPU step."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.helpers import REPO, fresh_unet
+from waveft.config import load_config
+from waveft.memory_estimate import LiveStorage, accelerator_semantics, estimate_step_memory, training_step
+
+
+def tiny_estimate(tiny_sdxl_dir, *overrides):
+    cfg = load_config(os.path.join(REPO, "configs", "tiny.yaml"), (f"model.pretrained={tiny_sdxl_dir}", *overrides))
+    return cfg, estimate_step_memory(cfg)
+
+
+def test_the_split_adds_up_to_the_total(tiny_sdxl_dir):
+    _, estimate = tiny_estimate(tiny_sdxl_dir)
+    parts = (estimate.weights, estimate.adapter_state, estimate.activations, estimate.largest_temporary)
+    assert all(part > 0 for part in parts) and sum(parts) == estimate.total
+    rows = {line.split("|")[1].strip(): float(line.split("|")[2].replace(",", ""))
+            for line in estimate.table().splitlines() if line.startswith("| ") and not line.startswith("| part")}
+    assert rows["total (CUDA context not included)"] == pytest.approx(sum(rows.values()) / 2, abs=0.2)
+
+
+def test_activations_grow_with_resolution_and_batch_and_weights_shrink_with_quantization(tiny_sdxl_dir):
+    _, small = tiny_estimate(tiny_sdxl_dir, "data.resolution=32")
+    _, large = tiny_estimate(tiny_sdxl_dir, "data.resolution=64")
+    _, batch2 = tiny_estimate(tiny_sdxl_dir, "data.resolution=32", "train.batch_size=2")
+    _, checkpointed = tiny_estimate(tiny_sdxl_dir, "data.resolution=64", "train.gradient_checkpointing=true")
+    _, nf4 = tiny_estimate(tiny_sdxl_dir, "model.quantize=nf4")
+    _, bf16 = tiny_estimate(tiny_sdxl_dir, "train.mixed_precision=bf16")
+    assert small.weights == large.weights == batch2.weights and small.adapter_state == large.adapter_state
+    # 4x the pixels: more than twice the activations (the text tokens do not grow); twice the batch: about twice
+    assert large.activations > 2 * small.activations
+    assert 1.6 * small.activations < batch2.activations < 2.4 * small.activations
+    assert checkpointed.activations < large.activations
+    assert nf4.weights < 0.7 * large.weights and bf16.weights < 0.6 * large.weights
+
+
+def test_the_estimate_is_within_ten_percent_of_a_real_cpu_step(tiny_sdxl_dir):
+    """The same step with real tensors on the CPU, its storages tracked from before the first step: the frozen
+    and adapter tensors, then everything the two steps allocate, at its peak."""
+    from waveft.adapters.attach import attach_adapter
+    from waveft.train.loop import build_optimizer
+
+    cfg, estimate = tiny_estimate(tiny_sdxl_dir, "data.resolution=64", "train.batch_size=2")
+    unet = fresh_unet(tiny_sdxl_dir).requires_grad_(False)
+    attach_adapter(unet, cfg.resolved_adapter)
+    unet.train()
+    model_bytes = sum(t.untyped_storage().nbytes() for t in [*unet.parameters(), *unet.buffers()])
+    optimizer = build_optimizer(cfg, [p for p in unet.parameters() if p.requires_grad])
+    step = training_step(unet, optimizer, dict(unet.config), cfg, torch.float32, device="cpu")
+    with accelerator_semantics(torch.float32), LiveStorage() as tracked:
+        step()
+        step()
+    measured = model_bytes + tracked.peak
+    print(f"tiny UNet, 64 px, batch 2: estimate {estimate.total / 2**20:.2f} MiB, real CPU step "
+          f"{measured / 2**20:.2f} MiB (ratio {estimate.total / measured:.3f})")
+    assert abs(estimate.total / measured - 1) < 0.10
+
+
+@pytest.mark.slow
+def test_estimate_memory_on_the_paper_config_needs_only_the_shipped_configs(tmp_path):
+    probe = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+             "print('PEAK_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "empty-hub-cache"))
+    result = subprocess.run(
+        [sys.executable, "-c", probe, sys.executable, "train_dreambooth_waveft.py", "--config",
+         "configs/sdxl_waveft_paper.yaml", "--estimate-memory"],
+        cwd=REPO, capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Estimated peak accelerator memory of one training step (1024 px, batch 1, bf16" in result.stdout
+    assert "| weights (frozen base) | 4,897.0 | 4.78 |" in result.stdout  # SDXL's 2.57 G UNet parameters in bf16
+    peak_gb = int(result.stdout.rsplit("PEAK_KB", 1)[1].split()[0]) / 2**20
+    assert peak_gb < 4, f"--estimate-memory peaked at {peak_gb:.1f} GB of RAM"
+
+
+@pytest.mark.slow
+def test_estimate_memory_with_a_config_failing_validation_is_one_error_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "train_dreambooth_waveft.py", "--config", "configs/sdxl_waveft_paper.yaml",
+         "--estimate-memory", "train.batch_size=0"],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: configs/sdxl_waveft_paper.yaml: key 'train.batch_size' must be > 0, got 0"]
