@@ -22,7 +22,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     cfg = load_config(args.config, tuple(args.overrides))
     if args.estimate_memory:
-        from waveft.memory_estimate import estimate_step_memory
+        from waveft.train.memory_estimate import estimate_step_memory
 
         print(estimate_step_memory(cfg).table())
         return

@@ -7,7 +7,7 @@
 (b) one training step (forward, backward, AdamW) of an SDXL-shaped UNet: real channel widths and attention
     shapes, depth and resolution reduced for a CPU; with CUDA also the full SDXL UNet at 1024 px in bf16.
 (c), (d): the full-size UNet's step; the cost's growth with the budget.
-(e) waveft.memory_estimate's peak for configs/sdxl_waveft_paper.yaml: LoRA r1 / PEFT WaveFT / structured WaveFT
+(e) waveft.train.memory_estimate's peak for configs/sdxl_waveft_paper.yaml: LoRA r1 / PEFT WaveFT / structured WaveFT
     over a bf16, int8 and nf4 base, gradient checkpointing on and off (no weights: seconds each).
 (f) the structured WaveFT's training step over the same UNet unquantized and quantized (--quantize).
 
@@ -30,8 +30,8 @@ import torch
 from waveft.adapters.structured_waveft import enable_structured_waveft
 from waveft.adapters.waveft_locations import shared_waveft_locations
 from waveft.fixtures.tiny import SDXL_UNET_CONFIG, materialise, tiny_unet_config
-from waveft.memory_estimate import LiveStorage, estimate_step_memory
 from waveft.models import quantize_linear_layers
+from waveft.train.memory_estimate import LiveStorage, estimate_step_memory
 
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TOKENS = 77
@@ -326,7 +326,7 @@ PAPER_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 
 
 def estimate_table(resolution: int) -> str:
-    """waveft.memory_estimate for configs/sdxl_waveft_paper.yaml (bf16) at `resolution`: each method over a bf16,
+    """waveft.train.memory_estimate for configs/sdxl_waveft_paper.yaml (bf16) at `resolution`: each method over a bf16,
     int8 and nf4 base, gradient checkpointing on and off."""
     from waveft.config import load_config
 

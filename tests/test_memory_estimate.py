@@ -8,7 +8,7 @@ import torch
 
 from tests.helpers import REPO, fresh_unet
 from waveft.config import load_config
-from waveft.memory_estimate import LiveStorage, accelerator_semantics, estimate_step_memory, training_step
+from waveft.train.memory_estimate import LiveStorage, accelerator_semantics, estimate_step_memory, training_step
 
 
 def tiny_estimate(tiny_sdxl_dir, *overrides):
@@ -44,7 +44,7 @@ def test_the_estimate_is_within_ten_percent_of_a_real_cpu_step(tiny_sdxl_dir):
     """The same step with real tensors on the CPU, its storages tracked from before the first step: the frozen
     and adapter tensors, then everything the two steps allocate, at its peak."""
     from waveft.adapters.attach import attach_adapter
-    from waveft.train.loop import build_optimizer
+    from waveft.train.optimizer import build_optimizer
 
     cfg, estimate = tiny_estimate(tiny_sdxl_dir, "data.resolution=64", "train.batch_size=2")
     unet = fresh_unet(tiny_sdxl_dir).requires_grad_(False)

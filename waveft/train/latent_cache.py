@@ -157,3 +157,8 @@ class Latents:
         noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         latents = mean + std * noise
         return (latents * self.vae.config.scaling_factor).to(dtype)
+
+
+def use_latent_cache(cfg) -> bool:
+    """Whether a run (`cfg`: a RunConfig) caches its latents (data.cache_latents auto or true)."""
+    return cfg.data.cache_latents in ("auto", True)

@@ -26,13 +26,14 @@ from waveft.io.adapter_folder import AdapterFolder, add_card_samples, save_adapt
 from waveft.io.hub import push_adapter_folder
 from waveft.io.run_folder import RunFolder, RunInfo
 from waveft.io.schema import read_yaml_mapping
-from waveft.memory_estimate import estimate_step_memory
 from waveft.models import DTYPES, load_sdxl
 from waveft.train import data as dreambooth_data
 from waveft.train.checkpointing import list_checkpoints, load_checkpoint, save_checkpoint
 from waveft.train.data import TrainingBatch
-from waveft.train.latent_cache import LatentCache, Latents, cache_folder, check_writable, vae_identity
+from waveft.train.latent_cache import LatentCache, Latents, cache_folder, check_writable, use_latent_cache, vae_identity
 from waveft.train.loss import Conditioning, LossSettings, mask_weights, micro_batch_loss
+from waveft.train.memory_estimate import estimate_step_memory
+from waveft.train.optimizer import build_optimizer
 from waveft.train.sampling import final_samples, generate_class_images, log_image, run_validation
 from waveft.train.validation_loss import ValidationLoss, plot_losses
 
@@ -230,24 +231,6 @@ def batches_from(dataloader, dataset, state: LoopState, accelerator):
         state.batches_in_epoch = 0
 
 
-def build_optimizer(cfg: RunConfig, params):
-    settings = cfg.train
-    kwargs = dict(lr=settings.learning_rate, betas=(settings.adam_beta1, settings.adam_beta2),
-                  weight_decay=settings.adam_weight_decay, eps=settings.adam_epsilon)
-    if settings.optimizer == "prodigy":  # load_config checked that prodigyopt is installed
-        from prodigyopt import Prodigy
-
-        return Prodigy(params, **kwargs, safeguard_warmup=settings.prodigy_safeguard_warmup,
-                       use_bias_correction=settings.prodigy_use_bias_correction, d_coef=settings.prodigy_d_coef)
-    if settings.optimizer == "adamw_8bit":
-        try:
-            import bitsandbytes
-        except ImportError:
-            raise UserError("train.optimizer=adamw_8bit needs bitsandbytes: pip install bitsandbytes") from None
-        return bitsandbytes.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
-
-
 def make_accelerator(cfg: RunConfig):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -424,10 +407,6 @@ def save_run(cfg: RunConfig, accelerator, trained_unet, run_info: RunInfo) -> No
         log_image(accelerator, "samples", run_info.samples, run_info.steps)
         made = read_manifest(os.path.join(run.samples, MANIFEST_NAME)).values()
         add_card_samples(run.adapter, [(os.path.join(run.samples, row.file), row.prompt) for row in made], run_info)
-
-
-def use_latent_cache(cfg: RunConfig) -> bool:
-    return cfg.data.cache_latents in ("auto", True)
 
 
 def prepare_latents(cfg: RunConfig, accelerator, vae, dataset) -> Latents:

@@ -114,7 +114,7 @@ class AdapterPlan:
 
     def sampled_products(self, w_t: torch.Tensor, u_t: torch.Tensor) -> torch.Tensor:
         """`sum_n w_t[s_k, n] * u_t[g_k, n]` for every spectrum entry k, in spectrum order."""
-        if w_t.device.type == "meta":  # shapes only (waveft.memory_estimate): the one value per entry either gives
+        if w_t.device.type == "meta":  # shapes only (waveft.train.memory_estimate): one value per entry either way
             return w_t.new_empty(len(self.csr_columns))
         if w_t.dtype in (torch.float32, torch.float64):
             products = self.sampled_addmm_products(w_t, u_t)

@@ -289,7 +289,8 @@ def estimate_step_memory(cfg) -> MemoryEstimate:
 
     from waveft.adapters.attach import attach_adapter
     from waveft.models import DTYPES
-    from waveft.train.loop import build_optimizer, use_latent_cache
+    from waveft.train.latent_cache import use_latent_cache
+    from waveft.train.optimizer import build_optimizer
 
     dtype = DTYPES[cfg.train.mixed_precision]
     config = unet_config(cfg.model)
