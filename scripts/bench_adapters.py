@@ -10,6 +10,7 @@
 (e) waveft.train.memory_estimate's peak for configs/sdxl_waveft_paper.yaml: LoRA r1 / PEFT WaveFT / structured WaveFT
     over a bf16, int8 and nf4 base, gradient checkpointing on and off (no weights: seconds each).
 (f) the structured WaveFT's training step over the same UNet unquantized and quantized (--quantize).
+(g) the structured backward's spectrum gradient by sampled_addmm vs gather + vecdot at SDXL's shapes.
 
 Variants: frozen base, LoRA r=1, PEFT WaveFT and structured WaveFT with n_frequency = in + out per layer (the
 LoRA r=1 budget). Times are medians over interleaved repeats. Peak memory is the peak of bytes held by tensors
@@ -18,6 +19,7 @@ allocated during the step (CPU: a dispatch-mode tracker of tensor storages; CUDA
 import argparse
 import copy
 import datetime
+import functools
 import os
 import platform
 import statistics
@@ -412,6 +414,46 @@ def quantized_step_table(measured: dict, label: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------- (g) the structured backward's two kernels
+
+
+def bench_backward_kernels(shapes, device, warmup, repeats, clock) -> list:
+    """For each projection shape: the structured layer's spectrum gradient (fp32) by `sampled_addmm` and by
+    gather + `vecdot`, timed on the same (coefficients x tokens) operands; [(shape, {kernel: seconds})]."""
+    rows = []
+    for shape in shapes:
+        torch.manual_seed(0)
+        model = OneProjection(shape.in_features, shape.out_features).to(device)
+        add_adapter(model, "structured_waveft")
+        layer = model.to_q
+        plan = layer._plan("default", torch.device(device))
+        w_t = torch.randn(plan.output_axis.transposed_rows, shape.tokens, device=device)
+        u_t = torch.randn(plan.input_axis.transposed_rows, shape.tokens, device=device)
+        kernels = {"sampled_addmm": functools.partial(plan.sampled_addmm_products, w_t, u_t),
+                   "gather + vecdot": functools.partial(plan.gathered_products, w_t, u_t)}
+        rows.append((shape, interleaved_medians(kernels, warmup, repeats, synchronizer(device), clock)))
+    return rows
+
+
+def backward_kernel_table(rows: list, label: str) -> str:
+    lines = [f"### (g) Structured WaveFT backward, spectrum gradient: sampled_addmm vs gather + vecdot ({label})", "",
+             "| tokens x in x out | layers | sampled_addmm (ms) | gather + vecdot (ms) | vecdot / sampled_addmm |",
+             "|---|---:|---:|---:|---:|"]
+    totals = {"sampled_addmm": 0.0, "gather + vecdot": 0.0}
+    for shape, seconds in rows:
+        for kernel in totals:
+            totals[kernel] += shape.count * seconds[kernel]
+        lines.append(f"| {shape.tokens} x {shape.in_features} -> {shape.out_features} | {shape.count} | "
+                     f"{seconds['sampled_addmm'] * 1e3:.3f} | "
+                     f"{seconds['gather + vecdot'] * 1e3:.3f} | "
+                     f"{ratio(seconds['gather + vecdot'], seconds['sampled_addmm'])} |")
+    count = sum(shape.count for shape, _ in rows)
+    lines.append(f"| all {count} layers (sum) | {count} | {totals['sampled_addmm'] * 1e3:.1f} | "
+                 f"{totals['gather + vecdot'] * 1e3:.1f} | "
+                 f"{ratio(totals['gather + vecdot'], totals['sampled_addmm'])} |")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -493,7 +535,7 @@ def main():
         help="comma-separated: a (projections), b (reduced UNet step), c (full-size UNet step at "
         "--full-resolution, gradient checkpointing), d (cost growth with the budget, 1/3/10), e (estimated peak "
         "memory of the paper config at --estimate-resolution), f (structured WaveFT step over --quantize bases "
-        "at --full-resolution)",
+        "at --full-resolution), g (the structured backward's two spectrum-gradient kernels at SDXL's shapes)",
     )  # fmt: skip
     parser.add_argument("--full-resolution", type=int, default=256, help="image size of sections c and f, in pixels")
     parser.add_argument("--estimate-resolution", type=int, default=1024, help="image size of section e, in pixels")
@@ -504,8 +546,8 @@ def main():
     )
     args = parser.parse_args()
     sections = set(args.sections.split(","))
-    if not sections <= set("abcdef"):
-        parser.error(f"--sections: unknown {sorted(sections - set('abcdef'))}")
+    if not sections <= set("abcdefg"):
+        parser.error(f"--sections: unknown {sorted(sections - set('abcdefg'))}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -591,6 +633,13 @@ def main():
         label = (f"{unet_name}, {args.full_resolution} px, {dtype} compute, gradient checkpointing, AdamW, "
                  f"median of {repeats_c} after 1 warm-up")
         report.append(quantized_step_table(measured, label))
+    if "g" in sections:
+        if args.tiny_unet:
+            shapes = [ProjectionShape(16, 64, 64, 64)]
+        else:
+            shapes = sdxl_projection_shapes(args.full_resolution // 8)
+        label = f"{'tiny' if args.tiny_unet else 'SDXL'} projections at {args.full_resolution} px, fp32 operands"
+        report.append(backward_kernel_table(bench_backward_kernels(shapes, device, warmup, repeats, clock), label))
     if shape_total is not None and step is not None:
         report.append(targets_summary(shape_total, step))
     text = "\n".join(report)
