@@ -338,7 +338,7 @@ def _vae_bytes(cfg) -> int:
 
 
 def training_step(unet, optimizer, config: dict, cfg, dtype, device="meta"):
-    """The trainer's step on inputs of the run's shapes (uninitialised: only their memory matters): noisy
+    """The trainer's step on inputs of the run's shapes (zeros: only their memory matters): noisy
     latents, both encoders' hidden states, the pooled embedding and SDXL's size conditioning; the MSE in fp32
     (accelerate returns fp32 outputs under autocast); AdamW's step. Returns it as a function."""
     batch, latent = cfg.train.batch_size, cfg.data.resolution // 8
@@ -346,12 +346,12 @@ def training_step(unet, optimizer, config: dict, cfg, dtype, device="meta"):
 
     def step():
         with torch.device(device):
-            noisy = torch.empty(batch, config["in_channels"], latent, latent, dtype=dtype)
-            target = torch.empty(batch, config["in_channels"], latent, latent, dtype=torch.float32)
-            added = dict(text_embeds=torch.empty(batch, pooled, dtype=dtype),
-                         time_ids=torch.empty(batch, 6, dtype=dtype))
-            hidden = torch.empty(batch, TEXT_TOKENS, config["cross_attention_dim"], dtype=dtype)
-            prediction = unet(noisy, torch.empty(batch, dtype=torch.long), hidden, added_cond_kwargs=added).sample
+            noisy = torch.zeros(batch, config["in_channels"], latent, latent, dtype=dtype)
+            target = torch.zeros(batch, config["in_channels"], latent, latent, dtype=torch.float32)
+            added = dict(text_embeds=torch.zeros(batch, pooled, dtype=dtype),
+                         time_ids=torch.zeros(batch, 6, dtype=dtype))
+            hidden = torch.zeros(batch, TEXT_TOKENS, config["cross_attention_dim"], dtype=dtype)
+            prediction = unet(noisy, torch.zeros(batch, dtype=torch.long), hidden, added_cond_kwargs=added).sample
             loss = torch.nn.functional.mse_loss(prediction.float(), target)
             del prediction
             loss.backward()
