@@ -21,12 +21,12 @@ def main(argv=None) -> None:
                              "config files only, no weights) and exit")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, tuple(args.overrides))
+    set_up_process()
     if args.estimate_memory:
         from waveft.train.memory_estimate import estimate_step_memory
 
         print(estimate_step_memory(cfg).table())
         return
-    set_up_process()
 
     from waveft.train.loop import train
 

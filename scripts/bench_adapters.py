@@ -319,9 +319,9 @@ def bench_unet_step(config, device, dtype, warmup, repeats, clock, gradient_chec
 # ---------------------------------------------------------------- (e) estimated peak memory of the paper config
 
 ESTIMATE_METHODS = {
+    "structured WaveFT": (),
     "LoRA r1": ("adapter.type=lora", "adapter.peft={}", "adapter.budget=1"),
     "PEFT WaveFT": ("adapter.implementation=peft",),
-    "structured WaveFT": (),
 }
 PAPER_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                             "sdxl_waveft_paper.yaml")
@@ -340,9 +340,9 @@ def estimate_table(resolution: int) -> str:
         "| largest temporary (GiB) | total (GiB) |",
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
-    for method, overrides in ESTIMATE_METHODS.items():
+    for checkpointing in ("true", "false"):
         for quantize in ("none", "int8", "nf4"):
-            for checkpointing in ("true", "false"):
+            for method, overrides in ESTIMATE_METHODS.items():
                 cfg = load_config(PAPER_CONFIG, (*overrides, f"model.quantize={quantize}",
                                                  f"data.resolution={resolution}",
                                                  f"train.gradient_checkpointing={checkpointing}"))

@@ -89,3 +89,17 @@ def test_estimate_memory_with_a_config_failing_validation_is_one_error_line(tmp_
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
         "error: configs/sdxl_waveft_paper.yaml: key 'train.batch_size' must be > 0, got 0"]
+
+
+@pytest.mark.parametrize("method, budget", [("shira", 1), ("loha", 2), ("wara", 1)])
+def test_a_method_whose_layers_read_values_has_no_estimate_and_its_run_still_starts(tiny_sdxl_dir, method, budget):
+    from waveft.entry import set_up_process
+    from waveft.train.loop import memory_estimate_line
+    from waveft.train.memory_estimate import EstimateUnavailable
+
+    set_up_process()  # registers WaRA with PEFT, as every entry point does
+    cfg = load_config(os.path.join(REPO, "configs", "tiny.yaml"), (
+        f"model.pretrained={tiny_sdxl_dir}", f"adapter.type={method}", "adapter.peft={}", f"adapter.budget={budget}"))
+    with pytest.raises(EstimateUnavailable, match=f"no memory estimate for adapter.type={method}"):
+        estimate_step_memory(cfg)
+    assert memory_estimate_line(cfg).startswith(f"no memory estimate for adapter.type={method}: its PEFT layers")

@@ -32,7 +32,7 @@ from waveft.train.checkpointing import list_checkpoints, load_checkpoint, save_c
 from waveft.train.data import TrainingBatch
 from waveft.train.latent_cache import LatentCache, Latents, cache_folder, check_writable, use_latent_cache, vae_identity
 from waveft.train.loss import Conditioning, LossSettings, mask_weights, micro_batch_loss
-from waveft.train.memory_estimate import estimate_step_memory
+from waveft.train.memory_estimate import EstimateUnavailable, estimate_step_memory
 from waveft.train.optimizer import build_optimizer
 from waveft.train.sampling import final_samples, generate_class_images, log_image, run_validation
 from waveft.train.validation_loss import ValidationLoss, plot_losses
@@ -259,6 +259,13 @@ def tracker_settings(cfg: RunConfig) -> tuple[str, dict]:
                                  "group": w.group, "tags": w.tags or None}}
 
 
+def memory_estimate_line(cfg: RunConfig) -> str:
+    try:
+        return estimate_step_memory(cfg).line()
+    except EstimateUnavailable as exc:
+        return str(exc)
+
+
 def attach_checked_adapter(cfg: RunConfig, unet, print_main) -> AttachedAdapter:
     """The adapter, checked against the model (loaded in the compute dtype); its trainable weights in fp32."""
     attached = attach_adapter(unet, cfg.resolved_adapter)
@@ -444,7 +451,7 @@ def train(cfg: RunConfig) -> TrainResult:
 
     # Data, models and adapter, all checked before anything is written.
     if main:
-        print(estimate_step_memory(cfg).line())  # before any weight loads: a run that cannot fit says so first
+        print(memory_estimate_line(cfg))  # before any weight loads: a run that cannot fit says so first
         dreambooth_data.ensure_instance_images(cfg.data)
     accelerator.wait_for_everyone()
     dataset = dreambooth_data.DreamBoothDataset(cfg.data, cfg.seed)

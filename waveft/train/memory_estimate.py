@@ -35,6 +35,11 @@ GIB = 2**30
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 
 
+class EstimateUnavailable(UserError):
+    """The run's adapter cannot run on meta tensors (its layers read values: SHiRA's random mask, LoHa's, LoKr's
+    and WaRA's), so there is no estimate for it."""
+
+
 # ---- counting storages ---------------------------------------------------------------------------------------
 
 
@@ -187,7 +192,7 @@ def _quantize_for_estimate(model: torch.nn.Module, kind: str) -> None:
     from waveft.models import is_quantizable
 
     for name, module in list(model.named_modules()):
-        if is_quantizable(module, kind):
+        if is_quantizable(module, kind) and not module.weight.requires_grad:  # an adapter's own Linear stays
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, _QuantizedLinear(module, kind))
 
@@ -283,8 +288,18 @@ def _storage_bytes(tensors) -> int:
 
 
 def estimate_step_memory(cfg) -> MemoryEstimate:
-    """One training step of `cfg` (a validated RunConfig) on meta tensors; a few seconds and < 1 GB of RAM for
-    SDXL. See the module docstring for what is modelled."""
+    """One training step of `cfg` (a validated RunConfig) on meta tensors; a few seconds of CPU and < 1 GB of RAM
+    for SDXL. See the module docstring for what is modelled. `EstimateUnavailable` for a method whose layers
+    read tensor values (meta tensors have none)."""
+    try:
+        return _estimate_on_meta(cfg)
+    except (NotImplementedError, RuntimeError) as exc:
+        raise EstimateUnavailable(f"no memory estimate for adapter.type={cfg.adapter.type}: its PEFT layers read "
+                                  f"tensor values, which meta tensors lack ({str(exc).splitlines()[0][:70]})"
+                                  ) from None
+
+
+def _estimate_on_meta(cfg) -> MemoryEstimate:
     from diffusers import UNet2DConditionModel
 
     from waveft.adapters.attach import attach_adapter
