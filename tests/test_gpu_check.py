@@ -13,7 +13,7 @@ def test_gpu_check_runs_on_cpu_at_a_tiny_size_and_writes_its_table(tmp_path):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     result = subprocess.run(
         ["bash", "scripts/gpu_check.sh", "--tiny", "--out", str(tmp_path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = (tmp_path / "gpu_check.md").read_text()

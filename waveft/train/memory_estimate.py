@@ -312,9 +312,9 @@ def _estimate_on_meta(cfg) -> MemoryEstimate:
     unet = _meta_model(UNet2DConditionModel, config, dtype).requires_grad_(False)
     base = {t.untyped_storage()._cdata for t in _tensors(unet)}
     attach_adapter(unet, cfg.resolved_adapter)
+    adapter_state = _storage_bytes([t for t in _tensors(unet) if t.untyped_storage()._cdata not in base])
     if cfg.model.quantize != "none":
         _quantize_for_estimate(unet, cfg.model.quantize)
-    adapter_state = _storage_bytes([t for t in _tensors(unet) if t.untyped_storage()._cdata not in base])
     weights = _storage_bytes(_tensors(unet)) - adapter_state
     if not use_latent_cache(cfg):
         weights += _vae_bytes(cfg)
