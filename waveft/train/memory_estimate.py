@@ -171,6 +171,7 @@ class _QuantizedLinear(torch.nn.Module):
         self.weight = torch.empty((), dtype=linear.weight.dtype, device="meta").expand(linear.weight.shape)
 
     def forward(self, x):
+        x = x.to(self.weight.dtype)  # bitsandbytes computes in its compute dtype
         output = _QuantizedMatmulFunction.apply(x, self.packed, self.out_features, self.in_features)
         return output if self.bias is None else output + self.bias
 
