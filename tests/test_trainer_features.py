@@ -86,7 +86,7 @@ BUCKETS = ("data.buckets.enabled=true", "data.buckets.area=1024", "data.buckets.
 
 def test_buckets_one_size_per_batch_with_sdxl_time_ids(tmp_path):
     from waveft.config import load_config
-    from waveft.train.data import BucketBatchSampler, DreamBoothDataset, collate
+    from waveft.train.data import DreamBoothDataset, collate, effective_batches
 
     write_bucket_folder(tmp_path / "photos")
     cfg = load_config(None, ("output_dir=x", f"data.instance_dir={tmp_path / 'photos'}", "data.resolution=32",
@@ -98,7 +98,7 @@ def test_buckets_one_size_per_batch_with_sdxl_time_ids(tmp_path):
     seen = []
     for epoch in range(3):
         dataset.set_epoch(epoch)
-        for indices in BucketBatchSampler(dataset, batch_size=2, seed=0):
+        for indices in effective_batches(dataset, size=2, seed=0, epoch=epoch):
             batch = collate([dataset[i] for i in indices])
             names = [os.path.basename(dataset.instances[i].path) for i in indices]
             assert len({sizes[n] for n in names}) == 1  # one bucket per batch
@@ -112,6 +112,34 @@ def test_buckets_one_size_per_batch_with_sdxl_time_ids(tmp_path):
             seen.append(tuple(indices))
     assert sorted({i for batch in seen for i in batch}) == [0, 1, 2, 3]
     assert len({tuple(seen[0:3]), tuple(seen[3:6]), tuple(seen[6:9])}) > 1  # the order changes with the epoch
+
+
+@pytest.mark.parametrize("buckets", [False, True])
+def test_every_split_of_the_effective_batch_trains_on_the_same_samples_one_bucket_per_batch(tmp_path, buckets):
+    """Processes x accumulation x batch size = 4 in every way: each optimizer step gets the same samples at the same
+    positions (which key their noise), and every micro-batch holds one bucket, also where a bucket runs short."""
+    from waveft.config import load_config
+    from waveft.train.data import BatchLayout, DreamBoothDataset, effective_batches
+
+    write_bucket_folder(tmp_path / "photos")
+    cfg = load_config(None, ("output_dir=x", f"data.instance_dir={tmp_path / 'photos'}", "data.resolution=32",
+                             "data.repeats=3", *(BUCKETS if buckets else ())))
+    dataset = DreamBoothDataset(cfg.data, seed=0)
+    layouts = [BatchLayout(1, 4, 1), BatchLayout(1, 2, 2), BatchLayout(2, 1, 2), BatchLayout(1, 1, 4)]
+    for epoch in range(3):
+        effective = effective_batches(dataset, 4, seed=0, epoch=epoch)
+        assert sorted({i for batch in effective for i in batch}) == list(range(len(dataset)))
+        for layout in layouts:
+            rebuilt = [[None] * 4 for _ in effective]
+            for process in range(layout.processes):
+                micro_batches = iter(layout.micro_batches(effective, process))
+                for step in range(len(effective)):
+                    for accumulation_index in range(layout.accumulation):
+                        batch = next(micro_batches)
+                        assert len({dataset.size_of(i) for i in batch}) == 1  # one bucket
+                        for position, index in zip(layout.positions(accumulation_index, process), batch):
+                            rebuilt[step][position] = index
+            assert rebuilt == effective, layout
 
 
 @pytest.mark.slow
@@ -220,7 +248,7 @@ def test_masked_loss_gives_no_gradient_from_pixels_outside_the_mask():
     model = Prediction()
     conditioning = Conditioning(torch.zeros(2, 7, 64), torch.zeros(2, 32), torch.zeros(2, 6))
     loss = micro_batch_loss(model, DDPMScheduler(), torch.randn(2, 4, 8, 8), conditioning, 2,
-                            torch.Generator().manual_seed(0), LossSettings("epsilon"), weights)
+                            [torch.Generator().manual_seed(i) for i in range(2)], LossSettings("epsilon"), weights)
     loss.backward()
     grad = model.pred.grad
     assert grad[0, :, :4, :4].abs().min() > 0

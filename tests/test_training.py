@@ -63,7 +63,7 @@ def instance_loss(unet, tiny_sdxl_dir, subject_dir, cfg):
     with torch.no_grad():
         latents = components.vae.encode(batch.pixels).latent_dist.mean * components.vae.config.scaling_factor
         for _ in range(4):
-            losses.append(micro_batch_loss(unet, components.noise_scheduler, latents, conditioning, 4, g,
+            losses.append(micro_batch_loss(unet, components.noise_scheduler, latents, conditioning, 4, [g] * 4,
                                            plain_mse).item())
     return sum(losses) / len(losses)
 

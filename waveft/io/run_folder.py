@@ -92,6 +92,11 @@ class RunInfo:
     steps: int
     final_loss: Optional[float]
     train_seconds: float
+    # This invocation (a resumed run's differs from the run's total): processes that trained, the optimizer step it
+    # started from (0, or its checkpoint's), and the micro-batches the main process trained.
+    processes: int = 1
+    first_step: int = 0
+    micro_batches_trained: Optional[int] = _optional()
     # The budget's fit (waveft.adapters.budget.Budget.run_info), present when adapter.budget is set.
     budget_settings: Optional[dict] = _optional()
     budget_target_parameters: Optional[int] = _optional()

@@ -1,10 +1,11 @@
 """DreamBooth data: instance (and class) images, prompts, crops and SDXL's size/crop conditioning.
 
-Random crops and flips are drawn from a generator seeded by (seed, epoch, index), so a resumed run sees
-exactly the images an uninterrupted one would.
+The data order is drawn from (seed, epoch) per effective batch (`effective_batches`), random crops and flips
+from (seed, epoch, index), so a resumed run sees exactly the images an uninterrupted one would, and a run split
+over more processes or accumulation steps sees the same images at each optimizer step.
 """
-import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -56,7 +57,7 @@ def instance_examples(data_cfg) -> list[Example]:
     return examples
 
 
-# ---- aspect-ratio buckets -----------------------------------------------------------------------------------
+# ---- aspect-ratio buckets and the data order ---------------------------------------------------------------
 
 
 def bucket_sizes(data_cfg) -> list[tuple[int, int]]:
@@ -86,32 +87,50 @@ def nearest_bucket(buckets, width: int, height: int, path: str, max_ratio: float
     return min(buckets, key=lambda hw: (abs(math.log(ratio) - math.log(hw[1] / hw[0])), -hw[0] * hw[1]))
 
 
-class BucketBatchSampler(torch.utils.data.Sampler):
-    """Batches that each hold one bucket, in an order keyed by (seed, epoch) like the rest of the data order.
+@dataclass(frozen=True)
+class BatchLayout:
+    """How one optimizer step's samples (its effective batch) are split: `processes` processes x `accumulation`
+    micro-batches each x `batch_size` samples each. Sample k of the effective batch is in micro-batch
+    k // batch_size, which is accumulation step (k // batch_size) // processes of process
+    (k // batch_size) % processes. Data and randomness depend on a sample's position k, never on the split."""
 
-    The dataset's indices are shuffled, split by bucket (keeping the shuffled order), cut into batches of
-    `batch_size`, and the batches shuffled; `dataset.epoch` (set by the loop) picks the epoch.
+    batch_size: int
+    accumulation: int = 1
+    processes: int = 1
+
+    @property
+    def size(self) -> int:
+        """The effective batch: samples per optimizer step, over all processes and accumulation steps."""
+        return self.batch_size * self.accumulation * self.processes
+
+    def positions(self, accumulation_index: int, process_index: int) -> range:
+        """Where one micro-batch's samples sit in the effective batch."""
+        first = (accumulation_index * self.processes + process_index) * self.batch_size
+        return range(first, first + self.batch_size)
+
+    def micro_batches(self, effective: list[list[int]], process_index: int) -> list[list[int]]:
+        """One process's share of `effective` batches: its micro-batches, in the order it trains on them."""
+        return [batch[p.start: p.stop] for batch in effective
+                for p in (self.positions(a, process_index) for a in range(self.accumulation))]
+
+
+def effective_batches(dataset, size: int, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch's effective batches (dataset indices, `size` per optimizer step), each of one bucket.
+
+    The indices are shuffled by (seed, epoch), split by bucket (`dataset.size_of`; one bucket without buckets)
+    keeping that order, and cut into groups of `size`; a bucket's last group is topped up from the start of the
+    same bucket, so that every micro-batch of any split is full and holds one bucket. The groups are then
+    shuffled. Depends on the effective batch size only, not on how it is split across processes.
     """
-
-    drop_last = False  # read by accelerate's per-process sharding
-
-    def __init__(self, dataset, batch_size: int, seed: int):
-        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
-
-    def _batches(self) -> list[list[int]]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.dataset.epoch)
-        by_bucket: dict = {}
-        for index in torch.randperm(len(self.dataset), generator=g).tolist():
-            by_bucket.setdefault(self.dataset.size_of(index), []).append(index)
-        batches = [indices[i: i + self.batch_size] for _, indices in sorted(by_bucket.items())
-                   for i in range(0, len(indices), self.batch_size)]
-        return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
-
-    def __iter__(self):
-        return iter(self._batches())
-
-    def __len__(self) -> int:
-        return len(self._batches())
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    by_bucket: dict = {}
+    for index in torch.randperm(len(dataset), generator=g).tolist():
+        by_bucket.setdefault(dataset.size_of(index), []).append(index)
+    batches = []
+    for _, indices in sorted(by_bucket.items()):
+        filled = list(itertools.islice(itertools.cycle(indices), math.ceil(len(indices) / size) * size))
+        batches += [filled[i: i + size] for i in range(0, len(filled), size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
 
 # ---- one view of an image ----------------------------------------------------------------------------------
@@ -265,7 +284,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 @dataclass(frozen=True)
 class TrainingBatch:
     """One micro-batch as the loop, the loss and the latent cache read it: instance rows first, then class rows
-    (prior preservation), so the loss can split it in two halves."""
+    (prior preservation), so the loss can split it in two halves. On the CPU: the loop moves what it needs."""
 
     pixels: torch.Tensor  # (B, 3, H, W) in [-1, 1]
     time_ids: torch.Tensor  # (B, 6): SDXL's (original_h, original_w, crop_top, crop_left, target_h, target_w)
@@ -273,12 +292,6 @@ class TrainingBatch:
     view_keys: list[str]  # what each row's pixels were made from: the latent cache's keys
     num_instance: int  # rows 0..num_instance-1 are instance rows
     masks: Optional[torch.Tensor] = None  # (B, 1, H, W) in [0, 1] with data.masks: ones for the class rows
-
-    def to(self, device, non_blocking: bool = False) -> "TrainingBatch":
-        """The tensors on `device` (accelerate's data loader moves a batch through this)."""
-        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return dataclasses.replace(self, pixels=move(self.pixels), time_ids=move(self.time_ids),
-                                   masks=move(self.masks))
 
 
 def collate(items: list[dict]) -> TrainingBatch:

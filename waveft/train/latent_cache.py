@@ -6,7 +6,7 @@ reuses a stale entry. Entries are written atomically; processes and runs share t
 anyway (a full disk, a copy cut short) is removed and recomputed, and the run says so once.
 
 Each step samples its latents from the posterior as the VAE's own `latent_dist.sample` does (mean + std * noise
-drawn from the micro-batch's generator), so a cached run gives the same adapter, bit for bit, as an uncached one.
+drawn from each sample's generator), so a cached run gives the same adapter, bit for bit, as an uncached one.
 """
 import hashlib
 import json
@@ -133,28 +133,32 @@ class Latents:
             self.cache.put(view_key, mean, std)
         return mean, std
 
-    def precompute(self, dataset, progress: bool) -> bool:
-        """Encode every fixed view not yet cached; True when every view the loop can ask for is fixed."""
+    def precompute(self, dataset, progress: bool, share: tuple[int, int] = (0, 1)) -> bool:
+        """Encode every fixed view not yet cached, or with `share` (i, n) every n-th from the i-th (process i of n
+        takes its share; entries are written atomically, so processes never see a half-written one). True when
+        every view the loop can ask for is fixed."""
         from tqdm.auto import tqdm
 
         from waveft.train.data import view_pixels
 
         views, all_fixed = dataset.fixed_views()
-        for example, view, image in tqdm(views, desc="caching latents", disable=not progress):
+        first, step = share
+        for example, view, image in tqdm(views[first::step], desc="caching latents", disable=not progress):
             key = dataset.view_key(example.path, view)
             if key not in self.cache:
                 self.posterior(view_pixels(image, view)[0], key)
         return all_fixed
 
     @torch.no_grad()
-    def sample(self, batch: TrainingBatch, generator: torch.Generator, dtype) -> torch.Tensor:
-        """(B, 4, H/f, W/f) latents, scaled, in `dtype`: mean + std * noise drawn from `generator` on the CPU, as
-        diffusers' DiagonalGaussianDistribution.sample draws it."""
+    def sample(self, batch: TrainingBatch, generators: list[torch.Generator], dtype) -> torch.Tensor:
+        """(B, 4, H/f, W/f) latents, scaled, in `dtype`: mean + std * noise, each row's noise drawn from its own
+        generator (CPU) as diffusers' DiagonalGaussianDistribution.sample draws it."""
         from diffusers.utils.torch_utils import randn_tensor
 
         rows = [self.posterior(pixels, key) for pixels, key in zip(batch.pixels, batch.view_keys)]
         mean, std = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
-        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        noise = torch.stack([randn_tensor(mean.shape[1:], generator=g, device=mean.device, dtype=mean.dtype)
+                             for g in generators])
         latents = mean + std * noise
         return (latents * self.vae.config.scaling_factor).to(dtype)
 

@@ -1,8 +1,11 @@
 """The DreamBooth training loop: read `train()` top to bottom to follow one run, its loop to follow one step.
 
-Randomness is keyed by position: data order by (seed, epoch), crops by (seed, epoch, index), each
-micro-batch's noise and timesteps by (seed, process, micro-batch number) and its caption dropout by (seed,
-micro-batch number). A run resumed from a checkpoint therefore sees exactly what the uninterrupted run would have.
+Randomness is keyed by what it is for, never by which process or micro-batch happens to draw it: the data
+order by (seed, epoch) in effective batches (all processes x accumulation steps x batch size), crops by
+(seed, epoch, index), and each sample's posterior noise, noise, timestep and caption dropout by (seed, optimizer
+step, its position in the effective batch). A run resumed from a checkpoint therefore sees exactly what the
+uninterrupted run would have, and 2 processes x accumulation 2 train the same adapter (to float rounding) as
+1 process x accumulation 4.
 """
 import dataclasses
 import os
@@ -28,6 +31,7 @@ from waveft.io.run_folder import RunFolder, RunInfo
 from waveft.io.schema import read_yaml_mapping
 from waveft.models import DTYPES, load_sdxl
 from waveft.train import data as dreambooth_data
+from waveft.train import sampling
 from waveft.train.checkpointing import list_checkpoints, load_checkpoint, save_checkpoint
 from waveft.train.data import TrainingBatch
 from waveft.train.latent_cache import LatentCache, Latents, cache_folder, check_writable, use_latent_cache, vae_identity
@@ -64,8 +68,7 @@ class LoopState:
 
     global_step: int = 0  # optimizer steps done
     epoch: int = 0
-    batches_in_epoch: int = 0  # micro-batches of `epoch` already used
-    micro_step: int = 0  # micro-batches used in all, which keys each one's random draws
+    steps_in_epoch: int = 0  # effective batches of `epoch` already used
     loss: Optional[float] = None  # the last optimizer step's loss, averaged over processes
     train_losses: list = dataclasses.field(default_factory=list)  # [[step, loss], ...]
     validation_losses: list = dataclasses.field(default_factory=list)  # [[step, loss], ...] (validation.loss)
@@ -74,7 +77,11 @@ class LoopState:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, saved: dict) -> "LoopState":
+    def from_dict(cls, saved: dict, path: str) -> "LoopState":
+        unknown = set(saved) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:  # e.g. `micro_step`: its run drew its randomness by micro-batch, so it cannot go on exactly
+            raise UserError(f"train.resume: {path} was written by an older trainer (its state has "
+                            f"{', '.join(sorted(unknown))}); start a new run")
         return cls(**saved)
 
 
@@ -170,13 +177,16 @@ def encode_prompts(components, prompts: list[str], mode: str, device) -> tuple[t
     return torch.cat(hidden_states, dim=-1), pooled
 
 
-def conditioned_prompts(batch: TrainingBatch, caption_dropout: float, seed: int, micro_step: int) -> list[str]:
-    """The prompts a micro-batch is trained on: with caption dropout, a `caption_dropout` share of micro-batches
-    have their instance rows' prompts replaced by the empty prompt (class rows keep theirs: they are the prior).
-    Which ones is decided by (seed, micro-batch number) alone, so a resumed run drops the same micro-batches."""
+def conditioned_prompts(batch: TrainingBatch, caption_dropout: float, seed: int, step: int,
+                        positions: range) -> list[str]:
+    """The prompts a micro-batch is trained on: with caption dropout, a `caption_dropout` share of instance rows
+    have their prompt replaced by the empty prompt (class rows keep theirs: they are the prior). Which ones is
+    decided by (seed, optimizer step, the sample's position in the effective batch) alone, so a resumed run, or
+    the same run split over other processes, drops the same samples."""
     prompts = list(batch.prompts)
-    if caption_dropout and random.Random(f"caption-dropout/{seed}/{micro_step}").random() < caption_dropout:
-        prompts[:batch.num_instance] = [EMPTY_PROMPT] * batch.num_instance
+    for row, position in enumerate(positions):
+        if caption_dropout and random.Random(f"caption-dropout/{seed}/{step}/{position}").random() < caption_dropout:
+            prompts[row] = EMPTY_PROMPT
     return prompts
 
 
@@ -186,9 +196,13 @@ def batch_conditioning(batch: TrainingBatch, prompts: list[str], prompt_embeds: 
                         batch.time_ids.to(device, dtype))
 
 
-def micro_batch_generator(seed: int, process_index: int, micro_step: int) -> torch.Generator:
-    """A CPU generator for one micro-batch's draws; CPU draws are the same on every device."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + process_index * 7_919 + micro_step) % 2**63)
+def sample_generators(seed: int, step: int, positions: range, class_rows: bool) -> list[torch.Generator]:
+    """One CPU generator per row of a micro-batch (CPU draws are the same on every device), keyed by the optimizer
+    step and the sample's position in the effective batch; a class row (prior preservation) has its own key beside
+    its instance row's. Rows: the instance samples at `positions`, then (class_rows) their class samples."""
+    roles = (0, 1) if class_rows else (0,)
+    return [torch.Generator().manual_seed((((seed * 1_000_003 + step) << 20) + (position << 1) + role) % 2**63)
+            for role in roles for position in positions]
 
 
 def stop_if_diverged(accelerator, loss: torch.Tensor, cfg: RunConfig, state: LoopState) -> None:
@@ -218,23 +232,26 @@ def embed_prompts(cfg: RunConfig, components, dataset, device) -> dict:
 # ---- the run ---------------------------------------------------------------------------------------------------
 
 
-def batches_from(dataloader, dataset, state: LoopState, accelerator):
-    """Batches epoch after epoch, from where `state` says (a resumed run skips the batches it already used)."""
+def batches_from(cfg: RunConfig, dataset, layout: dreambooth_data.BatchLayout, process_index: int,
+                 state: LoopState):
+    """This process's micro-batches, epoch after epoch, from where `state` says (a resumed run starts at the first
+    effective batch it has not used; the loop counts `state.steps_in_epoch`). Every process computes the same
+    effective batches and takes its share, so no sampler of accelerate's shards (or tops up) them."""
     while True:
-        dataloader.set_epoch(state.epoch)
         dataset.set_epoch(state.epoch)
-        used = state.batches_in_epoch
-        for batch in accelerator.skip_first_batches(dataloader, used) if used else dataloader:
-            state.batches_in_epoch += 1
-            yield batch
+        effective = dreambooth_data.effective_batches(dataset, layout.size, cfg.seed, state.epoch)
+        yield from torch.utils.data.DataLoader(
+            dataset, batch_sampler=layout.micro_batches(effective[state.steps_in_epoch:], process_index),
+            collate_fn=dreambooth_data.collate, num_workers=cfg.data.num_workers,
+        )
         state.epoch += 1
-        state.batches_in_epoch = 0
+        state.steps_in_epoch = 0
 
 
 def make_accelerator(cfg: RunConfig):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+    from accelerate.utils import ProjectConfiguration
 
     # accelerate keeps one process-wide state; a second train() in this process (a test, a notebook, a sweep)
     # may ask for another mixed precision. The distributed (partial) state is kept.
@@ -244,7 +261,6 @@ def make_accelerator(cfg: RunConfig):
         mixed_precision=cfg.train.mixed_precision,
         log_with=None if cfg.train.report_to == "none" else cfg.train.report_to,
         project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=RunFolder(cfg.output_dir).logs),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     )
 
 
@@ -282,7 +298,7 @@ def peak_memory() -> tuple[int, str]:
 
 
 def describe_run(cfg: RunConfig, attached: AttachedAdapter, state: LoopState, train_seconds: float,
-                 cache: Optional[LatentCache]) -> RunInfo:
+                 cache: Optional[LatentCache], work: "ThisRun") -> RunInfo:
     memory, memory_kind = peak_memory()
     adapter = attached.adapter
     return RunInfo(
@@ -309,7 +325,20 @@ def describe_run(cfg: RunConfig, attached: AttachedAdapter, state: LoopState, tr
         train_losses=state.train_losses,
         validation_losses=state.validation_losses or None,
         latent_cache=cache.stats() if cache is not None else None,
+        processes=work.processes,
+        first_step=work.first_step,
+        micro_batches_trained=work.micro_batches_trained,
     )
+
+
+@dataclass
+class ThisRun:
+    """What this invocation did, as opposed to the run's total: a resumed run starts at its checkpoint's step and
+    trains only the micro-batches after it (what the resume tests check)."""
+
+    processes: int
+    first_step: int
+    micro_batches_trained: int = 0  # this process's UNet training forwards
 
 
 @dataclass
@@ -320,7 +349,7 @@ class Training:
     params: list  # the trainable (adapter) parameters
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
-    dataloader: object
+    layout: dreambooth_data.BatchLayout  # how each optimizer step's samples are split over processes and micro-batches
     ema: object = None  # diffusers' EMAModel of `params` (train.ema), or None
 
     @contextmanager
@@ -350,23 +379,16 @@ def prepare_training(cfg: RunConfig, accelerator, unet, dataset) -> Training:
         num_warmup_steps=cfg.train.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=cfg.train.max_steps * accelerator.num_processes,
     )
-    if cfg.data.buckets.enabled:  # each batch one bucket
-        batches = dreambooth_data.BucketBatchSampler(dataset, cfg.train.batch_size, cfg.seed)
-        dataloader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=dreambooth_data.collate,
-                                                 num_workers=cfg.data.num_workers)
-    else:
-        dataloader = torch.utils.data.DataLoader(
-            dataset, batch_size=cfg.train.batch_size, shuffle=True, collate_fn=dreambooth_data.collate,
-            num_workers=cfg.data.num_workers,
-        )
-    unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
+    layout = dreambooth_data.BatchLayout(cfg.train.batch_size, cfg.train.gradient_accumulation_steps,
+                                         accelerator.num_processes)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     ema = None
     if cfg.train.ema.enabled:
         from diffusers.training_utils import EMAModel
 
         # The average starts at the weights (decay 0 at its first update), then warms up to train.ema.decay.
         ema = EMAModel(params, decay=cfg.train.ema.decay)
-    return Training(unet, params, optimizer, lr_scheduler, dataloader, ema)
+    return Training(unet, params, optimizer, lr_scheduler, layout, ema)
 
 
 def end_of_step(cfg: RunConfig, accelerator, components, training: Training, state: LoopState, progress,
@@ -390,9 +412,10 @@ def end_of_step(cfg: RunConfig, accelerator, components, training: Training, sta
         accelerator.log({"validation_loss": state.validation_losses[-1][1]}, step=step)
         plot_losses(RunFolder(cfg.output_dir).loss_plot, state.train_losses, state.validation_losses)
     if cfg.train.checkpointing_steps and step % cfg.train.checkpointing_steps == 0:
-        save_checkpoint(cfg.output_dir, step, accelerator.unwrap_model(training.unet), training.optimizer,
-                        training.lr_scheduler, accelerator.scaler, state.to_dict(), cfg.train.checkpoints_total_limit,
-                        training.ema)
+        path = save_checkpoint(cfg.output_dir, step, accelerator.unwrap_model(training.unet), training.optimizer,
+                               training.lr_scheduler, accelerator.scaler, state.to_dict(),
+                               cfg.train.checkpoints_total_limit, training.ema)
+        progress.write(f"saved {path}")  # from whichever process saves: the log shows that only one does
     if cfg.validation.every_steps and step % cfg.validation.every_steps == 0:
         with training.ema_weights():
             run_validation(cfg, accelerator, components, training.unet, step)
@@ -423,8 +446,9 @@ def prepare_latents(cfg: RunConfig, accelerator, vae, dataset) -> Latents:
         return Latents(vae, None, accelerator.device)
     latents = Latents(vae, LatentCache(cache_folder(cfg.data), vae_identity(vae)), accelerator.device)
     vae.to(accelerator.device)
-    if accelerator.is_main_process:
-        latents.precompute(dataset, progress=True)
+    # Each process encodes its share, so that the barrier waits for one share, not for all of them.
+    latents.precompute(dataset, progress=accelerator.is_main_process,
+                       share=(accelerator.process_index, accelerator.num_processes))
     accelerator.wait_for_everyone()
     if latents.precompute(dataset, progress=False):  # every view cached now; nothing left to encode
         latents.vae_needed = False
@@ -468,7 +492,8 @@ def train(cfg: RunConfig) -> TrainResult:
     if cfg.data.prior_preservation.enabled:
         if main:
             generate_class_images(cfg, accelerator, components)
-        accelerator.wait_for_everyone()
+        else:  # no collective: a barrier would time out while a long generation runs
+            sampling.wait_for_class_images(cfg)
         dataset.class_examples = dreambooth_data.class_examples(cfg)
 
     prompt_embeds = embed_prompts(cfg, components, dataset, device)
@@ -495,10 +520,11 @@ def train(cfg: RunConfig) -> TrainResult:
     if resume_from is not None:
         state = LoopState.from_dict(load_checkpoint(resume_from, accelerator.unwrap_model(training.unet),
                                                     training.optimizer, training.lr_scheduler, accelerator.scaler,
-                                                    training.ema))
+                                                    training.ema), resume_from)
         if training.ema is not None:
             training.ema.to(device)
         print_main(f"resumed from {resume_from} at step {state.global_step}")
+    work = ThisRun(accelerator.num_processes, state.global_step)
     loss_settings = LossSettings.from_config(cfg, noise_scheduler)
     make_step_hook = attached.method.make_step_hook  # state a method keeps across steps (AdaLoRA's schedule)
     step_hook = make_step_hook(accelerator.unwrap_model(training.unet)) if make_step_hook is not None else None
@@ -507,20 +533,23 @@ def train(cfg: RunConfig) -> TrainResult:
     started = time.time()
     training.unet.train()
 
+    accumulation_index, step_loss = 0, 0.0  # the micro-batch within the optimizer step; its mean loss so far
     with progress:  # closed on errors too, so an error message starts on its own line
-        for batch in batches_from(training.dataloader, dataset, state, accelerator):
+        for batch in batches_from(cfg, dataset, training.layout, accelerator.process_index, state):
             if state.global_step >= cfg.train.max_steps:
                 break
-            generator = micro_batch_generator(cfg.seed, accelerator.process_index, state.micro_step)
-            prompts = conditioned_prompts(batch, cfg.data.caption_dropout, cfg.seed, state.micro_step)
-            state.micro_step += 1
+            positions = training.layout.positions(accumulation_index, accelerator.process_index)
+            generators = sample_generators(cfg.seed, state.global_step, positions,
+                                           len(batch.prompts) > len(positions))
+            prompts = conditioned_prompts(batch, cfg.data.caption_dropout, cfg.seed, state.global_step, positions)
+            work.micro_batches_trained += 1
             with accelerator.accumulate(training.unet):
-                latents = latents_source.sample(batch, generator, weight_dtype)
+                latents = latents_source.sample(batch, generators, weight_dtype)
                 conditioning = batch_conditioning(batch, prompts, prompt_embeds, device, weight_dtype)
                 weights = mask_weights(batch.masks.to(device), latents.shape[-2:], cfg.data.masks.min_weight) \
                     if batch.masks is not None else None
                 loss = micro_batch_loss(training.unet, noise_scheduler, latents, conditioning, batch.num_instance,
-                                        generator, loss_settings, weights)
+                                        generators, loss_settings, weights)
                 stop_if_diverged(accelerator, loss, cfg, state)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.train.max_grad_norm is not None:
@@ -530,13 +559,17 @@ def train(cfg: RunConfig) -> TrainResult:
                     step_hook(accelerator.unwrap_model(training.unet), state.global_step + 1)
                 training.lr_scheduler.step()
                 training.optimizer.zero_grad(set_to_none=True)
+            accumulation_index += 1
+            step_loss += loss.detach() / training.layout.accumulation
             if accelerator.sync_gradients:
                 state.global_step += 1
-                state.loss = accelerator.gather(loss.detach()).mean().item()
+                state.steps_in_epoch += 1
+                state.loss = accelerator.gather(step_loss.reshape(1)).mean().item()
+                accumulation_index, step_loss = 0, 0.0
                 end_of_step(cfg, accelerator, components, training, state, progress, validation_loss)
 
     accelerator.wait_for_everyone()
-    run_info = describe_run(cfg, attached, state, time.time() - started, latents_source.cache)
+    run_info = describe_run(cfg, attached, state, time.time() - started, latents_source.cache, work)
     trained_unet = accelerator.unwrap_model(training.unet)
     if training.ema is not None:  # the final adapter holds the EMA weights; the trained ones are kept beside
         if main:

@@ -32,22 +32,24 @@ class LossSettings:
 
 
 def micro_batch_loss(unet, noise_scheduler, latents: torch.Tensor, conditioning: Conditioning, num_instance: int,
-                     generator: torch.Generator, settings: LossSettings,
+                     generators: list[torch.Generator], settings: LossSettings,
                      pixel_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The denoising loss of one micro-batch: noise the latents at random timesteps, predict, weighted MSE.
 
     latents: (B, 4, H/8, W/8), already scaled by the VAE's scaling factor, in the UNet's dtype and device; the first
-    `num_instance` rows are instance images, the rest class images (prior preservation). The noise and timesteps
-    are drawn from `generator` (CPU) in a fixed order, so the same generator state gives the same loss.
+    `num_instance` rows are instance images, the rest class images (prior preservation). Each row's noise and
+    timestep are drawn from its own generator in `generators` (CPU, one per row, in a fixed order), so a row's draws
+    do not depend on which other rows share its micro-batch.
     pixel_weights: (B, 1, H/8, W/8) weights of each latent pixel's squared error (masked loss), or None.
     Cost: one UNet forward pass at batch B. Returns a scalar (fp32).
     """
     device, dtype = latents.device, latents.dtype
-    noise = torch.randn(latents.shape, generator=generator).to(device, dtype)
+    noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators]).to(device, dtype)
     if settings.noise_offset:
-        noise += settings.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=generator).to(noise)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
-    timesteps = timesteps.to(device)
+        offsets = torch.stack([torch.randn(latents.shape[1:2] + (1, 1), generator=g) for g in generators])
+        noise += settings.noise_offset * offsets.to(noise)
+    steps = noise_scheduler.config.num_train_timesteps
+    timesteps = torch.cat([torch.randint(0, steps, (1,), generator=g) for g in generators]).to(device)
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
     model_pred = unet(
         noisy_latents,

@@ -2,6 +2,7 @@
 samples, and logging them to the trackers. The training loop calls these; none of them changes the adapter."""
 import os
 import shutil
+import time
 
 import torch
 
@@ -99,6 +100,14 @@ def generate_class_images(cfg, accelerator, components) -> None:
     with accelerator.autocast():
         generate_images(pipe, jobs, folder, settings, manifest_name=RunFolder.CLASS_MANIFEST)
     components.unet.enable_adapters()
+
+
+def wait_for_class_images(cfg, poll_seconds: float = 2.0) -> None:
+    """Wait, without a collective (whose timeout a long generation can outlast), until the main process has
+    filled the class image folder. Each image is written atomically, so a counted one is complete. If the main
+    process dies, the launcher (torchrun, accelerate launch) ends this one."""
+    while dreambooth_data.missing_class_image_count(cfg):
+        time.sleep(poll_seconds)
 
 
 def final_samples(cfg: RunConfig) -> str:

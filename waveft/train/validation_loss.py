@@ -48,7 +48,7 @@ class ValidationLoss:
         """The mean loss over images x timesteps, in eval mode; the UNet is put back in train mode."""
         generator = torch.Generator().manual_seed(VALIDATION_SEED)
         unet.eval()
-        losses = [micro_batch_loss(unet, self.scheduler, latents, conditioning, 1, generator, self.settings).item()
+        losses = [micro_batch_loss(unet, self.scheduler, latents, conditioning, 1, [generator], self.settings).item()
                   for latents, conditioning in self.items for _ in range(self.timesteps)]
         unet.train()
         return sum(losses) / len(losses)
