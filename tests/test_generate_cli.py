@@ -9,7 +9,7 @@ from PIL import Image
 
 from tests.helpers import REPO
 
-pytestmark = pytest.mark.slow  # the training and generation CLIs in subprocesses, accelerate launch
+pytestmark = pytest.mark.slow  # the training and generation CLIs in subprocesses
 
 
 def run(*args):
@@ -88,19 +88,3 @@ def test_generate_cli_bad_input(tmp_path):
         result = run("-m", "waveft.generate", *args)
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert message in result.stderr.strip().splitlines()[-1]
-
-
-def test_accelerate_launch_two_processes(tiny_sdxl_dir, subject_dir, tmp_path):
-    out = tmp_path / "ddp"
-    result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "train_dreambooth_waveft.py", "--config",
-         "configs/tiny.yaml", f"output_dir={out}", f"model.pretrained={tiny_sdxl_dir}",
-         f"data.instance_dir={subject_dir}", "data.resolution=32", "train.max_steps=3", "train.checkpointing_steps=3",
-         "train.report_to=none", "validation.final=false", "validation.every_steps=0"],
-        cwd=REPO, capture_output=True, text=True,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    info = json.loads((out / "run_info.json").read_text())
-    assert info["steps"] == 3 and (out / "adapter" / "adapter_model.safetensors").exists()
-    assert json.loads((out / "checkpoint-3" / "training_state.json").read_text())["global_step"] == 3
