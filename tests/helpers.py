@@ -124,3 +124,10 @@ def adapter_weights(folder):
     from safetensors.torch import load_file
 
     return load_file(os.path.join(folder, "adapter", "adapter_model.safetensors"))
+
+
+def assert_resumed_not_redone(run_info, checkpoint_step: int, accumulation: int) -> None:
+    """The resumed invocation started at its checkpoint and trained only the micro-batches after it. Comparing
+    adapters cannot see this: randomness is keyed by step, so a run silently restarted from step 0 ends equal."""
+    assert run_info.first_step == checkpoint_step
+    assert run_info.micro_batches_trained == (run_info.steps - checkpoint_step) * accumulation

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import REPO, adapter_weights, fresh_unet, tiny_cfg, unet_output
+from tests.helpers import REPO, adapter_weights, assert_resumed_not_redone, fresh_unet, tiny_cfg, unet_output
 from waveft.config import load_config
 from waveft.errors import UserError
 
@@ -113,10 +113,9 @@ def test_resume_matches_an_uninterrupted_run(tiny_sdxl_dir, subject_dir, tmp_pat
     (tmp_path / "split" / "run_info.json").unlink(missing_ok=True)
     resumed = train(tiny_cfg(tiny_sdxl_dir, subject_dir, tmp_path / "split", *settings))
     assert resumed.run_info.steps == 7
+    assert_resumed_not_redone(resumed.run_info, checkpoint_step=3, accumulation=2)
     full, split = adapter_weights(tmp_path / "full"), adapter_weights(tmp_path / "split")
-    assert full.keys() == split.keys()
-    for key in full:
-        torch.testing.assert_close(split[key], full[key], rtol=1e-6, atol=1e-7)
+    assert full.keys() == split.keys() and all(torch.equal(split[key], full[key]) for key in full)
     state = json.loads((tmp_path / "split" / "checkpoint-6" / "training_state.json").read_text())
     assert state["global_step"] == 6
 
@@ -181,14 +180,24 @@ def test_prior_preservation_8bit_adam_bf16_checkpointing_and_min_snr(tiny_sdxl_d
 
 @pytest.mark.slow
 def test_adalora_run_resumes_from_its_checkpoint(tiny_sdxl_dir, subject_dir, tmp_path):
-    """AdaLoRA's saved state omits its rank buffers on purpose; resuming must still accept it."""
+    """AdaLoRA's saved state omits its rank buffers on purpose; resuming must still accept it, go on from the
+    checkpoint and end where an uninterrupted run ends."""
+    import shutil
+
     from waveft.train.loop import train
 
-    out = tmp_path / "run"
-    settings = ("adapter.type=adalora", "adapter.peft={}", "train.checkpointing_steps=2", "train.resume=latest")
-    train(tiny_cfg(tiny_sdxl_dir, subject_dir, out, "train.max_steps=2", *settings))
-    resumed = train(tiny_cfg(tiny_sdxl_dir, subject_dir, out, "train.max_steps=3", *settings))
+    settings = ("adapter.type=adalora", "adapter.peft={}", "train.max_steps=3", "train.checkpointing_steps=2",
+                "train.resume=latest")
+    train(tiny_cfg(tiny_sdxl_dir, subject_dir, tmp_path / "full", *settings))
+    # The same run, interrupted right after its step-2 checkpoint.
+    shutil.copytree(tmp_path / "full", tmp_path / "split")
+    shutil.rmtree(tmp_path / "split" / "adapter")
+    (tmp_path / "split" / "run_info.json").unlink()
+    resumed = train(tiny_cfg(tiny_sdxl_dir, subject_dir, tmp_path / "split", *settings))
     assert resumed.run_info.steps == 3 and resumed.run_info.method == "adalora"
+    assert_resumed_not_redone(resumed.run_info, checkpoint_step=2, accumulation=2)
+    full, split = adapter_weights(tmp_path / "full"), adapter_weights(tmp_path / "split")
+    assert full.keys() == split.keys() and all(torch.equal(split[key], full[key]) for key in full)
 
 
 @pytest.mark.slow
