@@ -180,8 +180,8 @@ def test_prior_preservation_8bit_adam_bf16_checkpointing_and_min_snr(tiny_sdxl_d
 
 @pytest.mark.slow
 def test_adalora_run_resumes_from_its_checkpoint(tiny_sdxl_dir, subject_dir, tmp_path):
-    """AdaLoRA's saved state omits its rank buffers on purpose; resuming must still accept it, go on from the
-    checkpoint and end where an uninterrupted run ends."""
+    """AdaLoRA's saved adapter omits its rank buffers on purpose; resuming must still accept it, go on from the
+    checkpoint (its rank schedule's importance scores restored) and end where an uninterrupted run ends."""
     import shutil
 
     from waveft.train.loop import train

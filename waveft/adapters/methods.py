@@ -68,7 +68,8 @@ class Method:
     # Called once the adapter is injected: (unet, the ResolvedAdapter).
     after_attach: Optional[Callable] = None
     # Made once per run from the adapted model: an object called after every optimizer step, before gradients
-    # are cleared, as hook(unet, global_step); it holds whatever state the method keeps across steps.
+    # are cleared, as hook(unet, global_step); it holds whatever state the method keeps across steps, which
+    # checkpoints save and restore through its state_dict() and load_state_dict(state, device).
     make_step_hook: Optional[Callable] = None
     # The PEFT field that must equal the run's optimizer steps (train.max_steps), if the method has one.
     total_steps_field: Optional[str] = None
@@ -216,7 +217,7 @@ class AdaLoraRankSchedule:
             _, rank_pattern = self.allocator.update_and_allocate(model, global_step)
             self.rank_pattern = rank_pattern or self.rank_pattern
         elif global_step == final_step:
-            if not self.allocator.exp_avg_ipt:  # resumed right before the final allocation: score this step
+            if not self.allocator.exp_avg_ipt:  # no step scored yet (the final allocation is the first step)
                 self.allocator.update_ipt(model)
             _, self.rank_pattern = self.allocator.update_and_allocate(model, global_step, force_mask=True)
             self.allocator.reset_ipt()
@@ -224,6 +225,21 @@ class AdaLoraRankSchedule:
             # A run resumed after the final allocation finds the mask in the saved singular values.
             self.rank_pattern = self.rank_pattern or self._rank_pattern_of_weights(model)
             self.allocator.mask_using_rank_pattern(model, self.rank_pattern)
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps so that a resumed run allocates as the uninterrupted one does: the importance
+        scores and their running averages over the steps so far, and the rank pattern."""
+        a = self.allocator
+        return {"ipt": a.ipt, "exp_avg_ipt": a.exp_avg_ipt, "exp_avg_unc": a.exp_avg_unc,
+                "rank_pattern": self.rank_pattern}
+
+    def load_state_dict(self, state: dict, device) -> None:
+        def to_device(scores: dict) -> dict:
+            return {name: score.to(device) for name, score in scores.items()}
+
+        a = self.allocator
+        a.ipt, a.exp_avg_ipt, a.exp_avg_unc = (to_device(state[k]) for k in ("ipt", "exp_avg_ipt", "exp_avg_unc"))
+        self.rank_pattern = state["rank_pattern"]
 
     def _rank_pattern_of_weights(self, model) -> dict:
         suffix = f"lora_E.{self.adapter_name}"

@@ -9,6 +9,8 @@ from waveft.io.adapter_folder import load_adapter_weights, save_adapter
 from waveft.io.files import atomic_directory
 from waveft.io.run_folder import RunFolder
 
+STEP_HOOK_STATE = "step_hook.pt"
+
 
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     """(step, path) of every complete checkpoint, oldest first."""
@@ -23,9 +25,9 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
 
 
 def save_checkpoint(output_dir: str, step: int, unet, optimizer, lr_scheduler, scaler, state: dict,
-                    total_limit, ema=None) -> str:
-    """Adapter + optimizer + LR schedule (+ fp16 loss scaler, + EMA) + loop state, written atomically, then prune
-    past `total_limit`."""
+                    total_limit, ema=None, step_hook=None) -> str:
+    """Adapter + optimizer + LR schedule (+ fp16 loss scaler, + EMA, + the method's step hook's state: AdaLoRA's
+    rank schedule) + loop state, written atomically, then prune past `total_limit`."""
     path = RunFolder(output_dir).checkpoint(step)
     with atomic_directory(path) as staging:
         save_adapter(unet, os.path.join(staging, RunFolder.ADAPTER))
@@ -35,6 +37,8 @@ def save_checkpoint(output_dir: str, step: int, unet, optimizer, lr_scheduler, s
             torch.save(scaler.state_dict(), os.path.join(staging, "scaler.pt"))
         if ema is not None:
             torch.save(ema.state_dict(), os.path.join(staging, "ema.pt"))
+        if step_hook is not None:
+            torch.save(step_hook.state_dict(), os.path.join(staging, STEP_HOOK_STATE))
         with open(os.path.join(staging, RunFolder.TRAINING_STATE), "w") as f:
             json.dump(state, f, indent=2, allow_nan=False)
     if total_limit is not None:
@@ -43,7 +47,7 @@ def save_checkpoint(output_dir: str, step: int, unet, optimizer, lr_scheduler, s
     return path
 
 
-def load_checkpoint(path: str, unet, optimizer, lr_scheduler, scaler, ema=None) -> dict:
+def load_checkpoint(path: str, unet, optimizer, lr_scheduler, scaler, ema=None, step_hook=None) -> dict:
     """Restore what `save_checkpoint` wrote into the live objects; return the loop state it saved."""
     # map_location: every process would otherwise load the saving process's GPU tensors onto that GPU.
     def load(name):
@@ -56,5 +60,7 @@ def load_checkpoint(path: str, unet, optimizer, lr_scheduler, scaler, ema=None) 
         scaler.load_state_dict(load("scaler.pt"))
     if ema is not None:
         ema.load_state_dict(load("ema.pt"))
+    if step_hook is not None:
+        step_hook.load_state_dict(load(STEP_HOOK_STATE), next(unet.parameters()).device)
     with open(os.path.join(path, RunFolder.TRAINING_STATE)) as f:
         return json.load(f)

@@ -351,6 +351,7 @@ class Training:
     lr_scheduler: object
     layout: dreambooth_data.BatchLayout  # how each optimizer step's samples are split over processes and micro-batches
     ema: object = None  # diffusers' EMAModel of `params` (train.ema), or None
+    step_hook: object = None  # the method's state across steps, called after each optimizer step (AdaLoRA), or None
 
     @contextmanager
     def ema_weights(self):
@@ -414,7 +415,7 @@ def end_of_step(cfg: RunConfig, accelerator, components, training: Training, sta
     if cfg.train.checkpointing_steps and step % cfg.train.checkpointing_steps == 0:
         path = save_checkpoint(cfg.output_dir, step, accelerator.unwrap_model(training.unet), training.optimizer,
                                training.lr_scheduler, accelerator.scaler, state.to_dict(),
-                               cfg.train.checkpoints_total_limit, training.ema)
+                               cfg.train.checkpoints_total_limit, training.ema, training.step_hook)
         progress.write(f"saved {path}")  # from whichever process saves: the log shows that only one does
     if cfg.validation.every_steps and step % cfg.validation.every_steps == 0:
         with training.ema_weights():
@@ -516,18 +517,19 @@ def train(cfg: RunConfig) -> TrainResult:
         os.makedirs(run.logs, exist_ok=True)
         accelerator.init_trackers(project, config=hparams, init_kwargs=init_kwargs)
 
+    make_step_hook = attached.method.make_step_hook
+    if make_step_hook is not None:
+        training.step_hook = make_step_hook(accelerator.unwrap_model(training.unet))
     state = LoopState()
     if resume_from is not None:
         state = LoopState.from_dict(load_checkpoint(resume_from, accelerator.unwrap_model(training.unet),
                                                     training.optimizer, training.lr_scheduler, accelerator.scaler,
-                                                    training.ema), resume_from)
+                                                    training.ema, training.step_hook), resume_from)
         if training.ema is not None:
             training.ema.to(device)
         print_main(f"resumed from {resume_from} at step {state.global_step}")
     work = ThisRun(accelerator.num_processes, state.global_step)
     loss_settings = LossSettings.from_config(cfg, noise_scheduler)
-    make_step_hook = attached.method.make_step_hook  # state a method keeps across steps (AdaLoRA's schedule)
-    step_hook = make_step_hook(accelerator.unwrap_model(training.unet)) if make_step_hook is not None else None
     progress = tqdm(total=cfg.train.max_steps, initial=state.global_step, desc="training",
                     disable=not accelerator.is_local_main_process)
     started = time.time()
@@ -555,8 +557,8 @@ def train(cfg: RunConfig) -> TrainResult:
                 if accelerator.sync_gradients and cfg.train.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(training.params, cfg.train.max_grad_norm)
                 training.optimizer.step()
-                if step_hook is not None and accelerator.sync_gradients:
-                    step_hook(accelerator.unwrap_model(training.unet), state.global_step + 1)
+                if training.step_hook is not None and accelerator.sync_gradients:
+                    training.step_hook(accelerator.unwrap_model(training.unet), state.global_step + 1)
                 training.lr_scheduler.step()
                 training.optimizer.zero_grad(set_to_none=True)
             accumulation_index += 1
