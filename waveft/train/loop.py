@@ -69,7 +69,7 @@ class LoopState:
     global_step: int = 0  # optimizer steps done
     epoch: int = 0
     steps_in_epoch: int = 0  # effective batches of `epoch` already used
-    loss: Optional[float] = None  # the last optimizer step's loss, averaged over processes
+    loss: Optional[float] = None  # the last optimizer step's loss, averaged over its micro-batches and processes
     train_losses: list = dataclasses.field(default_factory=list)  # [[step, loss], ...]
     validation_losses: list = dataclasses.field(default_factory=list)  # [[step, loss], ...] (validation.loss)
 
@@ -297,8 +297,18 @@ def peak_memory() -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_peak_rss"  # Linux reports KiB
 
 
+@dataclass
+class ThisRun:
+    """What this invocation did, as opposed to the run's total: a resumed run starts at its checkpoint's step and
+    trains only the micro-batches after it (what the resume tests check)."""
+
+    processes: int
+    first_step: int
+    micro_batches_trained: int = 0  # this process's UNet training forwards
+
+
 def describe_run(cfg: RunConfig, attached: AttachedAdapter, state: LoopState, train_seconds: float,
-                 cache: Optional[LatentCache], work: "ThisRun") -> RunInfo:
+                 cache: Optional[LatentCache], work: ThisRun) -> RunInfo:
     memory, memory_kind = peak_memory()
     adapter = attached.adapter
     return RunInfo(
@@ -332,18 +342,9 @@ def describe_run(cfg: RunConfig, attached: AttachedAdapter, state: LoopState, tr
 
 
 @dataclass
-class ThisRun:
-    """What this invocation did, as opposed to the run's total: a resumed run starts at its checkpoint's step and
-    trains only the micro-batches after it (what the resume tests check)."""
-
-    processes: int
-    first_step: int
-    micro_batches_trained: int = 0  # this process's UNet training forwards
-
-
-@dataclass
 class Training:
-    """What the loop updates, prepared by accelerate: the adapted UNet, its optimizer, schedule and data."""
+    """What the loop updates, prepared by accelerate: the adapted UNet, its optimizer and schedule; and how each
+    step's samples are laid out."""
 
     unet: torch.nn.Module
     params: list  # the trainable (adapter) parameters
