@@ -9,6 +9,7 @@ import argparse
 from waveft.config import load_config
 from waveft.entry import set_up_process
 from waveft.errors import cli_entry
+from waveft.hub import check_model_sources
 
 
 @cli_entry
@@ -21,6 +22,7 @@ def main(argv=None) -> None:
                              "config files only, no weights) and exit")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, tuple(args.overrides))
+    check_model_sources(cfg.model)  # before the model libraries load: a bad name is refused in a second
     set_up_process()
     if args.estimate_memory:
         from waveft.train.memory_estimate import estimate_step_memory

@@ -10,21 +10,26 @@ differently; doing it here gives the same numbers on every machine. The recipes 
 Embeddings come back L2-normalised, float32, one row per input.
 
 A folder holding `SMOKE_TEST_ENCODER.md` (written by `python -m eval.tiny_encoders`) is a tiny random
-encoder: it loads like any other, and its `smoke_test` flag makes every table say so.
+encoder: it loads like any other, and its `smoke_test` flag makes every table say so. torch is imported where an
+encoder runs, so that the commands whose settings name encoders answer --help without loading it.
 """
 import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
 from waveft.errors import UserError
+from waveft.hub import check_model_source
 from waveft.io.files import write_atomic
 from waveft.io.images import load_rgb
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_DINO = "facebook/dino-vits16"
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
@@ -45,7 +50,9 @@ class Preprocessing:
     def describe(self) -> str:
         return f"resize {self.resize} bicubic, centre crop {self.crop}, mean {self.mean}, std {self.std}"
 
-    def __call__(self, images: list[Image.Image]) -> torch.Tensor:
+    def __call__(self, images: list[Image.Image]) -> "torch.Tensor":
+        import torch
+
         arrays = [np.asarray(center_crop(resize_short_side(im, self.resize), self.crop), np.float32) for im in images]
         pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 255.0
         return (pixels - torch.tensor(self.mean).view(1, 3, 1, 1)) / torch.tensor(self.std).view(1, 3, 1, 1)
@@ -78,6 +85,7 @@ def _fingerprint(name_or_path: str, commit_hash: str | None) -> str:
 
 
 def _load(model_class, name_or_path: str, **kwargs):
+    check_model_source(name_or_path, "encoder")
     try:
         return model_class.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as exc:
@@ -111,6 +119,8 @@ def _checked_config(name_or_path: str, role: str, model_types: tuple[str, ...]):
 
 
 def default_device() -> str:
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -134,7 +144,7 @@ class ImageEncoder:
     def check_source(cls, name_or_path: str) -> None:
         """Without loading weights (a sweep's dry run): a folder must hold a config of a model type this encoder
         can load; a path that does not exist is refused; a Hub id is left to the load."""
-        from waveft.models import looks_like_path
+        from waveft.hub import looks_like_path
 
         if os.path.exists(name_or_path):
             _checked_config(name_or_path, cls.role, cls.model_types)
@@ -146,13 +156,15 @@ class ImageEncoder:
         kind = f"{self.kind} ({self.architecture})" if self.architecture else self.kind
         return f"{kind} {self.name}{label}; {self.preprocessing.describe()}"
 
-    def _features(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _features(self, pixels: "torch.Tensor") -> "torch.Tensor":
         raise NotImplementedError
 
-    @torch.inference_mode()
     def embed_images(self, images: list[Image.Image]) -> np.ndarray:
-        features = self._features(self.preprocessing(images).to(self.device)).float()
-        return torch.nn.functional.normalize(features, dim=-1).cpu().numpy()
+        import torch
+
+        with torch.inference_mode():
+            features = self._features(self.preprocessing(images).to(self.device)).float()
+            return torch.nn.functional.normalize(features, dim=-1).cpu().numpy()
 
     def embed_files(self, paths: list[Path], batch_size: int = 32, cache: "EmbeddingCache | None" = None,
                     desc: str | None = None) -> np.ndarray:
@@ -193,7 +205,7 @@ class DinoEncoder(ImageEncoder):
         encoder.architecture = config.model_type  # "vit" or "dinov2", named in every table's settings
         return encoder
 
-    def _features(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _features(self, pixels: "torch.Tensor") -> "torch.Tensor":
         return self.model(pixel_values=pixels).last_hidden_state[:, 0]
 
 
@@ -233,17 +245,19 @@ class ClipEncoder(ImageEncoder):
         return cls(name_or_path, model, Preprocessing(size, size, CLIP_MEAN, CLIP_STD), device or default_device(),
                    tokenizer)
 
-    def _features(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _features(self, pixels: "torch.Tensor") -> "torch.Tensor":
         return self.model.get_image_features(pixel_values=pixels).pooler_output
 
-    @torch.inference_mode()
     def embed_texts(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        import torch
+
         chunks = []
-        for start in range(0, len(texts), batch_size):
-            tokens = self.tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
-                                    max_length=self.tokenizer.model_max_length, return_tensors="pt").to(self.device)
-            features = self.model.get_text_features(**tokens).pooler_output.float()
-            chunks.append(torch.nn.functional.normalize(features, dim=-1).cpu().numpy())
+        with torch.inference_mode():
+            for start in range(0, len(texts), batch_size):
+                tokens = self.tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
+                                        max_length=self.tokenizer.model_max_length, return_tensors="pt")
+                features = self.model.get_text_features(**tokens.to(self.device)).pooler_output.float()
+                chunks.append(torch.nn.functional.normalize(features, dim=-1).cpu().numpy())
         return np.concatenate(chunks)
 
 

@@ -333,16 +333,16 @@ def plan_targets(runs: list[TrainedRun], benchmark, settings: BenchmarkGeneratio
 
 @cli_entry
 def main(argv=None) -> None:
-    import torch
-    from accelerate import PartialState
-
-    from waveft.infer.pipeline import load_pipeline
-
     args, settings = parse_args(argv)
     check_can_write(args.out, "--out")
     if args.drift_base_dir is not None:
         check_can_write(args.drift_base_dir, "--drift-base-dir")
     set_up_process()
+    import torch  # after parsing: --help stays quick
+    from accelerate import PartialState
+
+    from waveft.infer.pipeline import load_pipeline
+
     drift_prompts = settings.drift_prompt_list() if settings.drift else []
     benchmark = load_benchmark(args.benchmark)
     runs = [read_run(run_dir) for run_dir in args.runs]

@@ -11,7 +11,6 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import numpy as np
-import torch
 
 from waveft.errors import UserError
 
@@ -92,9 +91,13 @@ class LpipsDistance:
         self.model = lpips.LPIPS(net=net, verbose=False).eval().to(device)
 
     def _tensor(self, image):
+        import torch
+
         pixels = torch.from_numpy(np.asarray(image.convert("RGB"), np.float32)).permute(2, 0, 1)[None]
         return (pixels / 127.5 - 1.0).to(self.device)
 
     def __call__(self, a, b) -> float:
+        import torch
+
         with torch.inference_mode():
             return float(self.model(self._tensor(a), self._tensor(b)).item())

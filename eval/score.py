@@ -62,6 +62,7 @@ from eval.tables import (
     markdown_table,
 )
 from waveft.errors import UserError, cli_entry
+from waveft.hub import check_model_source
 from waveft.infer.generation import ManifestRow
 from waveft.io.cli_settings import CliSettings, cli
 from waveft.io.files import check_can_write, write_text_atomic
@@ -291,8 +292,8 @@ def metrics_markdown(result: ScoreResult) -> str:
         parts.append(f"> **{SMOKE_TEST_BANNER}**\n")
     if result.run:
         run = result.run
-        parts.append(f"Run: method {run.method}, budget {run.budget}, "
-                     f"trainable parameters {run.trainable_parameters}\n")
+        budget = "" if run.budget is None else f", budget {run.budget:g}"  # a run without one says nothing
+        parts.append(f"Run: method {run.method}{budget}, trainable parameters {run.trainable_parameters}\n")
     parts.append("Settings:\n\n" + "".join(f"- {k}: {v}\n" for k, v in result.settings.items()))
     parts.append(f"## Overall (mean over {overall['subjects']} subjects, {overall['images']} images)\n")
     parts.append(markdown_table(header, [_metric_cells(overall)]))
@@ -335,6 +336,8 @@ def main(argv=None) -> None:
     settings = ScoreSettings.from_args(args)
     settings.check()
     check_can_write(args.out, "--out")
+    for encoder in ("dino", "clip", "cmmd_clip"):  # before the model libraries load: refused in a second
+        check_model_source(getattr(settings, encoder), "--" + encoder.replace("_", "-"))
     cache = EmbeddingCache(settings.cache_dir or default_cache_dir())
     result = score_images(args.images, args.real, settings, cache, args.identifier)
     write_metrics(result, args.out)

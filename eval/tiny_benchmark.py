@@ -45,7 +45,7 @@ def write_tiny_benchmark(root: str) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Write a tiny DreamBooth-layout benchmark with generated subjects.")
-    parser.add_argument("dir")
+    parser.add_argument("dir", help="benchmark folder; DIR/dataset (the subjects and prompts.txt) is replaced")
     args = parser.parse_args(argv)
     write_tiny_benchmark(args.dir)
     print(f"wrote tiny benchmark to {os.path.join(args.dir, 'dataset')}")

@@ -9,8 +9,6 @@ a SMOKE_TEST_ENCODER.md marker that makes every table label them as smoke-test n
 import argparse
 from pathlib import Path
 
-import torch
-
 from eval.encoders import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, SMOKE_TEST_MARKER
 from waveft.fixtures.tiny import tiny_text_encoder_config, write_clip_tokenizer
 from waveft.io.files import atomic_directory
@@ -27,6 +25,7 @@ def _tiny_vision_layers() -> dict:
 
 
 def write_tiny_dino(path: Path) -> None:
+    import torch
     from transformers import ViTConfig, ViTImageProcessorPil, ViTModel
 
     torch.manual_seed(TINY_SEED)
@@ -37,6 +36,7 @@ def write_tiny_dino(path: Path) -> None:
 
 
 def write_tiny_dinov2(path: Path) -> None:
+    import torch
     from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model
 
     torch.manual_seed(TINY_SEED)
@@ -49,6 +49,7 @@ def write_tiny_dinov2(path: Path) -> None:
 
 
 def write_tiny_clip(path: Path) -> None:
+    import torch
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
     torch.manual_seed(TINY_SEED)

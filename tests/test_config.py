@@ -75,12 +75,14 @@ def test_long_wavelet_is_refused_only_for_stock_peft(tmp_path):
 @pytest.mark.slow
 def test_cli_reports_bad_config_in_one_line_and_exit_2(tmp_path):
     path = write(tmp_path, MINIMAL)
-    for args in ([path, "train.max_steps=-1"], [str(tmp_path / "missing.yaml")]):
+    for args, message in (([path, "train.max_steps=-1"], "key 'train.max_steps' must be > 0, got -1"),
+                          ([str(tmp_path / "missing.yaml")], f"config file not found: {tmp_path / 'missing.yaml'}")):
         result = subprocess.run([sys.executable, "train_dreambooth_waveft.py", "--config", *args], cwd=REPO,
                                 capture_output=True, text=True)
         assert result.returncode == 2
         lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
         assert len(lines) == 1 and "Traceback" not in result.stderr
+        assert message in lines[0]  # this refusal, not a later one (the model, the data folder)
     assert not os.path.exists(os.path.join(REPO, "out"))
 
 

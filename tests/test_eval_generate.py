@@ -10,7 +10,7 @@ import yaml
 
 from eval.encoders import EmbeddingCache
 from eval.generate_benchmark import main
-from eval.layout import PART_MANIFEST
+from eval.layout import GENERATION_TIMING, PART_MANIFEST
 from eval.score import ScoreSettings, score_images
 from eval.tiny_encoders import write_tiny_encoders
 from tests.helpers import LIVE_TEMPLATES, run_info, write_benchmark
@@ -105,6 +105,9 @@ def test_two_processes_split_one_run_and_merge_their_manifests(tiny_sdxl_dir, tm
     assert rows[0]["prompt"] == "a zjw backpack in the jungle"  # an object: the object prompt list
     assert all((folder / row["file"]).is_file() for row in rows)
     assert not list(folder.glob(PART_MANIFEST.format(rank="*")))
+    # Each image made once: the processes' own counts add up to the 6, not to 2 x 6.
+    timing = json.loads((folder / GENERATION_TIMING).read_text())
+    assert timing["processes"] == 2 and timing["images"] == 6
 
 
 def test_bad_run_folder_is_a_one_line_error(tmp_path):

@@ -14,8 +14,9 @@ from tests.helpers import unet_output
 from waveft.adapters.attach import attach_adapter
 from waveft.config import AdapterConfig
 from waveft.export.cli import main
+from waveft.export.request import ExportRequest
 from waveft.export.source import kohya_name
-from waveft.export.writer import ExportRequest, export_adapter
+from waveft.export.writer import export_adapter
 from waveft.io.adapter_folder import AdapterFolder, save_adapter
 
 WAVEFT = {"n_frequency": 300}
@@ -238,7 +239,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_sdxl_dir, waveft_adapter,
     out = tmp_path / "out" / "x.safetensors"
     out.parent.mkdir()
     assert_one_line_error(capsys, out, "--adapter", str(tmp_path), "--format", "lora",
-                          contains=("not an adapter folder", "adapter_config.json"))
+                          contains=("is neither an adapter folder", "adapter_config.json"))
     assert_one_line_error(capsys, out, "--adapter", waveft_adapter, "--format", "lora", "--rank", "65",
                           contains=("--rank 65", "at most 64", "attn1.to_q"))
     for energy in ("0", "1.5", "-0.1"):

@@ -4,10 +4,12 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from tests.helpers import REPO
+from waveft.infer.cli import main as generate
 
 pytestmark = pytest.mark.slow  # the training and generation CLIs in subprocesses
 
@@ -36,8 +38,9 @@ def test_training_cli_writes_the_documented_layout(trained_run):
     assert info["method"] == "waveft" and info["steps"] == 4 and info["trainable_parameters"] == 64 * 64
     card = (trained_run / "adapter" / "README.md").read_text()
     assert "library_name: peft" in card and "instance_prompt: a zjw ball" in card and "4,096 trainable" in card
-    # 2 validation prompts x 2 seeds, 32 px each
-    assert Image.open(trained_run / "samples" / "grid.png").size == (2 * 32, 2 * 32)
+    assert Image.open(trained_run / "loss.png").size[0] > 100  # saved without validation.loss
+    # 2 validation prompts x 2 seeds, 32 px each, each over its caption (tests/test_grid.py)
+    assert Image.open(trained_run / "samples" / "grid.png").size[0] == 2 * 32
 
 
 def test_generate_cli_images_manifest_and_resume(trained_run, tmp_path):
@@ -65,23 +68,47 @@ def test_generate_cli_images_manifest_and_resume(trained_run, tmp_path):
     assert os.path.getmtime(kept) == mtime and (out / rows[1]["file"]).exists()
 
 
-def test_same_seed_gives_same_image_whatever_the_batch(trained_run, tmp_path):
-    common = ("-m", "waveft.generate", "--adapter", str(trained_run / "adapter"), "--prompt", "a zjw ball",
-              "--seeds", "7", "8", "--steps", "2", "--height", "32", "--width", "32")
-    assert run(*common, "--out", str(tmp_path / "a"), "--batch-size", "1").returncode == 0
-    assert run(*common, "--out", str(tmp_path / "b"), "--batch-size", "2").returncode == 0
-    import numpy as np
+def image(folder, name="p000_s3.png"):
+    return np.asarray(Image.open(folder / name), dtype=np.int16)
 
+
+def test_each_generation_setting_changes_the_image(trained_run, tmp_path):
+    """The manifest records the settings; the images must show them: changing any one changes the picture."""
+    common = ["--adapter", str(trained_run), "--prompt", "a zjw ball", "--seeds", "3", "--steps", "2",
+              "--height", "32", "--width", "32"]
+    reference = ["--scheduler", "euler", "--negative-prompt", "blurry", "--guidance-scale", "4.0"]
+    generate([*common, *reference, "--out", str(tmp_path / "reference")])
+    unchanged = []
+    for name, change in [("scheduler", ["--scheduler", "ddim"]), ("negative prompt", ["--negative-prompt", "red"]),
+                         ("guidance", ["--guidance-scale", "9.0"])]:
+        generate([*common, *reference, *change, "--out", str(tmp_path / name)])
+        if np.abs(image(tmp_path / name) - image(tmp_path / "reference")).max() <= 8:
+            unchanged.append(name)
+    assert unchanged == []  # settings that do not reach the pipeline
+
+
+def test_same_seed_gives_same_image_whatever_the_batch(trained_run, tmp_path, monkeypatch):
+    from diffusers import StableDiffusionXLPipeline
+
+    batches = []  # prompts per pipeline call, seen by a spy that then runs the real pipeline
+    real_call = StableDiffusionXLPipeline.__call__
+    monkeypatch.setattr(StableDiffusionXLPipeline, "__call__",
+                        lambda pipe, **kwargs: batches.append(len(kwargs["prompt"])) or real_call(pipe, **kwargs))
+    common = ["--adapter", str(trained_run / "adapter"), "--prompt", "a zjw ball", "--seeds", "7", "8", "--steps",
+              "2", "--height", "32", "--width", "32"]
+    generate([*common, "--out", str(tmp_path / "a"), "--batch-size", "1"])
+    generate([*common, "--out", str(tmp_path / "b"), "--batch-size", "2"])
+    assert batches == [1, 1, 2]
     for name in ("p000_s7.png", "p000_s8.png"):
-        a = np.asarray(Image.open(tmp_path / "a" / name), dtype=np.int16)
-        b = np.asarray(Image.open(tmp_path / "b" / name), dtype=np.int16)
-        assert np.abs(a - b).max() <= 1
+        assert np.abs(image(tmp_path / "a", name) - image(tmp_path / "b", name)).max() <= 1
 
 
 def test_generate_cli_bad_input(tmp_path):
     for args, message in [
         (("--adapter", str(tmp_path), "--base", "x", "--prompt", "p", "--out", str(tmp_path / "o")),
-         "no adapter_config.json"),
+         f"--adapter {tmp_path} is neither an adapter folder"),
+        (("--adapter", str(tmp_path / "typo"), "--prompt", "p", "--out", str(tmp_path / "o")),
+         f"--adapter {tmp_path / 'typo'}: no such folder"),
         (("--out", str(tmp_path / "o"), "--base", "x"), "no prompts"),
         (("--prompt", "p", "--out", str(tmp_path / "o")), "no base model"),
     ]:

@@ -65,9 +65,13 @@ def test_random_crops_are_cached_lazily_and_still_match(tiny_sdxl_dir, subject_d
 
     settings = ("train.max_steps=2", "train.checkpointing_steps=0", f"data.latent_cache_dir={tmp_path / 'cache'}")
     train(tiny_cfg(tiny_sdxl_dir, subject_dir, tmp_path / "plain", *settings, "data.cache_latents=false"))
-    train(tiny_cfg(tiny_sdxl_dir, subject_dir, tmp_path / "cached", *settings))
+    first = train(tiny_cfg(tiny_sdxl_dir, subject_dir, tmp_path / "cached", *settings)).run_info.latent_cache
+    assert first["misses"] > 0  # crops encoded as they are drawn, and cached
+    # The same run again draws the same crops: every one is read from the cache, none encoded.
+    again = train(tiny_cfg(tiny_sdxl_dir, subject_dir, tmp_path / "cached", *settings, "overwrite_output_dir=true"))
+    assert again.run_info.latent_cache["misses"] == 0 and again.run_info.latent_cache["hits"] > 0
     plain, cached = adapter_weights(tmp_path / "plain"), adapter_weights(tmp_path / "cached")
-    assert all(torch.equal(plain[k], cached[k]) for k in plain)
+    assert plain.keys() == cached.keys() and all(torch.equal(plain[k], cached[k]) for k in plain)
 
 
 def write_bucket_folder(folder):

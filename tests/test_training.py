@@ -172,6 +172,19 @@ def test_prior_preservation_8bit_adam_bf16_checkpointing_and_min_snr(tiny_sdxl_d
     assert optimizer_state and all("__bnb_optimizer_quant_state__" in s for s in optimizer_state.values())
     assert result.run_info.final_loss is not None and result.run_info.final_loss == result.run_info.final_loss
 
+    # Each loss term shows in the first step's loss (same weights, batch, noise and timesteps): without Min-SNR,
+    # or with the class half weighted 0, it differs.
+    first_loss = result.run_info.train_losses[0]
+    one_step = (*settings, "train.max_steps=1", "train.checkpointing_steps=0",
+                f"data.prior_preservation.class_dir={out / 'class_images'}")
+    without_effect = []
+    for name, change in [("min_snr", "train.snr_gamma=null"), ("prior", "data.prior_preservation.loss_weight=0")]:
+        other = train(tiny_cfg(tiny_sdxl_dir, subject_dir, tmp_path / name, *one_step, change)).run_info
+        assert other.train_losses[0][0] == first_loss[0] == 1
+        if abs(other.train_losses[0][1] - first_loss[1]) <= 1e-3 * abs(first_loss[1]):
+            without_effect.append(name)
+    assert without_effect == []  # loss terms that do not reach the loss
+
     # Class images are kept for reuse: a second run (overwriting this one) generates none.
     mtimes = {n: os.path.getmtime(out / "class_images" / n) for n in class_images}
     train(tiny_cfg(tiny_sdxl_dir, subject_dir, out, *settings, "overwrite_output_dir=true"))

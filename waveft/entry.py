@@ -4,10 +4,13 @@ import logging
 
 
 def set_up_process() -> None:
-    """Register this project's PEFT methods and quiet bitsandbytes' CPU backend, which warns at import (diffusers
-    imports it) that its optional 4-bit kernels are missing."""
+    """Work offline when the Hub cannot be reached (waveft.hub), register this project's PEFT methods and quiet
+    bitsandbytes' CPU backend, which warns at import (diffusers imports it) that its optional 4-bit kernels are
+    missing. Called before the model libraries are imported."""
     from waveft.adapters.registry import register_methods
+    from waveft.hub import work_offline_if_the_hub_is_unreachable
 
+    work_offline_if_the_hub_is_unreachable()
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     register_methods()
 

@@ -1,11 +1,11 @@
 """Load SDXL's components (UNet, VAE, both text encoders and tokenizers, noise scheduler) from a Hub id or folder."""
-import os
 import sys
 from dataclasses import dataclass
 
 import torch
 
 from waveft.errors import UserError
+from waveft.hub import check_model_sources
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
 
@@ -33,12 +33,6 @@ def _load(what: str, source: str, loader):
         raise UserError(f"could not load the {what} from {source!r}: {str(exc).splitlines()[0]}") from None
 
 
-def looks_like_path(name: str) -> bool:
-    """A model named by a local path rather than a Hub id ("org/name"): a path that is missing is an error, not
-    a download."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1
-
-
 def load_sdxl(model_cfg, weight_dtype: torch.dtype = torch.float32) -> SDXLComponents:
     """Every component frozen and read from disk directly in the precision it runs in: the UNet and both text
     encoders in `weight_dtype` (the run's compute dtype; never an fp32 copy on the way in a bf16 or fp16 run),
@@ -47,13 +41,12 @@ def load_sdxl(model_cfg, weight_dtype: torch.dtype = torch.float32) -> SDXLCompo
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
+    check_model_sources(model_cfg)
     if model_cfg.build_tiny_if_missing:
         from waveft.fixtures.tiny import ensure_tiny_sdxl
 
         ensure_tiny_sdxl(model_cfg.pretrained)
     base = model_cfg.pretrained
-    if looks_like_path(base) and not os.path.isdir(base):
-        raise UserError(f"model.pretrained: folder not found: {base} (give a local diffusers folder or a Hub id)")
     common = dict(revision=model_cfg.revision)
     weights = dict(common, variant=model_cfg.variant, dtype=weight_dtype)
     components = SDXLComponents(

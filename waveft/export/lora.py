@@ -9,8 +9,6 @@ from tqdm.auto import tqdm
 from waveft.errors import UserError
 from waveft.export.source import ExportLayer, dense_delta
 
-DEFAULT_LORA_RANK = 32
-
 
 def _dense_delta_layer(delta: torch.Tensor):
     """One layer as PEFT's `convert_to_lora` reads it: a tuner layer whose `get_delta_weight` is `delta`.

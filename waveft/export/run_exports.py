@@ -2,8 +2,9 @@
 import os
 
 from waveft.entry import return_freed_blocks_to_the_system
-from waveft.export.lora import DEFAULT_LORA_RANK, check_rank
-from waveft.export.writer import ExportRequest, export_adapter
+from waveft.export.lora import check_rank
+from waveft.export.request import DEFAULT_LORA_RANK, ExportRequest
+from waveft.export.writer import export_adapter
 from waveft.io.run_folder import PlannedExport, RunInfo
 
 

@@ -10,6 +10,7 @@ import torch
 
 from waveft.adapters.methods import METHODS
 from waveft.errors import UserError
+from waveft.hub import check_model_source
 from waveft.io.adapter_folder import PEFT_MODEL_PREFIX, AdapterFolder, load_adapter_weights
 
 KOHYA_UNET_PREFIX = "lora_unet_"
@@ -52,8 +53,10 @@ class SourceAdapter:
 
 
 def read_source_adapter(path: str) -> SourceAdapter:
-    """The adapter folder's config, run record and weights hash; a folder that is no adapter is a UserError."""
-    folder = AdapterFolder(path)
+    """The adapter folder's config, run record and weights hash; `path` may be a training run's folder (its
+    adapter/); a folder that is no adapter is a UserError."""
+    folder = AdapterFolder.find(path)
+    path = folder.root
     for needed in (folder.config, folder.weights):
         if not os.path.isfile(needed):
             raise UserError(f"--adapter {path} is not an adapter folder: {os.path.basename(needed)} is missing")
@@ -100,6 +103,7 @@ def base_model_of(source: SourceAdapter, base: Optional[str]) -> str:
 
 def read_unet_config(base: str) -> dict:
     """The UNet config of a diffusers pipeline folder, a UNet folder or a Hub id (no weights are read)."""
+    check_model_source(base, "the base model")
     from diffusers import UNet2DConditionModel
 
     errors = []

@@ -3,21 +3,24 @@
 `python -m waveft.generate --adapter RUN/adapter --prompt "a zjw dog on the beach" --seeds 0 1 --out DIR`
 
 The same `generate_images` serves the CLI, validation during training and benchmark generation. It is
-resumable: an image whose file and manifest row both exist is skipped.
+resumable: an image whose file and manifest row both exist is skipped. torch is imported by the functions that
+run a model, so that reading a manifest (the evaluation, a command's --help) does not load it.
 """
 import dataclasses
 import json
 import math
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from waveft.errors import UserError
 from waveft.infer.settings import GenerationSettings
 from waveft.io.files import write_atomic, write_text_atomic
+
+if TYPE_CHECKING:
+    import torch
 
 # A generation folder: the images, one manifest row per image, and (the CLI's) a grid of them.
 MANIFEST_NAME = "manifest.jsonl"
@@ -112,9 +115,11 @@ def _save_png(image: Image.Image, path: str) -> None:
     write_atomic(path, lambda f: image.save(f, format="PNG"))
 
 
-def decode_outside_autocast(pipe, latents: torch.Tensor) -> list[Image.Image]:
+def decode_outside_autocast(pipe, latents: "torch.Tensor") -> list[Image.Image]:
     """The pipeline's own VAE decode, with autocast off and in the VAE's dtype. Under fp16 autocast (training's
     mixed precision) the SDXL VAE would otherwise run in fp16 and overflow into black images."""
+    import torch
+
     vae = pipe.vae
     with torch.autocast(latents.device.type, enabled=False):
         latents = latents.to(vae.dtype)
@@ -136,6 +141,9 @@ def generate_images(pipe, jobs: list[GenerationJob], out_dir: str, settings: Gen
     Each image uses its own generator seeded by its job's seed, so results do not depend on batching.
     Returns the manifest rows of all jobs (done before or now).
     """
+    import torch
+    from tqdm.auto import tqdm
+
     os.makedirs(out_dir, exist_ok=True)
     manifest_path = os.path.join(out_dir, manifest_name)
     rows = read_manifest(manifest_path)
@@ -176,12 +184,35 @@ def prompt_seed_jobs(prompts: list[str], seeds: list[int], **details) -> list[Ge
     ]
 
 
-def save_grid(paths: list[str], grid_path: str, columns: int) -> None:
-    """Tile images (same size) into one PNG, `columns` per row."""
-    images = [Image.open(p).convert("RGB") for p in paths]
+def _wrap(text: str, font, width: int) -> list[str]:
+    """`text` in lines no wider than `width` pixels in `font` (a longer word stands alone)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
+def save_grid(rows: list[ManifestRow], folder: str, columns: int) -> str:
+    """Tile the images of manifest `rows` (same size, files in `folder`), `columns` per row, each over a caption of
+    its seed and prompt, into folder/GRID_NAME; returns its path."""
+    from PIL import ImageDraw, ImageFont
+
+    images = [Image.open(os.path.join(folder, row.file)).convert("RGB") for row in rows]
     width, height = images[0].size
-    rows = math.ceil(len(images) / columns)
-    grid = Image.new("RGB", (columns * width, rows * height), "white")
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * width, (i // columns) * height))
-    _save_png(grid, grid_path)
+    font = ImageFont.load_default()
+    captions = [_wrap(f"seed {row.seed}: {row.prompt}", font, width - 4) for row in rows]
+    line_height = font.getbbox("Ag")[3] + 2
+    tile_height = height + line_height * max(len(c) for c in captions) + 4
+    grid = Image.new("RGB", (columns * width, math.ceil(len(images) / columns) * tile_height), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        x, y = (i % columns) * width, (i // columns) * tile_height
+        grid.paste(image, (x, y))
+        for n, text in enumerate(caption):
+            draw.text((x + 2, y + height + 2 + n * line_height), text, fill="black", font=font)
+    path = os.path.join(folder, GRID_NAME)
+    _save_png(grid, path)
+    return path

@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 
 from waveft.errors import UserError
+from waveft.hub import check_model_source
 from waveft.infer.settings import SCHEDULERS
 from waveft.io.adapter_folder import AdapterFolder
 from waveft.models import DTYPES, is_quantized, quantize_linear_layers
@@ -65,6 +66,9 @@ def load_pipeline(
 ):
     """A StableDiffusionXLPipeline from a Hub id or folder, with the adapter (if any) merged; with `quantize`
     (int8, nf4) the UNet's Linear layers are quantized and the adapter stays attached, unmerged."""
+    check_model_source(base_model, "the base model")
+    if vae is not None:
+        check_model_source(vae, "the VAE")
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 
     if adapter_dir is not None and not AdapterFolder(adapter_dir).is_adapter():

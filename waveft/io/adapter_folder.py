@@ -7,7 +7,7 @@ import shutil
 
 from waveft.errors import UserError
 from waveft.io.files import FolderLayout, atomic_directory, give_usual_permissions, inside, write_text_atomic
-from waveft.io.run_folder import PlannedExport, RunInfo
+from waveft.io.run_folder import PlannedExport, RunFolder, RunInfo
 
 
 class AdapterFolder(FolderLayout):
@@ -27,6 +27,18 @@ class AdapterFolder(FolderLayout):
 
     def is_adapter(self) -> bool:
         return os.path.isfile(self.config)
+
+    @classmethod
+    def find(cls, path: str, option: str = "--adapter") -> "AdapterFolder":
+        """The adapter folder that `path` names: the folder itself, or a training run's `adapter/`. A path that
+        does not exist, or holds neither, is a UserError naming it and `option`."""
+        for folder in (cls(path), cls(RunFolder(path).adapter)):
+            if folder.is_adapter():
+                return folder
+        if not os.path.exists(path):
+            raise UserError(f"{option} {path}: no such folder")
+        raise UserError(f"{option} {path} is neither an adapter folder ({cls.CONFIG}) nor a training run's folder "
+                        f"(with {RunFolder.ADAPTER}/{cls.CONFIG})")
 
     def read_run_record(self) -> dict:
         """waveft_run.json ({} for an adapter this project's trainer did not write); invalid JSON raises

@@ -424,10 +424,10 @@ def end_of_step(cfg: RunConfig, accelerator, components, training: Training, sta
 
 
 def save_run(cfg: RunConfig, accelerator, trained_unet, run_info: RunInfo) -> None:
-    """The final adapter in PEFT's format, run_info.json (and loss.png) beside it, then the final samples, which
-    the adapter's model card then shows."""
+    """The final adapter in PEFT's format, run_info.json and loss.png beside it, then the final samples, which the
+    adapter's model card then shows."""
     run = RunFolder(cfg.output_dir)
-    if run_info.validation_losses:
+    if run_info.train_losses:
         plot_losses(run.loss_plot, run_info.train_losses, run_info.validation_losses)
     run_info.exports = planned_exports(cfg.export, run_info)
     save_adapter(trained_unet, run.adapter, run_info=run_info)
@@ -588,7 +588,8 @@ def train(cfg: RunConfig) -> TrainResult:
     if main:
         save_run(cfg, accelerator, trained_unet, run_info)
     accelerator.end_training()
-    print_main(f"adapter saved to {run.adapter} ({run_info.trainable_parameters:,} trainable parameters)")
+    print_main(f"adapter saved to {run.adapter} ({run_info.trainable_parameters:,} trainable parameters); "
+               f"loss curve: {run.loss_plot}")
     if main and cfg.hub.push:  # last: a failed upload leaves the finished run as it is
         push_adapter_folder(cfg.hub, run.adapter, print_main)
     return TrainResult(run_info, trained_unet)

@@ -1,6 +1,5 @@
 """Images made during and after training: validation grids, class images for prior preservation, the final
 samples, and logging them to the trackers. The training loop calls these; none of them changes the adapter."""
-import os
 import shutil
 import time
 
@@ -63,8 +62,7 @@ def run_validation(cfg, accelerator, components, unet, step: int) -> str:
         rows = generate_images(pipe, jobs, out_dir, validation_settings(cfg, compute_dtype_name(cfg)), progress=False)
     components.text_encoders_to("cpu")
     components.vae.to(vae_device)
-    grid = os.path.join(out_dir, "grid.png")
-    save_grid([os.path.join(out_dir, r.file) for r in rows], grid, len(cfg.validation.seeds))
+    grid = save_grid(rows, out_dir, len(cfg.validation.seeds))
     log_image(accelerator, "validation", grid, step)
     return grid
 
@@ -122,6 +120,4 @@ def final_samples(cfg: RunConfig) -> str:
         pipe.scheduler.register_to_config(prediction_type=cfg.model.prediction_type)
     rows = generate_images(pipe, prompt_seed_jobs(validation_prompts(cfg), cfg.validation.seeds), run.samples,
                            validation_settings(cfg, dtype), progress=False)
-    grid = os.path.join(run.samples, "grid.png")
-    save_grid([os.path.join(run.samples, r.file) for r in rows], grid, len(cfg.validation.seeds))
-    return grid
+    return save_grid(rows, run.samples, len(cfg.validation.seeds))
