@@ -50,6 +50,9 @@ def load_sdxl(model_cfg, weight_dtype: torch.dtype = torch.float32) -> SDXLCompo
     common = dict(revision=model_cfg.revision)
     weights = dict(common, variant=model_cfg.variant, dtype=weight_dtype)
     components = SDXLComponents(
+        # The UNet first, alone: its checkpoint's pages (mapped while it converts) are released before the text
+        # encoders load, so the peak is the UNet's own (full-size fp32: the text encoders would add 2.5 GB).
+        unet=_load("unet", base, lambda: UNet2DConditionModel.from_pretrained(base, subfolder="unet", **weights)),
         tokenizer=_load("tokenizer", base,
                         lambda: AutoTokenizer.from_pretrained(base, subfolder="tokenizer", **common)),
         tokenizer_2=_load(
@@ -63,7 +66,6 @@ def load_sdxl(model_cfg, weight_dtype: torch.dtype = torch.float32) -> SDXLCompo
             base,
             lambda: CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2", **weights),
         ),
-        unet=_load("unet", base, lambda: UNet2DConditionModel.from_pretrained(base, subfolder="unet", **weights)),
         vae=_load_vae(model_cfg),
         noise_scheduler=_load(
             "scheduler", base, lambda: DDPMScheduler.from_pretrained(base, subfolder="scheduler", **common)
