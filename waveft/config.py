@@ -34,6 +34,16 @@ class ModelConfig:
     # stays fp32); matmuls in train.mixed_precision's dtype. The saved adapter is the same as without.
     quantize: Quantization = "none"
 
+    def builds_tiny_model(self) -> bool:
+        """Whether the built-in tiny SDXL is to be written at `pretrained`: with `build_tiny_if_missing`, into a
+        folder named after it only (`waveft.fixtures.tiny.TINY_MODEL_FOLDER`), so that a mistyped folder or a Hub
+        id is refused as missing instead of becoming a random-weight model."""
+        import os
+
+        from waveft.fixtures.tiny import TINY_MODEL_FOLDER
+
+        return self.build_tiny_if_missing and os.path.basename(os.path.normpath(self.pretrained)) == TINY_MODEL_FOLDER
+
 
 @dataclass
 class PriorPreservationConfig:

@@ -81,7 +81,7 @@ def check_model_source(name: str | os.PathLike, setting: str, revision: str | No
 
 def check_model_sources(model_cfg) -> None:
     """check_model_source for a training config's `model:` section (the built-in tiny model is built if missing)."""
-    if not model_cfg.build_tiny_if_missing:
+    if not model_cfg.builds_tiny_model():
         check_model_source(model_cfg.pretrained, "model.pretrained", model_cfg.revision)
     if model_cfg.vae is not None:
         check_model_source(model_cfg.vae, "model.vae")

@@ -42,7 +42,7 @@ def load_sdxl(model_cfg, weight_dtype: torch.dtype = torch.float32) -> SDXLCompo
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     check_model_sources(model_cfg)
-    if model_cfg.build_tiny_if_missing:
+    if model_cfg.builds_tiny_model():
         from waveft.fixtures.tiny import ensure_tiny_sdxl
 
         ensure_tiny_sdxl(model_cfg.pretrained)

@@ -207,7 +207,7 @@ def _component_config(model_cfg, subfolder: str, shipped: dict) -> dict:
     from diffusers import UNet2DConditionModel
 
     base = model_cfg.pretrained
-    if model_cfg.build_tiny_if_missing and not os.path.isdir(base):
+    if model_cfg.builds_tiny_model() and not os.path.isdir(base):
         from waveft.fixtures.tiny import TINY_VAE_CONFIG, tiny_unet_config
 
         return tiny_unet_config() if subfolder == "unet" else dict(TINY_VAE_CONFIG)
