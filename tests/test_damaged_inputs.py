@@ -141,13 +141,16 @@ def test_report_refuses_a_metrics_file_of_the_wrong_shape(content, message, tmp_
     assert not (tmp_path / "report").exists()
 
 
-def test_score_refuses_a_run_info_of_the_wrong_shape(tmp_path, capsys):
+def test_score_refuses_a_run_info_of_the_wrong_shape(tmp_path, tiny_encoders, capsys):  # noqa: F811
     from eval.score import main
 
     write_generated(tmp_path / "images", run_info=None)
     (tmp_path / "images" / "run_info.json").write_text('["waveft"]')
+    encoders = ["--dino", str(tiny_encoders / "dino"), "--clip", str(tiny_encoders / "clip"),
+                "--cmmd-clip", str(tiny_encoders / "clip")]  # local: the run record is what is refused
     with pytest.raises(SystemExit) as exit_info:
-        main(["--images", str(tmp_path / "images"), "--real", str(tmp_path), "--out", str(tmp_path / "metrics")])
+        main(["--images", str(tmp_path / "images"), "--real", str(tmp_path), "--out", str(tmp_path / "metrics"),
+              *encoders])
     (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert exit_info.value.code == 2 and "run_info.json" in error and "not a run record" in error
 
