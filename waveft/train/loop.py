@@ -477,10 +477,11 @@ def train(cfg: RunConfig) -> TrainResult:
 
     # Data, models and adapter, all checked before anything is written.
     if main:
-        print(memory_estimate_line(cfg))  # before any weight loads: a run that cannot fit says so first
         dreambooth_data.ensure_instance_images(cfg.data)
     accelerator.wait_for_everyone()
-    dataset = dreambooth_data.DreamBoothDataset(cfg.data, cfg.seed)
+    dataset = dreambooth_data.DreamBoothDataset(cfg.data, cfg.seed)  # the images checked before the model is read
+    if main:
+        print(memory_estimate_line(cfg))  # before any weight loads: a run that cannot fit says so first
     components = load_sdxl(cfg.model, weight_dtype)
     unet, vae, noise_scheduler = components.unet, components.vae, components.noise_scheduler
     attached = attach_checked_adapter(cfg, unet, print_main)
