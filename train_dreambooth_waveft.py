@@ -22,13 +22,13 @@ def main(argv=None) -> None:
                              "config files only, no weights) and exit")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, tuple(args.overrides))
-    check_model_sources(cfg.model)  # before the model libraries load: a bad name is refused in a second
     set_up_process()
-    if args.estimate_memory:
+    if args.estimate_memory:  # config files only: offline, SDXL base's shipped configs stand in for the Hub's
         from waveft.train.memory_estimate import estimate_step_memory
 
         print(estimate_step_memory(cfg).table())
         return
+    check_model_sources(cfg.model)  # before the model libraries load: a bad name is refused in a second
 
     from waveft.train.loop import train
 
