@@ -41,7 +41,7 @@ TRAINING_REFUSALS = {
     "missing validation images": (("validation.loss.every_steps=1", "validation.loss.images={tmp}/held_out"),
                                   "validation.loss.images folder not found"),
     "mistyped instance folder": (("data.instance_dir={tmp}/toy_bal",), "instance folder not found: .*toy_bal"),
-    "missing VAE folder": (("model.vae={tmp}/vae",), "could not load the vae"),
+    "missing VAE folder": (("model.vae={tmp}/vae",), "model.vae: folder not found"),
     "missing checkpoint": (("train.resume={tmp}/checkpoint-9",), "train.resume: .* is not a checkpoint folder"),
     "adapter that does not fit": (("adapter.peft.n_frequency=5000",), "adapter.peft.n_frequency=5000 is out of range"),
     "buckets no image fits": (("data.buckets.enabled=true", "data.buckets.area=12288", "data.buckets.max_ratio=1"),
