@@ -3,6 +3,8 @@ and synthetic DreamBooth-style inputs for the eval tests: a prompts file with th
 structure, a benchmark folder of random real images, and a generated-images folder with a manifest."""
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +114,14 @@ def tiny_cfg(tiny_sdxl_dir, subject_dir, output_dir, *overrides):
             *overrides,
         ),
     )
+
+
+def run_tiny_training(tiny_sdxl_dir, subject_dir, output_dir, *overrides, env=None) -> subprocess.CompletedProcess:
+    """The training CLI with configs/tiny.yaml on the given model, subject and output folder, plus `overrides`."""
+    return subprocess.run(
+        [sys.executable, "train_dreambooth_waveft.py", "--config", "configs/tiny.yaml", f"output_dir={output_dir}",
+         f"model.pretrained={tiny_sdxl_dir}", f"data.instance_dir={subject_dir}", *overrides],
+        cwd=REPO, capture_output=True, text=True, env=env)
 
 
 def fresh_unet(tiny_sdxl_dir):

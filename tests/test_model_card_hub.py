@@ -2,12 +2,10 @@
 arguments at the end of a run, and a failed upload (offline) as one error line that leaves the run intact."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.helpers import REPO, tiny_cfg
+from tests.helpers import run_tiny_training, tiny_cfg
 from waveft.errors import UserError
 
 
@@ -79,12 +77,10 @@ def test_a_run_uploads_its_adapter_folder_with_its_samples_as_the_card_widget(
 @pytest.mark.slow
 def test_an_upload_that_fails_is_one_error_line_and_the_run_stays(tiny_sdxl_dir, subject_dir, tmp_path):
     out = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "train_dreambooth_waveft.py", "--config", "configs/tiny.yaml", f"output_dir={out}",
-         f"model.pretrained={tiny_sdxl_dir}", f"data.instance_dir={subject_dir}", "data.resolution=32",
-         "train.max_steps=1", "train.report_to=none", "validation.final=false", "validation.every_steps=0",
-         "hub.push=true", "hub.repo_id=me/ball"],
-        cwd=REPO, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = run_tiny_training(
+        tiny_sdxl_dir, subject_dir, out, "data.resolution=32", "train.max_steps=1", "train.report_to=none",
+        "validation.final=false", "validation.every_steps=0", "hub.push=true", "hub.repo_id=me/ball",
+        env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: hub.push: uploading") and "offline mode is enabled" in last

@@ -1,13 +1,12 @@
 """model.quantize: training, resuming, saving and generating over a bitsandbytes-quantized tiny SDXL UNet on CPU."""
 import json
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.helpers import REPO, adapter_weights, fresh_unet, tiny_cfg, unet_output
+from tests.helpers import adapter_weights, fresh_unet, run_tiny_training, tiny_cfg, unet_output
 from tests.test_training import instance_loss
 from waveft.config import load_config
 from waveft.errors import UserError
@@ -157,12 +156,8 @@ def test_merging_into_a_quantized_base_is_refused_with_how_to_merge(tiny_sdxl_di
 @pytest.mark.slow
 def test_the_cli_refuses_the_quantization_before_loading_anything(tiny_sdxl_dir, subject_dir, tmp_path):
     out = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "train_dreambooth_waveft.py", "--config", "configs/tiny.yaml", f"output_dir={out}",
-         f"model.pretrained={tiny_sdxl_dir}", f"data.instance_dir={subject_dir}", "model.quantize=nf4",
-         "adapter.type=lokr", "adapter.peft={}"],
-        cwd=REPO, capture_output=True, text=True,
-    )
+    result = run_tiny_training(tiny_sdxl_dir, subject_dir, out, "model.quantize=nf4", "adapter.type=lokr",
+                               "adapter.peft={}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: configs/tiny.yaml: adapter.type=lokr cannot")
     assert not out.exists()

@@ -8,7 +8,15 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import REPO, adapter_weights, assert_resumed_not_redone, fresh_unet, tiny_cfg, unet_output
+from tests.helpers import (
+    REPO,
+    adapter_weights,
+    assert_resumed_not_redone,
+    fresh_unet,
+    run_tiny_training,
+    tiny_cfg,
+    unet_output,
+)
 from waveft.config import load_config
 from waveft.errors import UserError
 
@@ -137,12 +145,8 @@ def test_output_dir_holding_a_run_is_protected(tiny_sdxl_dir, subject_dir, tmp_p
 @pytest.mark.slow
 def test_diverging_loss_stops_with_a_clear_message_and_saves_nothing(tiny_sdxl_dir, subject_dir, tmp_path):
     out = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "train_dreambooth_waveft.py", "--config", "configs/tiny.yaml", f"output_dir={out}",
-         f"model.pretrained={tiny_sdxl_dir}", f"data.instance_dir={subject_dir}", "data.resolution=32",
-         "train.report_to=none", "train.noise_offset=1e30"],  # noise of 1e30: the squared error overflows
-        cwd=REPO, capture_output=True, text=True,
-    )
+    result = run_tiny_training(tiny_sdxl_dir, subject_dir, out, "data.resolution=32", "train.report_to=none",
+                               "train.noise_offset=1e30")  # noise of 1e30: the squared error overflows
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     error_lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
