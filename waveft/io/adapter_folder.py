@@ -18,6 +18,9 @@ class AdapterFolder(FolderLayout):
     RUN_RECORD = "waveft_run.json"  # RunInfo.adapter_metadata(): what travels with the adapter
     MODEL_CARD = "README.md"
     CARD_SAMPLES = "samples"  # the final samples the model card's widget shows
+    # adapter.text_encoders: each encoder's adapter in a subfolder named after its diffusers component, itself a
+    # PEFT adapter folder (PeftModel.from_pretrained(CLIPTextModel, that subfolder)); the UNet's stays at the root.
+    TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
     config = inside("CONFIG")
     weights = inside("WEIGHTS")
@@ -27,6 +30,17 @@ class AdapterFolder(FolderLayout):
 
     def is_adapter(self) -> bool:
         return os.path.isfile(self.config)
+
+    def text_encoder(self, component: str) -> "AdapterFolder":
+        """The adapter folder of one text encoder (`component` in TEXT_ENCODERS), whether or not it exists."""
+        if component not in self.TEXT_ENCODERS:
+            raise ValueError(f"{component!r} is not one of {self.TEXT_ENCODERS}")
+        return AdapterFolder(os.path.join(self.root, component))
+
+    def text_encoder_adapters(self) -> dict[str, "AdapterFolder"]:
+        """{component: its adapter folder} for the text encoders this adapter adapts ({} for a UNet-only one)."""
+        found = {name: self.text_encoder(name) for name in self.TEXT_ENCODERS}
+        return {name: folder for name, folder in found.items() if folder.is_adapter()}
 
     @classmethod
     def find(cls, path: str, option: str = "--adapter") -> "AdapterFolder":
