@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,6 +92,48 @@ def test_a_killed_writer_leaves_no_temporary_behind_the_next_write(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+FOLDER_WRITER = """
+import os, sys, time
+from waveft.io.files import atomic_directory
+
+with atomic_directory(sys.argv[1]) as staging:
+    open(os.path.join(staging, "adapter_model.safetensors"), "wb").write(b"half a checkpoint")
+    print("writing", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_killed_folder_writer_leaves_no_staging_folder_behind_the_next_write(tmp_path):
+    from waveft.io.files import atomic_directory
+
+    target = tmp_path / "checkpoint-4"
+    writer = subprocess.Popen([sys.executable, "-c", FOLDER_WRITER, str(target)], stdout=subprocess.PIPE, text=True,
+                              cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+    assert writer.stdout.readline().strip() == "writing"
+    writer.kill()
+    writer.wait()
+    assert len(os.listdir(tmp_path)) == 1 and not target.exists()  # its staging folder, nothing else
+    with atomic_directory(target) as staging:
+        (Path(staging) / "adapter_model.safetensors").write_bytes(b"whole checkpoint")
+    assert os.listdir(tmp_path) == ["checkpoint-4"]
+    assert (target / "adapter_model.safetensors").read_bytes() == b"whole checkpoint"
+
+
+def test_a_folder_writer_killed_between_its_two_renames_loses_nothing(tmp_path):
+    """The window where the previous folder sits in the writer's temporary and `path` does not exist: the next
+    writer of `path` puts it back before anything else (and then replaces it whole, as usual)."""
+    from waveft.io.files import _temporary_prefix, atomic_directory
+
+    target = tmp_path / "adapter"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = tmp_path / f"{_temporary_prefix(target)}{int(dead.stdout)}.abc.tmp"
+    (left / "previous").mkdir(parents=True)
+    (left / "previous" / "adapter_config.json").write_text("{}")
+    with pytest.raises(RuntimeError), atomic_directory(target):
+        raise RuntimeError("the new version fails")
+    assert os.listdir(tmp_path) == ["adapter"] and (target / "adapter_config.json").read_text() == "{}"
 
 
 @pytest.fixture(scope="module")

@@ -38,13 +38,30 @@ def _process_is_alive(pid: int) -> bool:
 
 def remove_stale_temporaries(path: Path) -> None:
     """Remove the temporaries of `path` left by a killed writer on this host (SIGKILL skips every cleanup);
-    a live writer's, or another host's (a shared file system), are left alone."""
+    a live writer's, or another host's (a shared file system), are left alone. A folder writer killed between
+    its two renames left the previous `path` in its temporary (`previous`) and no `path`: that is put back."""
     prefix = _temporary_prefix(path)
     for stale in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
         pid = stale.name[len(prefix):].split(".", 1)[0]
-        if pid.isdigit() and not _process_is_alive(int(pid)):
-            with suppress(FileNotFoundError):  # another writer removed it first
+        if not pid.isdigit() or _process_is_alive(int(pid)):
+            continue
+        with suppress(FileNotFoundError):  # another writer removed it first
+            if not stale.is_dir():
                 stale.unlink()
+                continue
+            if (stale / _PREVIOUS).exists() and not path.exists():
+                os.replace(stale / _PREVIOUS, path)
+            shutil.rmtree(stale)
+
+
+def _temporary(path: Path, folder: bool = False) -> str:
+    """A new temporary file (its descriptor, its path) or folder (its path) beside `path`, named as
+    `remove_stale_temporaries` expects."""
+    kwargs = {"dir": path.parent, "prefix": f"{_temporary_prefix(path)}{os.getpid()}.", "suffix": ".tmp"}
+    return tempfile.mkdtemp(**kwargs) if folder else tempfile.mkstemp(**kwargs)
+
+
+_PREVIOUS = "previous"  # inside a folder writer's temporary: the version being replaced, during the swap
 
 
 def write_atomic(path: str | Path, write) -> None:
@@ -53,8 +70,7 @@ def write_atomic(path: str | Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_temporary_prefix(path)}{os.getpid()}.",
-                               suffix=".tmp")
+    fd, tmp = _temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -96,17 +112,19 @@ def write_json_atomic(path: str | Path, data) -> None:
 
 @contextmanager
 def atomic_directory(path: str | Path):
-    """Yield a temporary folder beside `path`; on success it replaces `path` whole, on failure it is removed."""
+    """Yield a temporary folder beside `path`; on success it replaces `path` whole, on failure it is removed.
+    What a killed earlier writer of `path` left is cleaned up first (`remove_stale_temporaries`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    remove_stale_temporaries(path)
+    staging = _temporary(path, folder=True)
     give_usual_permissions(staging)
     try:
         yield staging
         _sync_tree(staging)
         if path.exists():
-            old = tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent)
-            os.replace(path, os.path.join(old, "previous"))
+            old = _temporary(path, folder=True)
+            os.replace(path, os.path.join(old, _PREVIOUS))
             os.replace(staging, path)
             shutil.rmtree(old)
         else:
