@@ -10,10 +10,14 @@ from waveft.errors import UserError
 
 def read_offline_run(logs):
     """The history rows, config and files of the one offline run under `logs`, read with wandb's own DataStore."""
+    [run_file] = logs.glob("wandb/offline-run-*/run-*.wandb")
+    return read_run_file(run_file)
+
+
+def read_run_file(run_file):
     from wandb.proto import wandb_internal_pb2
     from wandb.sdk.internal.datastore import DataStore
 
-    [run_file] = logs.glob("wandb/offline-run-*/run-*.wandb")
     store = DataStore()
     store.open_for_scan(str(run_file))
     history, config, run = [], {}, None
@@ -55,6 +59,28 @@ def test_wandb_offline_run_holds_losses_config_and_images(tiny_sdxl_dir, subject
     [file] = image["validation/filenames"]
     assert (run_dir / "files" / file).is_file()
     assert run.run_group == "sweep-a" and list(run.tags) == ["waveft", "budget-1"]
+
+
+@pytest.mark.slow
+def test_a_resumed_run_goes_on_in_its_wandb_run(tiny_sdxl_dir, subject_dir, tmp_path, monkeypatch):
+    """Interrupted after step 2 and resumed to step 3: two offline logs of one wandb run (same id), which
+    `wandb sync` joins; the second starts where the checkpoint left off. A run started afresh gets a new id."""
+    from waveft.train.loop import train
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    out = tmp_path / "run"
+    settings = ("train.checkpointing_steps=2", "train.report_to=wandb")
+    train(tiny_cfg(tiny_sdxl_dir, subject_dir, out, "train.max_steps=2", *settings))
+    train(tiny_cfg(tiny_sdxl_dir, subject_dir, out, "train.max_steps=3", "train.resume=latest", *settings))
+    first, second = [read_run_file(f) for f in sorted((out / "logs").glob("wandb/offline-run-*/run-*.wandb"))]
+    assert first[2].run_id == second[2].run_id
+    assert [row["_step"] for row in first[0] if "loss" in row] == [1, 2]
+    assert [row["_step"] for row in second[0] if "loss" in row] == [3]
+
+    train(tiny_cfg(tiny_sdxl_dir, subject_dir, out, "train.max_steps=1", "overwrite_output_dir=true", *settings))
+    newest = max((out / "logs").glob("wandb/offline-run-*/run-*.wandb"), key=lambda f: f.stat().st_mtime)
+    assert read_run_file(newest)[2].run_id != first[2].run_id
 
 
 def test_report_to_wandb_without_the_package_is_refused_before_any_model_loads(monkeypatch):

@@ -89,8 +89,8 @@ class DataConfig:
     flip_probability: float = 0.0
     repeats: int = 1
     num_workers: int = 0
-    # The share of micro-batches whose instance images are trained on the empty prompt (kohya's caption dropout),
-    # chosen by (seed, micro-batch number), so a resumed run drops the same ones.
+    # The share of instance samples trained on the empty prompt (kohya's caption dropout), chosen by (seed,
+    # optimizer step, position in the effective batch), so a resumed or re-split run drops the same ones.
     caption_dropout: float = 0.0
     # The VAE posterior of each (image, crop, flip, size) computed once and kept on disk; auto: on.
     cache_latents: Literal["auto", True, False] = "auto"

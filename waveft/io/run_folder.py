@@ -24,6 +24,7 @@ class RunFolder(FolderLayout):
     SAMPLES = "samples"
     VALIDATION = "validation"
     LOGS = "logs"
+    WANDB_RUN_ID = "wandb_run_id"  # in logs/: the wandb run a resumed run goes on logging into
     CLASS_IMAGES = "class_images"  # the default prior-preservation folder
     CLASS_MANIFEST = "class_manifest.jsonl"  # in the prior-preservation folder: the generated class images
     LOSS_PLOT = "loss.png"
@@ -39,6 +40,10 @@ class RunFolder(FolderLayout):
     logs = inside("LOGS")
     class_images = inside("CLASS_IMAGES")
     loss_plot = inside("LOSS_PLOT")
+
+    @property
+    def wandb_run_id(self) -> str:
+        return os.path.join(self.logs, self.WANDB_RUN_ID)
 
     def checkpoint(self, step: int) -> str:
         return self._path(f"checkpoint-{step}")

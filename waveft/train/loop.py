@@ -11,6 +11,7 @@ import dataclasses
 import os
 import random
 import resource
+import secrets
 import shutil
 import time
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ from waveft.errors import UserError
 from waveft.export.run_exports import check_export_fits, export_run, planned_exports
 from waveft.infer.generation import MANIFEST_NAME, read_manifest
 from waveft.io.adapter_folder import AdapterFolder, add_card_samples, save_adapter
+from waveft.io.files import write_text_atomic
 from waveft.io.hub import push_adapter_folder
 from waveft.io.run_folder import RunFolder, RunInfo
 from waveft.io.schema import read_yaml_mapping
@@ -264,15 +266,23 @@ def make_accelerator(cfg: RunConfig):
     )
 
 
-def tracker_settings(cfg: RunConfig) -> tuple[str, dict]:
+def tracker_settings(cfg: RunConfig, resuming: bool) -> tuple[str, dict]:
     """accelerate's init_trackers project name and init_kwargs. wandb writes into logs/ and runs offline unless
-    WANDB_API_KEY is set (an explicit WANDB_MODE wins); `wandb sync logs/wandb/offline-run-*` uploads later."""
+    WANDB_API_KEY is set (an explicit WANDB_MODE wins); `wandb sync logs/wandb/offline-run-*` uploads later. A
+    resumed run goes on in the wandb run it started (its id kept in logs/), so its curves stay one."""
     if cfg.train.report_to != "wandb":
         return TRACKER_PROJECT, {}
     w = cfg.train.wandb
     mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    id_file = RunFolder(cfg.output_dir).wandb_run_id
+    if resuming and os.path.isfile(id_file):
+        with open(id_file) as f:
+            run_id = f.read().strip()
+    else:
+        run_id = secrets.token_hex(6)  # wandb's ids are short lowercase alphanumerics, unique per project
+        write_text_atomic(id_file, run_id)
     return w.project, {"wandb": {"dir": RunFolder(cfg.output_dir).logs, "mode": mode, "name": w.name,
-                                 "group": w.group, "tags": w.tags or None}}
+                                 "group": w.group, "tags": w.tags or None, "id": run_id, "resume": "allow"}}
 
 
 def memory_estimate_line(cfg: RunConfig) -> str:
@@ -515,7 +525,7 @@ def train(cfg: RunConfig) -> TrainResult:
     if main and cfg.train.report_to != "none":
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
                    for k, v in _flatten(config_to_dict(cfg)).items()}
-        project, init_kwargs = tracker_settings(cfg)
+        project, init_kwargs = tracker_settings(cfg, resuming=resume_from is not None)
         os.makedirs(run.logs, exist_ok=True)
         accelerator.init_trackers(project, config=hparams, init_kwargs=init_kwargs)
 
