@@ -345,8 +345,8 @@ def check_invokeai(source: str, files: ExportedFiles) -> list[Row]:
             try:
                 _, module = LayerPatcher._get_submodule(unet, layer_key[len(SDXL_PREFIX):], layer_key_is_flattened=True)
                 params = layer.get_parameters(dict(module.named_parameters(recurse=False)), weight=1.0)
-            except (AttributeError, RuntimeError) as exc:
-                row.problems.append(f"{layer_key}: {exc}")
+            except Exception as exc:  # what its patcher would raise while generating, or log and skip
+                row.problems.append(f"{layer_key}: {type(exc).__name__} {exc}")
                 continue
             if set(params) != {"weight"} or tuple(params["weight"].shape) != tuple(module.weight.shape):
                 row.problems.append(f"{layer_key}: adds {sorted(params)} of shape {tuple(params['weight'].shape)}")
@@ -369,6 +369,9 @@ def check_invokeai(source: str, files: ExportedFiles) -> list[Row]:
         unet = UNet2DConditionModel.from_pretrained(files.tiny_base, subfolder="unet")
         patch = load_patch(dict(state))
         map_layers(row, state, patch, unet)
+        if row.problems:  # its patcher would fail the same way
+            rows.append(row)
+            continue
         with LayerPatcher.apply_smart_model_patches(model=unet, patches=[(patch, 1.0)], prefix=SDXL_PREFIX,
                                                     dtype=torch.float32, force_direct_patching=True):
             patched = {n: m.weight.detach().clone() for n, m in unet.named_modules() if n in reference.base}
