@@ -1,0 +1,254 @@
+"""Adapter folders with text-encoder adapters (text_encoder/, text_encoder_2/: stock PEFT folders) on the tiny model,
+made without the trainer: generation merges them (equal to merging by hand with stock PEFT, different from the
+UNet alone), and every export format carries them under kohya's `lora_te1_` / `lora_te2_` names, which ComfyUI's
+real CLIP loader (`load_lora_for_models`, CLIP strength) applies as exactly PEFT's difference and diffusers'
+`load_lora_weights` reads."""
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+
+from tests.comfyui_env import ABSENT, comfyui_dir
+from tests.test_export import export, make_adapter
+from waveft.io.adapter_folder import AdapterFolder
+
+needs_comfyui = pytest.mark.skipif(comfyui_dir() is None, reason=ABSENT)
+TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+KOHYA = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+LAYERS_PER_ENCODER = 3 * len(TARGETS)  # the tiny encoders' 3 layers
+PROMPT = "a zjw ball on the beach"
+
+
+def load_encoder(tiny_sdxl_dir, component):
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    cls = CLIPTextModel if component == "text_encoder" else CLIPTextModelWithProjection
+    return cls.from_pretrained(tiny_sdxl_dir, subfolder=component)
+
+
+def peft_config(method):
+    from peft import LoraConfig, WaveFTConfig
+
+    if method == "lora":
+        return LoraConfig(r=2, lora_alpha=2, target_modules=TARGETS)
+    return WaveFTConfig(n_frequency=100, scaling=5.0, target_modules=TARGETS)
+
+
+def add_text_encoder_adapters(adapter, tiny_sdxl_dir, method) -> None:
+    """Stock PEFT's adapter of `method` on each tiny CLIP encoder, with random (trained-like) weights, saved as
+    PeftModel.save_pretrained saves it into the adapter folder's subfolder."""
+    from peft import get_peft_model
+
+    for seed, component in enumerate(AdapterFolder.TEXT_ENCODERS):
+        model = get_peft_model(load_encoder(tiny_sdxl_dir, component), peft_config(method))
+        torch.manual_seed(seed)
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data.normal_(0, 0.1)
+        model.save_pretrained(AdapterFolder(adapter).text_encoder(component).root)
+
+
+@pytest.fixture(scope="module", params=["waveft", "lora"])
+def adapter(request, tiny_sdxl_dir, tmp_path_factory) -> str:
+    """A UNet adapter (as the export tests make it) plus both text encoders' adapters, of one method."""
+    path = make_adapter(tmp_path_factory.mktemp("te") / request.param, tiny_sdxl_dir, request.param)
+    add_text_encoder_adapters(path, tiny_sdxl_dir, request.param)
+    return path
+
+
+def peft_merged_encoder(tiny_sdxl_dir, adapter, component):
+    """Stock PEFT: `PeftModel.from_pretrained(encoder, subfolder).merge_and_unload()`, no project code."""
+    from peft import PeftModel
+
+    subfolder = AdapterFolder(adapter).text_encoder(component).root
+    return PeftModel.from_pretrained(load_encoder(tiny_sdxl_dir, component), subfolder).merge_and_unload()
+
+
+# ---- generation ------------------------------------------------------------------------------------------------
+
+
+def generate(pipe):
+    """The prompt's embeddings and a 2-step image, at a fixed seed."""
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(PROMPT, do_classifier_free_guidance=False)
+        image = pipe(PROMPT, num_inference_steps=2, height=64, width=64, output_type="pt",
+                     generator=torch.Generator().manual_seed(0)).images
+    return embeds, pooled, image
+
+
+def test_generation_merges_the_text_encoder_adapters(tiny_sdxl_dir, adapter, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+    from peft import PeftModel
+
+    from waveft.infer.pipeline import load_pipeline
+
+    unet_only = tmp_path / "unet-only"
+    shutil.copytree(adapter, unet_only, ignore=shutil.ignore_patterns(*AdapterFolder.TEXT_ENCODERS))
+    with_encoders = generate(load_pipeline(tiny_sdxl_dir, adapter, device="cpu"))
+    without = generate(load_pipeline(tiny_sdxl_dir, str(unet_only), device="cpu"))
+    # By hand, with stock PEFT: each of the three models merged.
+    by_hand = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    by_hand.unet = PeftModel.from_pretrained(by_hand.unet, adapter).merge_and_unload()
+    for component in AdapterFolder.TEXT_ENCODERS:
+        setattr(by_hand, component, peft_merged_encoder(tiny_sdxl_dir, adapter, component))
+    by_hand.scheduler = load_pipeline(tiny_sdxl_dir, device="cpu").scheduler  # the same default scheduler
+    by_hand.set_progress_bar_config(disable=True)
+    expected = generate(by_hand)
+    for got, reference, other in zip(with_encoders, expected, without, strict=True):
+        torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-5)
+        assert (got - other).abs().max() > 1e-3  # the encoders' adapters change the prompt's embeddings, the image
+
+
+# ---- exports -----------------------------------------------------------------------------------------------------
+
+
+def method_of(adapter) -> str:
+    return AdapterFolder(adapter).read_run_record()["method"]
+
+
+def formats_of(method):
+    return ["full-diff", "lora"] + (["waveft"] if method == "waveft" else [])
+
+
+EXPORT_OPTIONS = {"full-diff": ({"dtype": "fp32"}, 1e-5), "lora": ({"energy": 1.0, "dtype": "fp32"}, 1e-3),
+                  "waveft": ({}, 1e-5)}
+
+
+def test_every_format_names_the_encoders_layers_the_kohya_way(adapter, tmp_path):
+    from safetensors import safe_open
+
+    for fmt in formats_of(method_of(adapter)):
+        result = export(adapter, tmp_path / f"{fmt}.safetensors", fmt, **EXPORT_OPTIONS[fmt][0])
+        with safe_open(result.path, framework="pt") as f:
+            layers = {key.split(".")[0] for key in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+        for component, prefix in KOHYA.items():
+            names = {name for name in layers if name.startswith(prefix)}
+            assert len(names) == LAYERS_PER_ENCODER, (fmt, component, sorted(names))
+            assert f"{prefix}text_model_encoder_layers_0_self_attn_q_proj" in names
+            assert f"{prefix}text_model_encoder_layers_2_self_attn_out_proj" in names
+        assert json.loads(result.metadata["waveft.layers_per_model"]) == {
+            "unet": 64, "text_encoder": LAYERS_PER_ENCODER, "text_encoder_2": LAYERS_PER_ENCODER}
+        assert result.layers == 64 + 2 * LAYERS_PER_ENCODER
+
+
+class TinySDXLClip(torch.nn.Module):
+    """The tiny encoders in the weight layout of ComfyUI's SDXL CLIP (`comfy.sdxl_clip.SDXLClipModel`: clip_l,
+    clip_g), so that ComfyUI's own `model_lora_keys_clip` maps kohya's text-encoder names onto them."""
+
+    tiny_sdxl_dir = None
+
+    def __init__(self, device=None, dtype=None, model_options=None):
+        super().__init__()
+        self.clip_l, self.clip_g = torch.nn.Module(), torch.nn.Module()
+        self.clip_l.transformer, self.clip_g.transformer = torch.nn.Module(), None
+        # transformers 5's CLIPTextModel lacks the `text_model` level that ComfyUI's (and the checkpoint's) has.
+        self.clip_l.transformer.text_model = load_encoder(self.tiny_sdxl_dir, "text_encoder")
+        self.clip_g.transformer = load_encoder(self.tiny_sdxl_dir, "text_encoder_2")
+        self.dtypes = {torch.float32}
+
+
+def comfy_clip(tiny_sdxl_dir):
+    """A real `comfy.sd.CLIP` (ModelPatcher and all) around the tiny encoders."""
+    import comfy.sd
+
+    class Target:
+        params = {}
+        clip = type("Clip", (TinySDXLClip,), {"tiny_sdxl_dir": tiny_sdxl_dir})
+        tokenizer = staticmethod(lambda embedding_directory=None, tokenizer_data=None: None)
+
+    return comfy.sd.CLIP(Target())
+
+
+def comfy_patched_clip(comfy, tiny_sdxl_dir, path, strength_clip):
+    """ComfyUI's "Load LoRA" on the CLIP alone (`load_lora_for_models`), then the weights as its patcher sets them
+    (a fresh CLIP each time: the patcher changes the weights in place):
+    {"text_encoder" | "text_encoder_2": {transformers key: weight}}, and how many patches it made."""
+    import comfy.utils
+
+    clip = comfy_clip(tiny_sdxl_dir)
+    _, patched = comfy.sd.load_lora_for_models(None, clip, comfy.utils.load_torch_file(str(path), safe_load=True),
+                                               0.0, strength_clip)
+    for key in patched.patcher.patches:  # what its patcher does to each weight when it loads the CLIP
+        patched.patcher.patch_weight_to_device(key)
+    state = patched.cond_stage_model.state_dict()
+    prefixes = {"text_encoder": "clip_l.transformer.text_model.", "text_encoder_2": "clip_g.transformer."}
+    weights = {c: {k.removeprefix(p): v for k, v in state.items() if k.startswith(p)} for c, p in prefixes.items()}
+    return weights, len(patched.patcher.patches)
+
+
+@pytest.fixture(scope="module")
+def comfy():
+    from tests.comfyui_env import import_comfyui, load_waveft_node
+
+    if comfyui_dir() is None:
+        pytest.skip(ABSENT)
+    import_comfyui()
+    load_waveft_node()
+    return __import__("comfy")
+
+
+@needs_comfyui
+def test_comfyui_s_clip_strength_applies_the_encoders_difference(comfy, tiny_sdxl_dir, adapter, tmp_path, caplog):
+    merged = {c: peft_merged_encoder(tiny_sdxl_dir, adapter, c).state_dict() for c in AdapterFolder.TEXT_ENCODERS}
+    base = {c: load_encoder(tiny_sdxl_dir, c).state_dict() for c in AdapterFolder.TEXT_ENCODERS}
+    for fmt in formats_of(method_of(adapter)):
+        options, tolerance = EXPORT_OPTIONS[fmt]
+        path = export(adapter, tmp_path / f"{fmt}.safetensors", fmt, **options).path
+        for strength in (1.0, 0.5):
+            with caplog.at_level(logging.WARNING):
+                patched, patches = comfy_patched_clip(comfy, tiny_sdxl_dir, path, strength)
+            # Only the UNet's layers are left unloaded: no CLIP was given a model here.
+            unloaded = [r.getMessage() for r in caplog.records if "NOT LOADED" in r.getMessage()
+                        or "not loaded" in r.getMessage()]
+            assert not [m for m in unloaded if "lora_te" in m], unloaded
+            caplog.clear()
+            assert patches == 2 * LAYERS_PER_ENCODER, fmt
+            for component in AdapterFolder.TEXT_ENCODERS:
+                changed = 0
+                for key, weight in base[component].items():
+                    delta = merged[component][key] - weight
+                    got = patched[component][key] - weight
+                    largest = delta.abs().max()
+                    if largest > 0:
+                        changed += 1
+                    assert (got - strength * delta).abs().max() <= tolerance * max(largest, 1e-3), (fmt, key)
+                assert changed == LAYERS_PER_ENCODER, (fmt, component)
+
+
+def test_diffusers_loads_the_encoders_of_the_kohya_lora(tiny_sdxl_dir, adapter, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    path = export(adapter, tmp_path / "lora.safetensors", "lora", energy=1.0, dtype="fp32").path
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    base = pipe.encode_prompt(PROMPT, do_classifier_free_guidance=False)
+    pipe.load_lora_weights(path)
+    loaded = pipe.encode_prompt(PROMPT, do_classifier_free_guidance=False)
+    for component in AdapterFolder.TEXT_ENCODERS:
+        setattr(pipe, component, peft_merged_encoder(tiny_sdxl_dir, adapter, component))
+    pipe.unload_lora_weights()
+    expected = pipe.encode_prompt(PROMPT, do_classifier_free_guidance=False)
+    for got, reference, before in zip(loaded[::2], expected[::2], base[::2], strict=True):
+        torch.testing.assert_close(got, reference, rtol=1e-3, atol=1e-4)
+        assert (got - before).abs().max() > 1e-3
+
+
+def test_a_unet_only_adapter_exports_as_before(adapter, tmp_path):
+    """The same UNet adapter without its subfolders: the UNet's tensors bit for bit, no text-encoder key."""
+    from safetensors.torch import load_file
+
+    unet_only = tmp_path / "unet-only"
+    shutil.copytree(adapter, unet_only, ignore=shutil.ignore_patterns(*AdapterFolder.TEXT_ENCODERS))
+    for fmt in formats_of(method_of(adapter)):
+        options = EXPORT_OPTIONS[fmt][0]
+        alone = export(str(unet_only), tmp_path / f"alone-{fmt}.safetensors", fmt, **options)
+        both = load_file(export(adapter, tmp_path / f"both-{fmt}.safetensors", fmt, **options).path)
+        tensors = load_file(alone.path)
+        assert not [key for key in tensors if key.startswith("lora_te")], fmt
+        # The native file's location tables are shared: the encoders' layers may add tables, never change one.
+        extra = both.keys() - tensors.keys()
+        assert tensors.keys() <= both.keys() and all(k.startswith(("lora_te", "waveft_locations.")) for k in extra)
+        assert all(torch.equal(value, both[key]) for key, value in tensors.items()), fmt
+        assert json.loads(alone.metadata["waveft.layers_per_model"]) == {"unet": 64}
+        assert "waveft.text_encoder_sha256" not in alone.metadata
