@@ -161,21 +161,39 @@ def comfy_clip(tiny_sdxl_dir):
     return comfy.sd.CLIP(Target())
 
 
-def comfy_patched_clip(comfy, tiny_sdxl_dir, path, strength_clip):
-    """ComfyUI's "Load LoRA" on the CLIP alone (`load_lora_for_models`), then the weights as its patcher sets them
-    (a fresh CLIP each time: the patcher changes the weights in place):
-    {"text_encoder" | "text_encoder_2": {transformers key: weight}}, and how many patches it made."""
+def stock_load_lora(path, clip, strength_clip):
+    """ComfyUI's "Load LoRA" on the CLIP alone: `load_lora_for_models` (the model's strength does not matter)."""
+    import comfy.sd
     import comfy.utils
 
-    clip = comfy_clip(tiny_sdxl_dir)
-    _, patched = comfy.sd.load_lora_for_models(None, clip, comfy.utils.load_torch_file(str(path), safe_load=True),
-                                               0.0, strength_clip)
+    return comfy.sd.load_lora_for_models(None, clip, comfy.utils.load_torch_file(str(path), safe_load=True),
+                                         0.0, strength_clip)[1]
+
+
+def comfy_patched_clip(tiny_sdxl_dir, path, strength_clip, load=stock_load_lora):
+    """`load(path, clip, strength_clip)` on a fresh tiny CLIP (the patcher changes the weights in place), then the
+    weights as its patcher sets them: ({"text_encoder" | "text_encoder_2": {transformers key: weight}}, how many
+    patches it holds)."""
+    patched = load(path, comfy_clip(tiny_sdxl_dir), strength_clip)
     for key in patched.patcher.patches:  # what its patcher does to each weight when it loads the CLIP
         patched.patcher.patch_weight_to_device(key)
     state = patched.cond_stage_model.state_dict()
     prefixes = {"text_encoder": "clip_l.transformer.text_model.", "text_encoder_2": "clip_g.transformer."}
     weights = {c: {k.removeprefix(p): v for k, v in state.items() if k.startswith(p)} for c, p in prefixes.items()}
     return weights, len(patched.patcher.patches)
+
+
+def assert_patched_by_the_difference(patched, merged, base, strength, tolerance, what) -> None:
+    """Each CLIP weight is the base one plus `strength` times PEFT's difference, and every adapted layer moved."""
+    for component in AdapterFolder.TEXT_ENCODERS:
+        changed = 0
+        for key, weight in base[component].items():
+            delta = merged[component][key] - weight
+            largest = delta.abs().max()
+            changed += bool(largest > 0)
+            got = patched[component][key] - weight
+            assert (got - strength * delta).abs().max() <= tolerance * max(largest, 1e-3), (what, key)
+        assert changed == LAYERS_PER_ENCODER, (what, component)
 
 
 @pytest.fixture(scope="module")
@@ -189,32 +207,49 @@ def comfy():
     return __import__("comfy")
 
 
+def encoder_states(tiny_sdxl_dir, adapter):
+    """(stock PEFT's merged encoders, the base encoders): {component: state dict} each."""
+    merged = {c: peft_merged_encoder(tiny_sdxl_dir, adapter, c).state_dict() for c in AdapterFolder.TEXT_ENCODERS}
+    return merged, {c: load_encoder(tiny_sdxl_dir, c).state_dict() for c in AdapterFolder.TEXT_ENCODERS}
+
+
 @needs_comfyui
 def test_comfyui_s_clip_strength_applies_the_encoders_difference(comfy, tiny_sdxl_dir, adapter, tmp_path, caplog):
-    merged = {c: peft_merged_encoder(tiny_sdxl_dir, adapter, c).state_dict() for c in AdapterFolder.TEXT_ENCODERS}
-    base = {c: load_encoder(tiny_sdxl_dir, c).state_dict() for c in AdapterFolder.TEXT_ENCODERS}
+    merged, base = encoder_states(tiny_sdxl_dir, adapter)
     for fmt in formats_of(method_of(adapter)):
         options, tolerance = EXPORT_OPTIONS[fmt]
         path = export(adapter, tmp_path / f"{fmt}.safetensors", fmt, **options).path
         for strength in (1.0, 0.5):
             with caplog.at_level(logging.WARNING):
-                patched, patches = comfy_patched_clip(comfy, tiny_sdxl_dir, path, strength)
-            # Only the UNet's layers are left unloaded: no CLIP was given a model here.
-            unloaded = [r.getMessage() for r in caplog.records if "NOT LOADED" in r.getMessage()
-                        or "not loaded" in r.getMessage()]
-            assert not [m for m in unloaded if "lora_te" in m], unloaded
+                patched, patches = comfy_patched_clip(tiny_sdxl_dir, path, strength)
+            # Only the UNet's layers are left unloaded: no model was given here.
+            assert not [r.getMessage() for r in caplog.records if "lora_te" in r.getMessage()], fmt
             caplog.clear()
             assert patches == 2 * LAYERS_PER_ENCODER, fmt
-            for component in AdapterFolder.TEXT_ENCODERS:
-                changed = 0
-                for key, weight in base[component].items():
-                    delta = merged[component][key] - weight
-                    got = patched[component][key] - weight
-                    largest = delta.abs().max()
-                    if largest > 0:
-                        changed += 1
-                    assert (got - strength * delta).abs().max() <= tolerance * max(largest, 1e-3), (fmt, key)
-                assert changed == LAYERS_PER_ENCODER, (fmt, component)
+            assert_patched_by_the_difference(patched, merged, base, strength, tolerance, fmt)
+
+
+@needs_comfyui
+def test_load_waveft_node_applies_the_encoders_to_a_connected_clip(comfy, tiny_sdxl_dir, adapter, tmp_path):
+    import folder_paths
+    import nodes
+
+    if method_of(adapter) != "waveft":
+        pytest.skip("the native file holds WaveFT adapters only")
+    export(adapter, tmp_path / "loras" / "te_native.safetensors", "waveft")
+    folder_paths.add_model_folder_path("loras", str(tmp_path / "loras"))
+    node = nodes.NODE_CLASS_MAPPINGS["LoadWaveFT"]()
+
+    def load(path, clip, strength_clip):
+        model, patched = node.load_waveft(None, "te_native.safetensors", 1.0, clip=clip, strength_clip=strength_clip)
+        assert model is None
+        return patched
+
+    merged, base = encoder_states(tiny_sdxl_dir, adapter)
+    patched, patches = comfy_patched_clip(tiny_sdxl_dir, None, 0.5, load)
+    assert patches == 2 * LAYERS_PER_ENCODER
+    assert_patched_by_the_difference(patched, merged, base, 0.5, 1e-5, "Load WaveFT")
+    assert node.load_waveft(None, "te_native.safetensors", 1.0) == (None, None)  # no CLIP: the model alone
 
 
 def test_diffusers_loads_the_encoders_of_the_kohya_lora(tiny_sdxl_dir, adapter, tmp_path):
