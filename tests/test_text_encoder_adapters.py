@@ -287,3 +287,33 @@ def test_a_unet_only_adapter_exports_as_before(adapter, tmp_path):
         assert all(torch.equal(value, both[key]) for key, value in tensors.items()), fmt
         assert json.loads(alone.metadata["waveft.layers_per_model"]) == {"unet": 64}
         assert "waveft.text_encoder_sha256" not in alone.metadata
+
+
+# ---- bad input -------------------------------------------------------------------------------------------------
+
+
+def test_a_damaged_or_foreign_text_encoder_adapter_is_one_line(tiny_sdxl_dir, adapter, tmp_path, capsys):
+    from tests.test_export import assert_one_line_error
+    from waveft.errors import UserError
+    from waveft.infer.pipeline import load_pipeline
+
+    out = tmp_path / "out" / "x.safetensors"
+    out.parent.mkdir()
+    damaged = tmp_path / "damaged"
+    shutil.copytree(adapter, damaged)
+    weights = AdapterFolder(str(damaged)).text_encoder("text_encoder_2").weights
+    with open(weights, "r+b") as f:
+        f.truncate(f.seek(0, 2) // 2)
+    assert_one_line_error(capsys, out, "--adapter", str(damaged), "--format", "full-diff",
+                          contains=(weights, "damaged adapter weights"))
+    with pytest.raises(UserError, match="damaged adapter weights"):
+        load_pipeline(tiny_sdxl_dir, str(damaged), device="cpu")
+    # The trainer's record of an encoder's layer shapes is checked against the base's encoder, as the UNet's is.
+    foreign = tmp_path / "foreign"
+    shutil.copytree(adapter, foreign)
+    record = AdapterFolder(str(foreign)).read_run_record()
+    record["text_encoders"] = {"text_encoder": {"layer_shapes": {"encoder.layers.0.self_attn.q_proj": [48, 32]}}}
+    with open(AdapterFolder(str(foreign)).run_record, "w") as f:
+        json.dump(record, f)
+    assert_one_line_error(capsys, out, "--adapter", str(foreign), "--format", "full-diff",
+                          contains=("text_encoder layer encoder.layers.0.self_attn.q_proj is 48x32", "32x32"))

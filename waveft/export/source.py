@@ -204,6 +204,7 @@ def attach_source_adapter(source: SourceAdapter, base: str, adapter_name: str = 
     layers = _attach(source, unet, UNET, base, adapter_name)
     for component, part in source.text_encoders.items():
         encoder = text_encoder_skeleton(read_text_encoder_config(base, component), component)
+        check_recorded_shapes(source, encoder, base, component)
         layers += _attach(part, encoder, component, base, adapter_name)
     return layers
 
@@ -235,19 +236,21 @@ def _attach(source: SourceAdapter, model, model_name: str, base: str, adapter_na
     return layers
 
 
-def check_recorded_shapes(source: SourceAdapter, unet, base: str) -> None:
-    """The trainer records each adapted layer's shape (waveft_run.json `layer_shapes`); each must be the base's.
-    For methods whose saved tensors do not depend on the layer shape (WaveFT, FourierFT, SHiRA) this is the
-    only way to tell that an adapter was trained on another model."""
-    modules = dict(unet.named_modules())
-    for name, (out_features, in_features) in source.run_info.get("layer_shapes", {}).items():
+def check_recorded_shapes(source: SourceAdapter, model, base: str, model_name: str = UNET) -> None:
+    """The trainer records each adapted layer's shape (waveft_run.json `layer_shapes`, and each text encoder's in
+    `text_encoders.<component>.layer_shapes`); each must be the base's. For methods whose saved tensors do not
+    depend on the layer shape (WaveFT, FourierFT, SHiRA) this is the only way to tell that an adapter was
+    trained on another model."""
+    record = source.run_info if model_name == UNET else source.run_info.get("text_encoders", {}).get(model_name, {})
+    modules = dict(model.named_modules())
+    for name, (out_features, in_features) in record.get("layer_shapes", {}).items():
         module = modules.get(name)
         if module is None:
             raise UserError(f"{source.path}: adapted layer {name} ({out_features}x{in_features}) is not in the "
-                            f"UNet of the base model {base}")
+                            f"{model_name} of the base model {base}")
         if (module.out_features, module.in_features) != (out_features, in_features):
-            raise UserError(f"{source.path}: layer {name} is {out_features}x{in_features} in the adapter but "
-                            f"{module.out_features}x{module.in_features} in the base model {base}")
+            raise UserError(f"{source.path}: {model_name} layer {name} is {out_features}x{in_features} in the "
+                            f"adapter but {module.out_features}x{module.in_features} in the base model {base}")
 
 
 def check_saved_shapes(source: SourceAdapter, model, base: str, adapter_name: str) -> None:
