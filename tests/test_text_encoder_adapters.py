@@ -116,11 +116,18 @@ EXPORT_OPTIONS = {"full-diff": ({"dtype": "fp32"}, 1e-5), "lora": ({"energy": 1.
                   "waveft": ({}, 1e-5)}
 
 
-def test_every_format_names_the_encoders_layers_the_kohya_way(adapter, tmp_path):
+@pytest.fixture(scope="module")
+def exported(adapter, tmp_path_factory) -> dict:
+    """{format: ExportResult} of `adapter` in each format it has (fp32; the LoRA at full rank)."""
+    folder = tmp_path_factory.mktemp("exports")
+    return {fmt: export(adapter, folder / f"{fmt}.safetensors", fmt, **EXPORT_OPTIONS[fmt][0])
+            for fmt in formats_of(method_of(adapter))}
+
+
+def test_every_format_names_the_encoders_layers_the_kohya_way(exported):
     from safetensors import safe_open
 
-    for fmt in formats_of(method_of(adapter)):
-        result = export(adapter, tmp_path / f"{fmt}.safetensors", fmt, **EXPORT_OPTIONS[fmt][0])
+    for fmt, result in exported.items():
         with safe_open(result.path, framework="pt") as f:
             layers = {key.split(".")[0] for key in f.keys()}  # noqa: SIM118 (safe_open is no dict)
         for component, prefix in KOHYA.items():
@@ -214,11 +221,10 @@ def encoder_states(tiny_sdxl_dir, adapter):
 
 
 @needs_comfyui
-def test_comfyui_s_clip_strength_applies_the_encoders_difference(comfy, tiny_sdxl_dir, adapter, tmp_path, caplog):
+def test_comfyui_s_clip_strength_applies_the_encoders_difference(comfy, tiny_sdxl_dir, adapter, exported, caplog):
     merged, base = encoder_states(tiny_sdxl_dir, adapter)
-    for fmt in formats_of(method_of(adapter)):
-        options, tolerance = EXPORT_OPTIONS[fmt]
-        path = export(adapter, tmp_path / f"{fmt}.safetensors", fmt, **options).path
+    for fmt, result in exported.items():
+        path, tolerance = result.path, EXPORT_OPTIONS[fmt][1]
         for strength in (1.0, 0.5):
             with caplog.at_level(logging.WARNING):
                 patched, patches = comfy_patched_clip(tiny_sdxl_dir, path, strength)
@@ -230,13 +236,14 @@ def test_comfyui_s_clip_strength_applies_the_encoders_difference(comfy, tiny_sdx
 
 
 @needs_comfyui
-def test_load_waveft_node_applies_the_encoders_to_a_connected_clip(comfy, tiny_sdxl_dir, adapter, tmp_path):
+def test_load_waveft_node_applies_the_encoders_to_a_connected_clip(comfy, tiny_sdxl_dir, adapter, exported, tmp_path):
     import folder_paths
     import nodes
 
-    if method_of(adapter) != "waveft":
+    if "waveft" not in exported:
         pytest.skip("the native file holds WaveFT adapters only")
-    export(adapter, tmp_path / "loras" / "te_native.safetensors", "waveft")
+    (tmp_path / "loras").mkdir()
+    shutil.copyfile(exported["waveft"].path, tmp_path / "loras" / "te_native.safetensors")
     folder_paths.add_model_folder_path("loras", str(tmp_path / "loras"))
     node = nodes.NODE_CLASS_MAPPINGS["LoadWaveFT"]()
 
@@ -252,10 +259,10 @@ def test_load_waveft_node_applies_the_encoders_to_a_connected_clip(comfy, tiny_s
     assert node.load_waveft(None, "te_native.safetensors", 1.0) == (None, None)  # no CLIP: the model alone
 
 
-def test_diffusers_loads_the_encoders_of_the_kohya_lora(tiny_sdxl_dir, adapter, tmp_path):
+def test_diffusers_loads_the_encoders_of_the_kohya_lora(tiny_sdxl_dir, adapter, exported):
     from diffusers import StableDiffusionXLPipeline
 
-    path = export(adapter, tmp_path / "lora.safetensors", "lora", energy=1.0, dtype="fp32").path
+    path = exported["lora"].path
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
     base = pipe.encode_prompt(PROMPT, do_classifier_free_guidance=False)
     pipe.load_lora_weights(path)
@@ -269,16 +276,15 @@ def test_diffusers_loads_the_encoders_of_the_kohya_lora(tiny_sdxl_dir, adapter, 
         assert (got - before).abs().max() > 1e-3
 
 
-def test_a_unet_only_adapter_exports_as_before(adapter, tmp_path):
+def test_a_unet_only_adapter_exports_as_before(adapter, exported, tmp_path):
     """The same UNet adapter without its subfolders: the UNet's tensors bit for bit, no text-encoder key."""
     from safetensors.torch import load_file
 
     unet_only = tmp_path / "unet-only"
     shutil.copytree(adapter, unet_only, ignore=shutil.ignore_patterns(*AdapterFolder.TEXT_ENCODERS))
-    for fmt in formats_of(method_of(adapter)):
-        options = EXPORT_OPTIONS[fmt][0]
-        alone = export(str(unet_only), tmp_path / f"alone-{fmt}.safetensors", fmt, **options)
-        both = load_file(export(adapter, tmp_path / f"both-{fmt}.safetensors", fmt, **options).path)
+    for fmt, result in exported.items():
+        alone = export(str(unet_only), tmp_path / f"alone-{fmt}.safetensors", fmt, **EXPORT_OPTIONS[fmt][0])
+        both = load_file(result.path)
         tensors = load_file(alone.path)
         assert not [key for key in tensors if key.startswith("lora_te")], fmt
         # The native file's location tables are shared: the encoders' layers may add tables, never change one.
