@@ -259,6 +259,43 @@ def test_load_waveft_node_applies_the_encoders_to_a_connected_clip(comfy, tiny_s
     assert node.load_waveft(None, "te_native.safetensors", 1.0) == (None, None)  # no CLIP: the model alone
 
 
+@needs_comfyui
+def test_sdxl_s_encoders_names_are_comfyui_s_sdxl_clip_keys(comfy, tmp_path):
+    """On SDXL's real encoders (12 and 32 layers; configs only, meta device): every kohya name of an adapter on
+    their attention projections is a key of ComfyUI's own SDXL CLIP (`model_lora_keys_clip` on
+    `comfy.sdxl_clip.SDXLClipModel`), CLIP-L's as `lora_te1_`, CLIP-G's as `lora_te2_`."""
+    import comfy.sdxl_clip
+    from peft import LoraConfig, get_peft_model
+    from transformers import CLIPTextConfig
+
+    from tests.test_budget import SDXL_UNET_CONFIG
+    from waveft.adapters.attach import attach_adapter
+    from waveft.config import AdapterConfig
+    from waveft.export.source import attach_source_adapter, read_source_adapter, text_encoder_skeleton, unet_skeleton
+    from waveft.fixtures.tiny import SDXL_TEXT_ENCODER_2_CONFIG, SDXL_TEXT_ENCODER_CONFIG
+    from waveft.io.adapter_folder import save_adapter
+
+    base, adapter = tmp_path / "sdxl", tmp_path / "adapter"
+    unet = unet_skeleton(SDXL_UNET_CONFIG)
+    unet.save_config(base / "unet")
+    attach_adapter(unet, AdapterConfig(type="lora"))
+    save_adapter(unet, str(adapter))
+    configs = {"text_encoder": SDXL_TEXT_ENCODER_CONFIG, "text_encoder_2": SDXL_TEXT_ENCODER_2_CONFIG}
+    for component, config in configs.items():
+        config = CLIPTextConfig(**config)
+        config.save_pretrained(base / component)
+        encoder = get_peft_model(text_encoder_skeleton(config, component), LoraConfig(r=1, target_modules=TARGETS))
+        encoder.save_pretrained(AdapterFolder(str(adapter)).text_encoder(component).root)
+    layers = attach_source_adapter(read_source_adapter(str(adapter)), str(base))
+    names = {component: [x.kohya_name for x in layers if x.model == component] for component in configs}
+    comfy_keys = comfy.lora.model_lora_keys_clip(comfy.sdxl_clip.SDXLClipModel(device="meta"), {})
+    for component, layer_count in (("text_encoder", 12), ("text_encoder_2", 32)):
+        assert len(set(names[component])) == layer_count * len(TARGETS)
+        assert all(name.startswith(KOHYA[component]) and name in comfy_keys for name in names[component])
+        clip = "clip_l" if component == "text_encoder" else "clip_g"
+        assert {comfy_keys[name].split(".")[0] for name in names[component]} == {clip}
+
+
 def test_diffusers_loads_the_encoders_of_the_kohya_lora(tiny_sdxl_dir, adapter, exported):
     from diffusers import StableDiffusionXLPipeline
 
