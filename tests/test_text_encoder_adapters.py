@@ -162,3 +162,65 @@ def test_text_encoder_targets_that_match_nothing_stop_the_cli_in_one_line_naming
     assert lines == ["error: adapter.text_encoders.target_modules entry 'to_q' matches no module of the "
                      "text_encoder"], result.stderr[-2000:]
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_the_trained_run_generates_with_its_encoders_and_exports_them_under_kohya_names(trained, tiny_sdxl_dir,
+                                                                                         tmp_path):
+    """What a user does next with the run's adapter folder: generation merges the trained encoders (the prompt's
+    embeddings move), and the LoRA export holds every adapted encoder layer as lora_te1_ / lora_te2_."""
+    from safetensors import safe_open
+
+    from tests.test_export import export
+    from waveft.infer.pipeline import load_pipeline
+
+    cfg, _ = trained
+    adapter = os.path.join(cfg.output_dir, "adapter")
+
+    def prompt_embeddings(pipe):
+        with torch.no_grad():
+            embeds, _, pooled, _ = pipe.encode_prompt("a zjw ball", do_classifier_free_guidance=False)
+        return embeds, pooled
+
+    trained_embeds = prompt_embeddings(load_pipeline(tiny_sdxl_dir, adapter, device="cpu"))
+    base_embeds = prompt_embeddings(load_pipeline(tiny_sdxl_dir, device="cpu"))
+    for got, base in zip(trained_embeds, base_embeds, strict=True):
+        assert (got - base).abs().max() > 1e-4
+    result = export(adapter, tmp_path / "lora.safetensors", "lora", energy=1.0, dtype="fp32")
+    with safe_open(result.path, framework="pt") as f:
+        layers = {key.split(".")[0] for key in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    for prefix in ("lora_te1_", "lora_te2_"):
+        assert len({name for name in layers if name.startswith(prefix)}) == 12, prefix
+
+
+@pytest.mark.parametrize("method", ["waveft", "shira", "lora", "loha", "lokr", "vera", "fourierft", "wara"])
+def test_every_method_but_adalora_adapts_a_clip_encoder_and_loads_back_in_stock_peft(method, tiny_sdxl_dir,
+                                                                                     tmp_path):
+    """The run's method on a CLIP encoder, saved the way the trainer saves it, loaded by stock PEFT into the same
+    outputs."""
+    from peft import PeftModel
+
+    from tests.test_export import METHOD_SETTINGS
+    from waveft.adapters.attach import AdaptedModel, attach_adapter
+    from waveft.io.adapter_folder import _write_peft_files
+
+    cfg = load_config(None, ("output_dir=/tmp/x", "data.instance_dir=/tmp/y", f"adapter.type={method}",
+                             "adapter.text_encoders.enabled=true",
+                             *(f"adapter.peft.{k}={v}" for k, v in METHOD_SETTINGS[method].items())))
+    encoder = encoder_class("text_encoder_2").from_pretrained(tiny_sdxl_dir, subfolder="text_encoder_2")
+    attached = attach_adapter(encoder, cfg.text_encoder_adapter(), which=AdaptedModel("text_encoder_2", "x"))
+    assert len(attached.layers) == 12 and attached.trainable_parameters > 0
+    torch.manual_seed(0)
+    for param in encoder.parameters():
+        if param.requires_grad:
+            param.data.normal_(0, 0.05)
+    ids = torch.randint(0, 500, (1, 77), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = encoder(ids).text_embeds
+    _write_peft_files(encoder, AdapterFolder(str(tmp_path)), "default")
+    base = encoder_class("text_encoder_2").from_pretrained(tiny_sdxl_dir, subfolder="text_encoder_2")
+    with torch.no_grad():
+        unadapted = base(ids).text_embeds
+        loaded = PeftModel.from_pretrained(base, str(tmp_path))(input_ids=ids).text_embeds
+    torch.testing.assert_close(loaded, expected, rtol=1e-4, atol=1e-5)
+    assert (loaded - unadapted).abs().max() > 1e-4
