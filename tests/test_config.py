@@ -94,6 +94,7 @@ def test_cli_reports_bad_config_in_one_line_and_exit_2(tmp_path):
 def test_shipped_run_configs_are_valid(name):
     cfg = load_config(os.path.join(REPO, name))
     assert cfg.output_dir and cfg.data.instance_dir
+    assert not cfg.adapter.text_encoders.enabled  # the paper adapts the UNet only
 
 
 def test_a_config_extends_another_merging_sections_and_replacing_values(tmp_path):

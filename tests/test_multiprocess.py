@@ -36,11 +36,12 @@ def settings(root):
             "train.resume=latest"]
 
 
-def launch(root, output_dir, processes=PROCESSES) -> subprocess.Popen:
-    """The README's CPU command: torchrun with ACCELERATE_USE_CPU=1 (gloo); its output goes to <output_dir>.log."""
+def launch(root, output_dir, processes=PROCESSES, extra=()) -> subprocess.Popen:
+    """The README's CPU command: torchrun with ACCELERATE_USE_CPU=1 (gloo); its output goes to <output_dir>.log.
+    `extra`: overrides after the shared settings."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                "train_dreambooth_waveft.py", "--config", "configs/tiny.yaml", f"output_dir={output_dir}",
-               *settings(root)]
+               *settings(root), *extra]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     with open(f"{output_dir}.log", "w") as log:
         return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -126,6 +127,31 @@ def test_two_processes_give_the_adapter_of_one_process_with_twice_the_accumulati
     losses = [loss for _, loss in run_info(out)["train_losses"]]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor([loss for _, loss in result.run_info.train_losses]),
                                rtol=1e-4, atol=1e-6)
+
+
+def test_text_encoder_adapters_on_two_processes_equal_one_process_with_twice_the_accumulation(root, two_processes):
+    """The trained text encoders go through DDP too (their gradients averaged over the processes; encoder 1's last
+    layer, whose output SDXL never reads, has none)."""
+    from safetensors.torch import load_file
+
+    from waveft.config import load_config
+    from waveft.io.adapter_folder import AdapterFolder
+    from waveft.train.loop import train
+
+    extra = ("adapter.text_encoders.enabled=true", "train.max_steps=2", "train.checkpointing_steps=0",
+             f"data.prior_preservation.class_dir={two_processes[0] / 'class_images'}")
+    two = root / "two_text"
+    finish(launch(root, two, extra=extra), two)
+    one = root / "one_text"
+    train(load_config(os.path.join(REPO, "configs", "tiny.yaml"), (
+        f"output_dir={one}", *settings(root), f"train.gradient_accumulation_steps={ACCUMULATION * PROCESSES}",
+        *extra)))
+    for component in ("", *AdapterFolder.TEXT_ENCODERS):
+        a, b = (load_file(AdapterFolder(str(out / "adapter" / component)).weights) for out in (two, one))
+        assert a.keys() == b.keys()
+        assert any(not torch.equal(a[key], torch.zeros_like(a[key])) for key in a), component
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
 
 
 def test_sigkill_of_the_whole_job_then_resume_gives_the_uninterrupted_adapter(root, two_processes):

@@ -49,6 +49,9 @@ TRAINING_REFUSALS = {
     "unwritable latent cache": (("data.latent_cache_dir={file}/latents",), "data.latent_cache_dir: .* not writable"),
     "optimizer beta": (("train.adam_beta2=1.0",), r"key 'train.adam_beta2' must be in \[0, 1\)"),
     "NaN learning rate": (("train.learning_rate=nan",), "key 'train.learning_rate' must be a finite number"),
+    "text-encoder targets that match nothing": (
+        ("adapter.text_encoders.enabled=true", "adapter.text_encoders.target_modules=[to_q]"),
+        "adapter.text_encoders.target_modules entry 'to_q' matches no module of the text_encoder"),
 }
 
 

@@ -41,7 +41,8 @@ def test_adapters_go_exactly_on_attention_projections(tiny_sdxl_dir):
     "override, message",
     [
         ("adapter.peft.n_frequency=5000", r"n_frequency=5000 is out of range for layer .*to_q \(64x64 holds 1..4096\)"),
-        ("adapter.target_modules=[to_q, conv_in]", "'conv_in' matches conv_in, a Conv2d, not a Linear layer"),
+        ("adapter.target_modules=[to_q, conv_in]",
+         "'conv_in' matches conv_in of the UNet, a Conv2d, not a Linear layer"),
         ("adapter.target_modules=[to_qq]", "'to_qq' matches no module"),
     ],
 )

@@ -16,6 +16,7 @@ from waveft.io.files import write_text_atomic
 from waveft.io.schema import DERIVED, apply_override, coerce_value, read_yaml_extending
 
 SDXL_ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]
+CLIP_ATTENTION_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # transformers' CLIPAttention
 
 
 @dataclass
@@ -101,6 +102,18 @@ class DataConfig:
 
 
 @dataclass
+class TextEncoderAdapterConfig:
+    """The run's adapter (its method, settings and budget) on both CLIP text encoders too, as diffusers'
+    --train_text_encoder; off in the paper's configs (the paper adapts the UNet only). The budget counts LoRA
+    rank 1 over each encoder's own target layers. model.quantize quantizes the UNet only, so it refuses no
+    method here; AdaLoRA is refused (its rank allocation runs over the UNet's adapter alone)."""
+
+    enabled: bool = False
+    target_modules: list[str] = field(default_factory=lambda: list(CLIP_ATTENTION_PROJECTIONS))
+    learning_rate: Optional[float] = None  # the encoders' adapters' own learning rate; None: train.learning_rate
+
+
+@dataclass
 class AdapterConfig:
     type: str = "waveft"  # a method name from waveft.adapters.methods
     label: Optional[str] = None  # the method's name in reports, e.g. "shira" for waveft with use_idwt false
@@ -108,6 +121,7 @@ class AdapterConfig:
     budget: Optional[float] = None  # trainable parameters in LoRA-rank-1 units; None: use `peft` as given
     target_modules: list[str] = field(default_factory=lambda: list(SDXL_ATTENTION_PROJECTIONS))
     peft: dict = field(default_factory=dict)  # fields of the method's PEFT config, e.g. n_frequency, scaling
+    text_encoders: TextEncoderAdapterConfig = field(default_factory=TextEncoderAdapterConfig)
 
 
 @dataclass
@@ -224,6 +238,18 @@ class RunConfig:
     resolved_adapter: Optional[ResolvedAdapter] = field(default=None, compare=False, repr=False,
                                                         metadata={DERIVED: True})
 
+    def text_encoder_adapter(self) -> Optional[ResolvedAdapter]:
+        """The run's resolved adapter on the text encoders' target modules (sized per encoder when attached), or
+        None when adapter.text_encoders is off."""
+        text_encoders = self.adapter.text_encoders
+        if not text_encoders.enabled:
+            return None
+        return dataclasses.replace(self.resolved_adapter, target_modules=tuple(text_encoders.target_modules))
+
+    def text_encoder_learning_rate(self) -> float:
+        learning_rate = self.adapter.text_encoders.learning_rate
+        return self.train.learning_rate if learning_rate is None else learning_rate
+
 
 def load_config(path: Optional[str], overrides: tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML config (or none: all defaults) with the file it `extends`, apply `key.sub=value` overrides,
@@ -288,6 +314,7 @@ def validate(cfg: RunConfig, source: str) -> None:
     _validate_export(cfg.export, cfg.adapter.type, source)
     cfg.resolved_adapter = resolve_adapter(cfg.adapter, cfg.train.max_steps, source)
     validate_quantization(cfg, source)
+    validate_text_encoders(cfg, source)
     validate_trainer_features(cfg, source)
 
 
@@ -304,6 +331,22 @@ def validate_quantization(cfg: RunConfig, source: str) -> None:
     if refusal is not None:
         raise UserError(f"{source}: adapter.type={cfg.adapter.type} cannot train over model.quantize="
                         f"{cfg.model.quantize}: {refusal}; use model.quantize=none")
+
+
+def validate_text_encoders(cfg: RunConfig, source: str) -> None:
+    """adapter.text_encoders, when on: whether its target modules match each encoder is checked once the model is
+    loaded (`waveft.train.loop.attach_checked_adapters`), before anything is written."""
+    text_encoders = cfg.adapter.text_encoders
+    if text_encoders.learning_rate is not None:
+        _positive(text_encoders.learning_rate, "adapter.text_encoders.learning_rate", source)
+    if not text_encoders.enabled:
+        return
+    if not text_encoders.target_modules:
+        raise UserError(f"{source}: key 'adapter.text_encoders.target_modules' must name at least one module")
+    if cfg.resolved_adapter.method.make_step_hook is not None:
+        raise UserError(f"{source}: adapter.type={cfg.adapter.type} cannot adapt the text encoders: its schedule "
+                        f"across steps (AdaLoRA's rank allocation) runs over the UNet's adapter only; set "
+                        f"adapter.text_encoders.enabled=false")
 
 
 def validate_trainer_features(cfg: RunConfig, source: str) -> None:

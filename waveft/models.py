@@ -20,10 +20,10 @@ class SDXLComponents:
     tokenizer_2: object
     noise_scheduler: object
 
-    def text_encoders_to(self, device, dtype=None) -> None:
+    def text_encoders_to(self, device) -> None:
         """Both text encoders move together: to the accelerator to encode, back to the CPU when idle."""
         for encoder in (self.text_encoder, self.text_encoder_2):
-            encoder.to(device, dtype=dtype)
+            encoder.to(device)
 
 
 def _load(what: str, source: str, loader):

@@ -1,4 +1,5 @@
-"""Attach the configured adapter to a UNet through diffusers' PEFT integration, after checking it fits the model."""
+"""Attach the configured adapter to a model (the UNet, a CLIP text encoder) through its library's PEFT integration
+(diffusers' and transformers' `add_adapter`), after checking it fits the model."""
 from dataclasses import dataclass
 from typing import Optional
 
@@ -16,18 +17,30 @@ def module_matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
-def target_layers(model: torch.nn.Module, target_modules: list[str]) -> dict[str, torch.nn.Linear]:
+@dataclass(frozen=True)
+class AdaptedModel:
+    """Which model an adapter goes on, for messages: its name and the config key holding its target modules."""
+
+    name: str = "UNet"
+    key: str = "adapter.target_modules"
+
+
+UNET = AdaptedModel()
+
+
+def target_layers(model: torch.nn.Module, target_modules: list[str],
+                  which: AdaptedModel = UNET) -> dict[str, torch.nn.Linear]:
     """The modules the adapter will wrap; each target entry must match something, and only Linear layers (plain
     or quantized by `model.quantize`)."""
     found = {}
     for target in target_modules:
         matches = [(n, m) for n, m in model.named_modules() if module_matches(n, target)]
         if not matches:
-            raise UserError(f"adapter.target_modules entry {target!r} matches no module of the UNet")
+            raise UserError(f"{which.key} entry {target!r} matches no module of the {which.name}")
         for name, module in matches:
             if not is_linear_layer(module):
                 raise UserError(
-                    f"adapter.target_modules entry {target!r} matches {name}, a {type(module).__name__}, "
+                    f"{which.key} entry {target!r} matches {name} of the {which.name}, a {type(module).__name__}, "
                     f"not a Linear layer"
                 )
             found[name] = module
@@ -54,8 +67,9 @@ def adapted_layers(model: torch.nn.Module) -> list[AdaptedLayer]:
     return rows
 
 
-def inject_adapter(unet, peft_config, adapter_name: str = "default") -> None:
-    """diffusers' `unet.add_adapter`, or the same steps for PEFT tuners that `add_adapter` refuses.
+def inject_adapter(model, peft_config, adapter_name: str = "default", which: AdaptedModel = UNET) -> None:
+    """The model's `add_adapter` (diffusers' or transformers' PEFT integration), or the same steps for PEFT tuners
+    that `add_adapter` refuses.
 
     PEFT's `inject_adapter_in_model` (behind `add_adapter`) refuses tuners with state shared between layers
     (VeRA's random projections) because it drops the tuner object. Every VeRA layer holds the shared
@@ -67,14 +81,14 @@ def inject_adapter(unet, peft_config, adapter_name: str = "default") -> None:
     tuner_class = PEFT_TYPE_TO_TUNER_MAPPING[peft_config.peft_type]
     if not tuner_class.uses_shared_state:
         with shared_waveft_locations():  # WaveFT: one location draw per layer size, PEFT's values
-            unet.add_adapter(peft_config, adapter_name=adapter_name)
+            model.add_adapter(peft_config, adapter_name=adapter_name)
         return
-    if getattr(unet, "peft_config", None):
-        raise UserError(f"{peft_config.peft_type.value} cannot be added beside another adapter of this UNet")
+    if getattr(model, "peft_config", None):
+        raise UserError(f"{peft_config.peft_type.value} cannot be added beside another adapter of the {which.name}")
     peft_config.base_model_name_or_path = None
-    tuner_class(unet, peft_config, adapter_name=adapter_name)  # wraps the layers in place, sets unet.peft_config
-    unet._hf_peft_config_loaded = True
-    unet.set_adapter(adapter_name)
+    tuner_class(model, peft_config, adapter_name=adapter_name)  # wraps the layers in place, sets model.peft_config
+    model._hf_peft_config_loaded = True  # what both libraries' integrations set
+    model.set_adapter(adapter_name)
 
 
 @dataclass
@@ -105,32 +119,36 @@ class AttachedAdapter:
         return "\n".join(lines)
 
 
-def attach_adapter(unet, adapter, adapter_name: str = "default", total_steps: Optional[int] = None) -> AttachedAdapter:
-    """Add the adapter to `unet` (frozen beforehand), keep its trainable weights in fp32, return what it attached.
+def attach_adapter(model, adapter, adapter_name: str = "default", total_steps: Optional[int] = None,
+                   which: AdaptedModel = UNET) -> AttachedAdapter:
+    """Add the adapter to `model` (frozen beforehand), keep its trainable weights in fp32, return what it attached.
 
-    `adapter` is the run's `ResolvedAdapter` (`RunConfig.resolved_adapter`); a bare adapter section is resolved
-    here, with `total_steps`, the run's optimizer step count that methods with a schedule (AdaLoRA) need. With
-    a budget, the method's size setting comes from the budget and these layers' shapes.
+    `model` is the UNet or a CLIP text encoder (`which` names it and its target modules' key in messages).
+    `adapter` is the run's `ResolvedAdapter` (`RunConfig.resolved_adapter`, or
+    `RunConfig.text_encoder_adapter()`); a bare adapter section is resolved here, with `total_steps`, the run's
+    optimizer step count that methods with a schedule (AdaLoRA) need. With a budget, the method's size setting
+    comes from the budget and this model's layer shapes: the same LoRA-rank-1 unit, counted per model.
     """
     adapter = as_resolved(adapter, total_steps)
     method = adapter.method
-    layers = target_layers(unet, list(adapter.target_modules))
+    layers = target_layers(model, list(adapter.target_modules), which)
     adapter = adapter.sized([LayerShape(m.out_features, m.in_features) for m in layers.values()])
     peft_config = adapter.peft_config()
     if method.check_layers is not None:
         method.check_layers(peft_config, layers)
-    unet.requires_grad_(False)
+    model.requires_grad_(False)
     try:
-        inject_adapter(unet, peft_config, adapter_name)
+        inject_adapter(model, peft_config, adapter_name, which)
     except ValueError as exc:
-        raise UserError(f"adapter '{adapter.type}' could not be attached: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"adapter '{adapter.type}' could not be attached to the {which.name}: "
+                        f"{str(exc).splitlines()[0]}") from None
     if method.after_attach is not None:
-        method.after_attach(unet, adapter)
+        method.after_attach(model, adapter)
     # Under fp16/bf16 the optimizer must step fp32 master weights ("Attempting to unscale FP16 gradients").
-    for param in unet.parameters():
+    for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
-    return AttachedAdapter(adapter, adapted_layers(unet))
+    return AttachedAdapter(adapter, adapted_layers(model))
 
 
 def format_adapter_table(rows: list[AdaptedLayer]) -> str:
@@ -143,4 +161,14 @@ def format_adapter_table(rows: list[AdaptedLayer]) -> str:
         lines.append(f"| {out_f} x {in_f} | {len(group)} | {per_layer:,} | {per_layer * len(group):,} |")
     total = sum(r.trainable_parameters for r in rows)
     lines.append(f"| total | {len(rows)} | | {total:,} |")
+    return "\n".join(lines)
+
+
+def format_model_table(attached: dict[str, AttachedAdapter]) -> str:
+    """One line per adapted model ({"UNet": ..., "text_encoder": ...}): its adapted layers and trainable
+    parameters, and how its budget was met."""
+    lines = ["| model | layers | trainable | budget |", "|---|---|---|---|"]
+    for name, adapter in attached.items():
+        budget = adapter.budget.describe() if adapter.budget is not None else "settings as given"
+        lines.append(f"| {name} | {len(adapter.layers)} | {adapter.trainable_parameters:,} | {budget} |")
     return "\n".join(lines)

@@ -26,7 +26,7 @@ def parse_args(argv=None) -> ExportRequest:
     parser.add_argument("--dtype", default="fp16", choices=EXPORT_DTYPES,
                         help="full-diff, lora (the waveft file keeps the spectrum as trained, fp32)")
     parser.add_argument("--base", help="base model (Hub id or folder) for the layer shapes; default: the "
-                        "adapter's recorded base model; only its UNet config is read")
+                        "adapter's recorded base model; only its UNet (and text encoders') configs are read")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
     refuse_non_finite(args.energy, "--energy")

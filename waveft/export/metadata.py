@@ -5,14 +5,25 @@ import statistics
 from typing import Optional
 
 from waveft.export.lora import LoraLayerResult, LoraSize
-from waveft.export.source import SourceAdapter, exportable_peft_types
+from waveft.export.source import UNET, ExportLayer, SourceAdapter, exportable_peft_types
 
 
-def export_metadata(source: SourceAdapter, base: str, fmt: str, dtype_name: str, layers: int,
+def layers_per_model(layers: list[ExportLayer]) -> dict[str, int]:
+    """{"unet": n, "text_encoder": m, ...}: how many of the file's layers each model has."""
+    counts: dict[str, int] = {}
+    for layer in layers:
+        counts[layer.model] = counts.get(layer.model, 0) + 1
+    return counts
+
+
+def export_metadata(source: SourceAdapter, base: str, fmt: str, dtype_name: str, layers: list[ExportLayer],
                     results: Optional[list[LoraLayerResult]] = None,
                     size: Optional[LoraSize] = None) -> dict[str, str]:
-    """safetensors metadata (strings): what A1111 / Forge read (ss_*, modelspec.*), and the source adapter."""
+    """safetensors metadata (strings): what A1111 / Forge read (ss_*, modelspec.*), and the source adapter (its
+    text encoders' weights hashes too, where it has them)."""
     run = source.run_info
+    counts = layers_per_model(layers)
+    described = ", ".join(f"{n} {'UNet' if model == UNET else model} layers" for model, n in counts.items())
     title = f"{source.method} {run['subject']}" if run.get("subject") else f"{source.method} adapter"
     meta = {
         "ss_base_model_version": "sdxl_base_v1-0",
@@ -23,17 +34,21 @@ def export_metadata(source: SourceAdapter, base: str, fmt: str, dtype_name: str,
         "modelspec.title": title,
         "modelspec.resolution": "1024x1024",
         "modelspec.date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S"),
-        "modelspec.description": f"{source.method} adapter exported as {fmt} ({layers} UNet layers)",
+        "modelspec.description": f"{source.method} adapter exported as {fmt} ({described})",
         "waveft.format": fmt,
         "waveft.dtype": dtype_name,
         "waveft.base_model": base,
-        "waveft.layers": str(layers),
+        "waveft.layers": str(len(layers)),
+        "waveft.layers_per_model": json.dumps(counts),
         "waveft.method": source.method,
         "waveft.adapter_type": run.get("adapter_type") or exportable_peft_types().get(source.peft_type, ""),
         "waveft.budget": json.dumps(run.get("budget")),
         "waveft.trainable_parameters": json.dumps(run.get("trainable_parameters")),
         "waveft.adapter_sha256": source.weights_sha256,
     }
+    if source.text_encoders:
+        meta["waveft.text_encoder_sha256"] = json.dumps({name: part.weights_sha256
+                                                         for name, part in source.text_encoders.items()})
     if run.get("instance_prompt"):
         meta["modelspec.trigger_phrase"] = run["instance_prompt"]
     if fmt == "full-diff":

@@ -2,7 +2,8 @@
 difference themselves (the ComfyUI node in `integrations/comfyui/`), at the adapter's own size.
 
 Layout, format version 1 (a safetensors file; the reader needs torch only). Per adapted layer, named the
-kohya way like the other formats (`<name>` = `lora_unet_<diffusers module path, "." -> "_">`):
+kohya way like the other formats (`<name>` = `lora_unet_<diffusers module path, "." -> "_">`, and for the text
+encoders' adapters `lora_te1_` / `lora_te2_` + `text_model_encoder_layers_...`, as `source.kohya_name` says):
 
 - `<name>.waveft_spectrum`  float32 (n,)   the trained coefficients, PEFT's `waveft_spectrum`, as saved
 - `<name>.waveft_shape`     int32 (2,)     the layer's (out_features, in_features)
@@ -39,14 +40,21 @@ INT32_MAX = 2**31 - 1
 
 
 def check_native_exportable(source, formats) -> None:
-    """Only PEFT WaveFT adapters (SHiRA mode included) have a spectrum this format holds; `formats`: all formats."""
+    """Only PEFT WaveFT adapters (SHiRA mode included) have a spectrum this format holds; `formats`: all formats.
+    The text encoders' adapters must be WaveFT too, with the UNet's wavelet and mode: the file holds one of each."""
     from waveft.export.source import exportable_peft_types
 
-    if source.peft_type != PEFT_TYPE:
-        others = [f for f in formats if f != NATIVE_FORMAT] if source.peft_type in exportable_peft_types() else []
-        has = f"a {source.method} adapter exports as {', '.join(others)}" if others else "it has no export"
-        raise UserError(f"{source.path}: --format {NATIVE_FORMAT} holds WaveFT adapters (SHiRA mode included), "
-                        f"not {source.peft_type}: {has}")
+    for part in (source, *source.text_encoders.values()):
+        if part.peft_type != PEFT_TYPE:
+            others = [f for f in formats if f != NATIVE_FORMAT] if part.peft_type in exportable_peft_types() else []
+            has = f"a {part.method} adapter exports as {', '.join(others)}" if others else "it has no export"
+            raise UserError(f"{part.path}: --format {NATIVE_FORMAT} holds WaveFT adapters (SHiRA mode included), "
+                            f"not {part.peft_type}: {has}")
+        for key, default in (("use_idwt", True), ("wavelet_family", "db1")):
+            if part.peft_config.get(key, default) != source.peft_config.get(key, default):
+                raise UserError(f"{part.path}: {key} is {part.peft_config.get(key, default)!r}, the UNet's adapter "
+                                f"has {source.peft_config.get(key, default)!r}: --format {NATIVE_FORMAT} holds one "
+                                f"{key} per file")
 
 
 def native_tensors(layers, peft_config: dict, adapter_name: str = "default") -> dict[str, torch.Tensor]:
@@ -106,10 +114,11 @@ def write_native(out: str, source, base: str, layers, say=print) -> dict[str, st
     from waveft.io.files import write_atomic
 
     tensors = native_tensors(layers, source.peft_config)
-    metadata = export_metadata(source, base, NATIVE_FORMAT, "fp32", len(layers))
+    metadata = export_metadata(source, base, NATIVE_FORMAT, "fp32", layers)
     metadata.update(native_metadata(source.peft_config, tensors))
     write_atomic(out, lambda f: f.write(save(tensors, metadata=metadata)))
-    size, peft_size = os.path.getsize(out), AdapterFolder(source.path).weights_bytes()
-    say(f"native WaveFT file: {size / 2**20:.2f} MiB ({size:,} bytes); the PEFT weights file "
+    size = os.path.getsize(out)
+    peft_size = sum(AdapterFolder(part.path).weights_bytes() for part in (source, *source.text_encoders.values()))
+    say(f"native WaveFT file: {size / 2**20:.2f} MiB ({size:,} bytes); the PEFT weights file(s) "
         f"{peft_size / 2**20:.2f} MiB ({peft_size:,} bytes): {size / peft_size:.2f}x")
     return metadata

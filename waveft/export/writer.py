@@ -50,7 +50,7 @@ def export_adapter(request: ExportRequest, progress: bool = True, say=print) -> 
         metadata = write_native(request.out, source, base, layers, say=say)
         result = ExportResult(request.out, os.path.getsize(request.out), metadata, len(layers))
     elif request.format == "full-diff":
-        metadata = export_metadata(source, base, request.format, request.dtype, len(layers))
+        metadata = export_metadata(source, base, request.format, request.dtype, layers)
         specs = [(f"{layer.kohya_name}.diff", dtype, (layer.out_features, layer.in_features)) for layer in layers]
         deltas = (dense_delta(layer).to(dtype) for layer in tqdm(layers, desc="full-diff", disable=not progress))
         write_atomic(request.out, lambda f: write_safetensors_streamed(f, specs, deltas, metadata))
@@ -63,10 +63,11 @@ def export_adapter(request: ExportRequest, progress: bool = True, say=print) -> 
         if size.rank is not None:
             check_rank(layers, size.rank, f"--rank {size.rank}")
         tensors, results = lora_tensors(layers, size, dtype, progress)
-        metadata = export_metadata(source, base, request.format, request.dtype, len(layers), results, size)
+        metadata = export_metadata(source, base, request.format, request.dtype, layers, results, size)
         write_atomic(request.out, lambda f: f.write(save(tensors, metadata=metadata)))
         say(format_error_table(results))
         result = ExportResult(request.out, os.path.getsize(request.out), metadata, len(layers), results)
-    say(f"wrote {request.out}: {request.format}, {len(layers)} layers, {result.metadata['waveft.dtype']}, "
+    say(f"wrote {request.out}: {request.format}, {len(layers)} layers ({result.metadata['waveft.layers_per_model']}), "
+        f"{result.metadata['waveft.dtype']}, "
         f"{result.bytes / 1e6:.1f} MB")
     return result

@@ -86,23 +86,35 @@ SDXL_LICENSE = "openrail++"  # SDXL base 1.0's license, which an adapter trained
 PEFT_MODEL_PREFIX = "base_model.model."
 
 
-def save_adapter(unet, path: str, adapter_name: str = "default", run_info: RunInfo | None = None) -> None:
+def save_adapter(unet, path: str, adapter_name: str = "default", run_info: RunInfo | None = None,
+                 text_encoders: dict | None = None) -> None:
     """Write `adapter_config.json` + `adapter_model.safetensors` exactly as `PeftModel.save_pretrained` would;
-    with `run_info`, the run's record (waveft_run.json) and the model card beside them."""
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
-    state = {PEFT_MODEL_PREFIX + key: value.detach().contiguous().cpu() for key, value in state.items()}
+    with `text_encoders` ({component in AdapterFolder.TEXT_ENCODERS: its adapted encoder}), each encoder's the
+    same way in its subfolder; with `run_info`, the run's record (waveft_run.json) and the model card beside
+    them. All of it appears at once (one atomic directory)."""
     with atomic_directory(path) as staging:
         folder = AdapterFolder(staging)
-        unet.peft_config[adapter_name].save_pretrained(staging)
-        save_file(state, folder.weights, metadata={"format": "pt"})
-        give_usual_permissions(folder.weights)
+        _write_peft_files(unet, folder, adapter_name)
+        for component, encoder in (text_encoders or {}).items():
+            _write_peft_files(encoder, folder.text_encoder(component), adapter_name)
         if run_info is not None:
             with open(folder.run_record, "w") as f:
                 json.dump(run_info.adapter_metadata(), f, indent=2, allow_nan=False)
             model_card(run_info).save(folder.model_card)
+
+
+def _write_peft_files(model, folder: AdapterFolder, adapter_name: str) -> None:
+    """PeftModel.save_pretrained's two files for `model`'s adapter (a diffusers or transformers model adapted
+    through `add_adapter`: no PeftModel around it), into `folder`, created if missing."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    state = {PEFT_MODEL_PREFIX + key: value.detach().contiguous().cpu() for key, value in state.items()}
+    os.makedirs(folder.root, exist_ok=True)
+    model.peft_config[adapter_name].save_pretrained(folder.root)
+    save_file(state, folder.weights, metadata={"format": "pt"})
+    give_usual_permissions(folder.weights)
 
 
 def add_card_samples(path: str, samples: list[tuple[str, str]], run: RunInfo) -> None:
@@ -144,18 +156,36 @@ def _budget_line(run: RunInfo) -> str:
             f"{run.budget_parameters:,} reached with {run.budget_settings})")
 
 
+def _text_encoders_line(run: RunInfo) -> str:
+    if not run.text_encoders:
+        return ""
+    parts = [f"`{name}` ({info['trainable_parameters']:,} trainable parameters on {info['adapted_layers']} layers)"
+             for name, info in run.text_encoders.items()]
+    return f"- the text encoders adapted too, with the same method and budget unit: {', '.join(parts)}\n"
+
+
+def _text_encoder_rows(run: RunInfo) -> str:
+    return "".join(f"| `{name}/` | the {name} adapter in PEFT's format | PEFT (`PeftModel.from_pretrained`) |\n"
+                   for name in run.text_encoders or {})
+
+
+def _text_encoder_loads(run: RunInfo) -> str:
+    return "".join(f'pipe.{name} = PeftModel.from_pretrained(pipe.{name}, "path/to/this/folder/{name}")'
+                   f".merge_and_unload()\n" for name in run.text_encoders or {})
+
+
 def model_card_body(run: RunInfo) -> str:
     return f"""
 # {run.method} DreamBooth adapter for SDXL: {run.subject}
 
 - method: `{run.adapter_type}` ({run.trainable_parameters:,} trainable parameters on {run.adapted_layers} layers of the UNet); {_budget_line(run)}
-- trained for {run.steps} steps on the subject `{run.subject}`; instance prompt `{run.instance_prompt}`
+{_text_encoders_line(run)}- trained for {run.steps} steps on the subject `{run.subject}`; instance prompt `{run.instance_prompt}`
 - base model: `{run.base_model}`
 
 | file | what | loads in |
 |---|---|---|
 | `{AdapterFolder.CONFIG}`, `{AdapterFolder.WEIGHTS}` | the adapter in PEFT's format | PEFT (`PeftModel.from_pretrained`), `waveft.generate` |
-| `{AdapterFolder.RUN_RECORD}` | the run's details (method, budget, steps, cost) | any JSON reader |
+{_text_encoder_rows(run)}| `{AdapterFolder.RUN_RECORD}` | the run's details (method, budget, steps, cost) | any JSON reader |
 
 ```python
 import torch
@@ -164,7 +194,7 @@ from peft import PeftModel
 
 pipe = StableDiffusionXLPipeline.from_pretrained("{run.base_model}", torch_dtype=torch.bfloat16)
 pipe.unet = PeftModel.from_pretrained(pipe.unet, "path/to/this/folder").merge_and_unload()
-image = pipe("{run.instance_prompt} on the beach").images[0]
+{_text_encoder_loads(run)}image = pipe("{run.instance_prompt} on the beach").images[0]
 ```
 """ + model_card_section(run)  # noqa: E501 (the card's lines are markdown)
 

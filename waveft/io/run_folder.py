@@ -116,6 +116,10 @@ class RunInfo:
     validation_losses: Optional[list] = _optional()  # [[step, loss], ...]
     latent_cache: Optional[dict] = _optional()  # hits and misses of the latent cache
     layer_shapes: Optional[dict] = _optional()  # adapted layer -> [out, in]: what waveft.export checks a base against
+    # adapter.text_encoders: {component (AdapterFolder.TEXT_ENCODERS): {"trainable_parameters", "adapted_layers",
+    # "layer_shapes" as the UNet's above, and the budget_* keys when adapter.budget is set}}; the keys above are
+    # the UNet's alone.
+    text_encoders: Optional[dict] = _optional()
     exports: Optional[list[PlannedExport]] = _optional()  # the export: section's files in adapter/
     # The adapter's scaling (lambda, where its method has one): added by eval.generate_benchmark's copy.
     scaling: Optional[float] = _optional()

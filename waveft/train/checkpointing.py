@@ -5,7 +5,7 @@ import shutil
 
 import torch
 
-from waveft.io.adapter_folder import load_adapter_weights, save_adapter
+from waveft.io.adapter_folder import AdapterFolder, load_adapter_weights, save_adapter
 from waveft.io.files import atomic_directory
 from waveft.io.run_folder import RunFolder
 
@@ -25,12 +25,13 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
 
 
 def save_checkpoint(output_dir: str, step: int, unet, optimizer, lr_scheduler, scaler, state: dict,
-                    total_limit, ema=None, step_hook=None) -> str:
-    """Adapter + optimizer + LR schedule (+ fp16 loss scaler, + EMA, + the method's step hook's state: AdaLoRA's
-    rank schedule) + loop state, written atomically, then prune past `total_limit`."""
+                    total_limit, ema=None, step_hook=None, text_encoders: dict | None = None) -> str:
+    """Adapter (the UNet's, and `text_encoders`' {component: adapted encoder} in its subfolders) + optimizer + LR
+    schedule (+ fp16 loss scaler, + EMA, + the method's step hook's state: AdaLoRA's rank schedule) + loop state,
+    written atomically, then prune past `total_limit`."""
     path = RunFolder(output_dir).checkpoint(step)
     with atomic_directory(path) as staging:
-        save_adapter(unet, os.path.join(staging, RunFolder.ADAPTER))
+        save_adapter(unet, os.path.join(staging, RunFolder.ADAPTER), text_encoders=text_encoders)
         torch.save(optimizer.state_dict(), os.path.join(staging, "optimizer.pt"))
         torch.save(lr_scheduler.state_dict(), os.path.join(staging, "scheduler.pt"))
         if scaler is not None:
@@ -47,13 +48,18 @@ def save_checkpoint(output_dir: str, step: int, unet, optimizer, lr_scheduler, s
     return path
 
 
-def load_checkpoint(path: str, unet, optimizer, lr_scheduler, scaler, ema=None, step_hook=None) -> dict:
-    """Restore what `save_checkpoint` wrote into the live objects; return the loop state it saved."""
+def load_checkpoint(path: str, unet, optimizer, lr_scheduler, scaler, ema=None, step_hook=None,
+                    text_encoders: dict | None = None) -> dict:
+    """Restore what `save_checkpoint` wrote into the live objects (`text_encoders`: {component: adapted encoder},
+    as saved); return the loop state it saved."""
     # map_location: every process would otherwise load the saving process's GPU tensors onto that GPU.
     def load(name):
         return torch.load(os.path.join(path, name), map_location="cpu", weights_only=True)
 
-    load_adapter_weights(unet, os.path.join(path, RunFolder.ADAPTER))
+    adapter = AdapterFolder(os.path.join(path, RunFolder.ADAPTER))
+    load_adapter_weights(unet, adapter.root)
+    for component, encoder in (text_encoders or {}).items():
+        load_adapter_weights(encoder, adapter.text_encoder(component).root)
     optimizer.load_state_dict(load("optimizer.pt"))
     lr_scheduler.load_state_dict(load("scheduler.pt"))
     if scaler is not None and os.path.isfile(os.path.join(path, "scaler.pt")):

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from waveft.adapters.attach import AttachedAdapter, attach_adapter
+from waveft.adapters.attach import AdaptedModel, AttachedAdapter, attach_adapter, format_model_table
 from waveft.config import RunConfig, config_to_dict, save_config
 from waveft.errors import UserError
 from waveft.export.run_exports import check_export_fits, export_run, planned_exports
@@ -58,6 +58,8 @@ TRACKER_PROJECT = "waveft-dreambooth"  # TensorBoard's subfolder of logs/
 class TrainResult:
     run_info: RunInfo
     unet: torch.nn.Module  # the trained UNet with its adapter attached (unmerged)
+    # adapter.text_encoders: {component: the trained text encoder, its adapter attached (unmerged)}; else {}
+    text_encoders: dict = dataclasses.field(default_factory=dict)
 
 
 class TrainingDiverged(UserError):
@@ -162,13 +164,15 @@ def start_output_dir(cfg: RunConfig) -> None:
 EMPTY_PROMPT = ""  # what caption dropout trains on (SDXL's unconditional prompt)
 
 
-@torch.no_grad()
-def encode_prompts(components, prompts: list[str], mode: str, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDXL's text conditioning: both encoders' hidden states concatenated, plus encoder 2's pooled projection."""
+def encode_prompts(components, prompts: list[str], mode: str, device,
+                   encoders: Optional[list] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's text conditioning: both encoders' hidden states concatenated, (prompts, 77, hidden 1 + hidden 2),
+    plus encoder 2's pooled projection, (prompts, projection). `encoders`: the two text encoders to run in place
+    of components' (the accelerate-prepared ones while they train). Gradients flow where the encoders have
+    trainable parameters and grad mode is on."""
     hidden_states = []
-    for index, (tokenizer, encoder) in enumerate(
-        [(components.tokenizer, components.text_encoder), (components.tokenizer_2, components.text_encoder_2)]
-    ):
+    encoders = encoders or [components.text_encoder, components.text_encoder_2]
+    for index, (tokenizer, encoder) in enumerate(zip([components.tokenizer, components.tokenizer_2], encoders)):
         ids = tokenizer(
             prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
         ).input_ids.to(device)
@@ -192,10 +196,40 @@ def conditioned_prompts(batch: TrainingBatch, caption_dropout: float, seed: int,
     return prompts
 
 
-def batch_conditioning(batch: TrainingBatch, prompts: list[str], prompt_embeds: dict, device, dtype) -> Conditioning:
-    text = [prompt_embeds[p] for p in prompts]
-    return Conditioning(torch.stack([hidden for hidden, _ in text]), torch.stack([pooled for _, pooled in text]),
-                        batch.time_ids.to(device, dtype))
+class PromptConditioning:
+    """The text conditioning of prompts, `(prompts) -> (hidden states, pooled)` as `encode_prompts` gives them.
+
+    Frozen encoders (`frozen_prompts` given): the run's prompts are encoded once, without gradients, and each call
+    looks them up. Trained encoders (adapter.text_encoders): each call runs `encoders` (the prepared ones in the
+    training loop, the bare ones for an evaluation on one process) with gradients through their adapters.
+    """
+
+    def __init__(self, components, mode: str, device, encoders: Optional[list] = None,
+                 frozen_prompts: Optional[list[str]] = None):
+        self.components, self.mode, self.device, self.encoders = components, mode, device, encoders
+        self.frozen = None
+        if frozen_prompts is not None:
+            with torch.no_grad():
+                embeds, pooled = encode_prompts(components, frozen_prompts, mode, device)
+            self.frozen = {p: (embeds[i], pooled[i]) for i, p in enumerate(frozen_prompts)}
+
+    def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.frozen is None:
+            return encode_prompts(self.components, prompts, self.mode, self.device, self.encoders)
+        text = [self.frozen[p] for p in prompts]
+        return torch.stack([hidden for hidden, _ in text]), torch.stack([pooled for _, pooled in text])
+
+    def running(self, encoders: list) -> "PromptConditioning":
+        """The same conditioning through other modules of the same encoders (frozen: itself)."""
+        if self.frozen is not None:
+            return self
+        return PromptConditioning(self.components, self.mode, self.device, encoders)
+
+
+def batch_conditioning(batch: TrainingBatch, prompts: list[str], text: PromptConditioning, device,
+                       dtype) -> Conditioning:
+    hidden, pooled = text(prompts)
+    return Conditioning(hidden, pooled, batch.time_ids.to(device, dtype))
 
 
 def sample_generators(seed: int, step: int, positions: range, class_rows: bool) -> list[torch.Generator]:
@@ -219,16 +253,14 @@ def stop_if_diverged(accelerator, loss: torch.Tensor, cfg: RunConfig, state: Loo
     )
 
 
-def embed_prompts(cfg: RunConfig, components, dataset, device) -> dict:
-    """Text conditioning once, {prompt: (hidden states, pooled)}: the encoders are frozen, so it is fixed."""
+def frozen_prompt_conditioning(cfg: RunConfig, components, dataset, device) -> PromptConditioning:
+    """Text conditioning once for every prompt the run uses: the encoders are frozen, so it is fixed."""
     prompts = {e.prompt for e in dataset.instances} | {e.prompt for e in dataset.class_examples or []}
     if cfg.validation.loss.every_steps:  # held-out images are conditioned on the instance prompt
         prompts.add(dreambooth_data.instance_prompt(cfg.data))
     if cfg.data.caption_dropout:
         prompts.add(EMPTY_PROMPT)
-    prompts = sorted(prompts)
-    embeds, pooled = encode_prompts(components, prompts, cfg.model.text_hidden_states, device)
-    return {p: (embeds[i], pooled[i]) for i, p in enumerate(prompts)}
+    return PromptConditioning(components, cfg.model.text_hidden_states, device, frozen_prompts=sorted(prompts))
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------
@@ -253,12 +285,16 @@ def batches_from(cfg: RunConfig, dataset, layout: dreambooth_data.BatchLayout, p
 def make_accelerator(cfg: RunConfig):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     # accelerate keeps one process-wide state; a second train() in this process (a test, a notebook, a sweep)
     # may ask for another mixed precision. The distributed (partial) state is kept.
     AcceleratorState._reset_state()
+    # Trained text encoders have adapted layers whose output SDXL never reads (text_encoder's last layer: the
+    # UNet is conditioned on its penultimate hidden state), so DDP must not wait for their gradients.
+    unused = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.adapter.text_encoders.enabled else []
     return Accelerator(
+        kwargs_handlers=unused,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         mixed_precision=cfg.train.mixed_precision,
         log_with=None if cfg.train.report_to == "none" else cfg.train.report_to,
@@ -292,12 +328,36 @@ def memory_estimate_line(cfg: RunConfig) -> str:
         return str(exc)
 
 
-def attach_checked_adapter(cfg: RunConfig, unet, print_main) -> AttachedAdapter:
-    """The adapter, checked against the model (loaded in the compute dtype); its trainable weights in fp32."""
-    attached = attach_adapter(unet, cfg.resolved_adapter)
-    check_export_fits(cfg.export, attached.layers)
-    print_main(attached.describe())
-    return attached
+@dataclass
+class AttachedModels:
+    """What the run adapts: the UNet, and with adapter.text_encoders both text encoders."""
+
+    unet: AttachedAdapter
+    text_encoders: dict  # {component (AdapterFolder.TEXT_ENCODERS): AttachedAdapter}; {} when they are frozen
+
+
+def attach_checked_adapters(cfg: RunConfig, components, print_main) -> AttachedModels:
+    """The adapter on the UNet and, with adapter.text_encoders, on both text encoders (each sized to its own
+    layers), checked against the model (loaded in the compute dtype); their trainable weights in fp32. Prints
+    the UNet's per-shape table, and with text encoders the per-model table."""
+    unet = attach_adapter(components.unet, cfg.resolved_adapter)
+    check_export_fits(cfg.export, unet.layers)
+    print_main(unet.describe())
+    text_adapter = cfg.text_encoder_adapter()
+    if text_adapter is None:
+        return AttachedModels(unet, {})
+    text_encoders = {name: attach_adapter(getattr(components, name), text_adapter,
+                                          which=AdaptedModel(name, "adapter.text_encoders.target_modules"))
+                     for name in AdapterFolder.TEXT_ENCODERS}
+    print_main(format_model_table({"UNet": unet, **text_encoders}))
+    return AttachedModels(unet, text_encoders)
+
+
+def adapter_record(attached: AttachedAdapter) -> dict:
+    """A text encoder's adapter in run_info.json (the UNet's has the same keys at the record's top level)."""
+    return {"trainable_parameters": attached.trainable_parameters, "adapted_layers": len(attached.layers),
+            "layer_shapes": {layer.name: [layer.out_features, layer.in_features] for layer in attached.layers},
+            **(attached.budget.run_info() if attached.budget is not None else {})}
 
 
 def peak_memory() -> tuple[int, str]:
@@ -317,9 +377,10 @@ class ThisRun:
     micro_batches_trained: int = 0  # this process's UNet training forwards
 
 
-def describe_run(cfg: RunConfig, attached: AttachedAdapter, state: LoopState, train_seconds: float,
+def describe_run(cfg: RunConfig, models: AttachedModels, state: LoopState, train_seconds: float,
                  cache: Optional[LatentCache], work: ThisRun) -> RunInfo:
     memory, memory_kind = peak_memory()
+    attached = models.unet
     adapter = attached.adapter
     return RunInfo(
         method=adapter.label,
@@ -330,6 +391,7 @@ def describe_run(cfg: RunConfig, attached: AttachedAdapter, state: LoopState, tr
         trainable_parameters=attached.trainable_parameters,
         adapted_layers=len(attached.layers),
         layer_shapes={layer.name: [layer.out_features, layer.in_features] for layer in attached.layers},
+        text_encoders={name: adapter_record(a) for name, a in models.text_encoders.items()} or None,
         subject=cfg.data.subject or os.path.basename(os.path.normpath(cfg.data.instance_dir)),
         class_noun=cfg.data.class_noun,
         identifier=cfg.data.identifier,
@@ -353,14 +415,18 @@ def describe_run(cfg: RunConfig, attached: AttachedAdapter, state: LoopState, tr
 
 @dataclass
 class Training:
-    """What the loop updates, prepared by accelerate: the adapted UNet, its optimizer and schedule; and how each
-    step's samples are laid out."""
+    """What the loop updates, prepared by accelerate: the adapted UNet (and text encoders), their optimizer and
+    schedule; and how each step's samples are laid out."""
 
     unet: torch.nn.Module
-    params: list  # the trainable (adapter) parameters
+    params: list  # the trainable (adapter) parameters: the UNet's, then the text encoders'
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     layout: dreambooth_data.BatchLayout  # how each optimizer step's samples are split over processes and micro-batches
+    # adapter.text_encoders: {component: the adapted encoder} as saved, and the same encoders as accelerate
+    # prepared them (what the loop runs, so that their gradients are synchronised); else {} and [].
+    text_encoders: dict = dataclasses.field(default_factory=dict)
+    prepared_text_encoders: list = dataclasses.field(default_factory=list)
     ema: object = None  # diffusers' EMAModel of `params` (train.ema), or None
     step_hook: object = None  # the method's state across steps, called after each optimizer step (AdaLoRA), or None
 
@@ -378,13 +444,20 @@ class Training:
             self.ema.restore(self.params)
 
 
-def prepare_training(cfg: RunConfig, accelerator, unet, dataset) -> Training:
+def prepare_training(cfg: RunConfig, accelerator, unet, text_encoders: dict, dataset) -> Training:
+    """`text_encoders`: {component: adapted encoder} when they train (their adapters are a parameter group with
+    adapter.text_encoders.learning_rate), else {}."""
     from diffusers.optimization import get_scheduler
 
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = build_optimizer(cfg, params)
+    unet_params = [p for p in unet.parameters() if p.requires_grad]
+    text_params = [p for encoder in text_encoders.values() for p in encoder.parameters() if p.requires_grad]
+    groups = [{"params": unet_params}]
+    if text_params:
+        groups.append({"params": text_params, "lr": cfg.text_encoder_learning_rate()})
+    params = unet_params + text_params
+    optimizer = build_optimizer(cfg, groups)
     lr_scheduler = get_scheduler(
         cfg.train.lr_scheduler,
         optimizer=optimizer,
@@ -393,14 +466,15 @@ def prepare_training(cfg: RunConfig, accelerator, unet, dataset) -> Training:
     )
     layout = dreambooth_data.BatchLayout(cfg.train.batch_size, cfg.train.gradient_accumulation_steps,
                                          accelerator.num_processes)
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    unet, optimizer, lr_scheduler, *prepared_text_encoders = accelerator.prepare(unet, optimizer, lr_scheduler,
+                                                                                 *text_encoders.values())
     ema = None
     if cfg.train.ema.enabled:
         from diffusers.training_utils import EMAModel
 
         # The average starts at the weights (decay 0 at its first update), then warms up to train.ema.decay.
         ema = EMAModel(params, decay=cfg.train.ema.decay)
-    return Training(unet, params, optimizer, lr_scheduler, layout, ema)
+    return Training(unet, params, optimizer, lr_scheduler, layout, text_encoders, prepared_text_encoders, ema)
 
 
 def end_of_step(cfg: RunConfig, accelerator, components, training: Training, state: LoopState, progress,
@@ -426,21 +500,23 @@ def end_of_step(cfg: RunConfig, accelerator, components, training: Training, sta
     if cfg.train.checkpointing_steps and step % cfg.train.checkpointing_steps == 0:
         path = save_checkpoint(cfg.output_dir, step, accelerator.unwrap_model(training.unet), training.optimizer,
                                training.lr_scheduler, accelerator.scaler, state.to_dict(),
-                               cfg.train.checkpoints_total_limit, training.ema, training.step_hook)
+                               cfg.train.checkpoints_total_limit, training.ema, training.step_hook,
+                               training.text_encoders)
         progress.write(f"saved {path}")  # from whichever process saves: the log shows that only one does
     if cfg.validation.every_steps and step % cfg.validation.every_steps == 0:
         with training.ema_weights():
             run_validation(cfg, accelerator, components, training.unet, step)
 
 
-def save_run(cfg: RunConfig, accelerator, trained_unet, run_info: RunInfo) -> None:
-    """The final adapter in PEFT's format, run_info.json and loss.png beside it, then the final samples, which the
-    adapter's model card then shows."""
+def save_run(cfg: RunConfig, accelerator, trained_unet, text_encoders: dict, run_info: RunInfo) -> None:
+    """The final adapter in PEFT's format (with `text_encoders`, {component: trained encoder}, in its
+    subfolders), run_info.json and loss.png beside it, then the final samples, which the adapter's model card
+    then shows."""
     run = RunFolder(cfg.output_dir)
     if run_info.train_losses:
         plot_losses(run.loss_plot, run_info.train_losses, run_info.validation_losses)
     run_info.exports = planned_exports(cfg.export, run_info)
-    save_adapter(trained_unet, run.adapter, run_info=run_info)
+    save_adapter(trained_unet, run.adapter, run_info=run_info, text_encoders=text_encoders)
     export_run(run.adapter, run_info.exports, say=accelerator.print)
     run_info.adapter_bytes = AdapterFolder(run.adapter).weights_bytes()
     run_info.write(run.run_info)
@@ -494,13 +570,13 @@ def train(cfg: RunConfig) -> TrainResult:
         print(memory_estimate_line(cfg))  # before any weight loads: a run that cannot fit says so first
     components = load_sdxl(cfg.model, weight_dtype)
     unet, vae, noise_scheduler = components.unet, components.vae, components.noise_scheduler
-    attached = attach_checked_adapter(cfg, unet, print_main)
+    attached = attach_checked_adapters(cfg, components, print_main)
     resume_from = find_resume_checkpoint(cfg)
     if main:
         start_output_dir(cfg)
     unet.to(device)
     vae.to(device)
-    components.text_encoders_to(device, dtype=weight_dtype)
+    components.text_encoders_to(device)  # loaded in the compute dtype; their adapters (if any) stay fp32
 
     if cfg.data.prior_preservation.enabled:
         if main:
@@ -509,19 +585,24 @@ def train(cfg: RunConfig) -> TrainResult:
             sampling.wait_for_class_images(cfg)
         dataset.class_examples = dreambooth_data.class_examples(cfg)
 
-    prompt_embeds = embed_prompts(cfg, components, dataset, device)
-    if cfg.validation.every_steps:
-        components.text_encoders_to("cpu")  # only validation sampling needs them again
-    else:  # nothing does (final samples load their own pipeline): free them, 3.3 GB for SDXL in fp32
-        components.text_encoder = components.text_encoder_2 = None
+    if attached.text_encoders:  # they train: each micro-batch runs them, so they stay on the accelerator
+        text = PromptConditioning(components, cfg.model.text_hidden_states, device)
+    else:
+        text = frozen_prompt_conditioning(cfg, components, dataset, device)
+        if cfg.validation.every_steps:
+            components.text_encoders_to("cpu")  # only validation sampling needs them again
+        else:  # nothing does (final samples load their own pipeline): free them, 3.3 GB for SDXL in fp32
+            components.text_encoder = components.text_encoder_2 = None
     validation_loss = None
     if main and cfg.validation.loss.every_steps:
-        validation_loss = ValidationLoss(cfg, dataset, components, prompt_embeds, device, weight_dtype)
+        validation_loss = ValidationLoss(cfg, dataset, components, text, device, weight_dtype)
     latents_source = prepare_latents(cfg, accelerator, vae, dataset)
     if not latents_source.vae_needed:
         vae.to("cpu")  # every latent is cached: the loop never encodes
 
-    training = prepare_training(cfg, accelerator, unet, dataset)
+    training = prepare_training(cfg, accelerator, unet,
+                                {name: getattr(components, name) for name in attached.text_encoders}, dataset)
+    text = text.running(training.prepared_text_encoders)
     if main and cfg.train.report_to != "none":
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
                    for k, v in _flatten(config_to_dict(cfg)).items()}
@@ -529,14 +610,15 @@ def train(cfg: RunConfig) -> TrainResult:
         os.makedirs(run.logs, exist_ok=True)
         accelerator.init_trackers(project, config=hparams, init_kwargs=init_kwargs)
 
-    make_step_hook = attached.method.make_step_hook
+    make_step_hook = attached.unet.method.make_step_hook
     if make_step_hook is not None:
         training.step_hook = make_step_hook(accelerator.unwrap_model(training.unet))
     state = LoopState()
     if resume_from is not None:
         state = LoopState.from_dict(load_checkpoint(resume_from, accelerator.unwrap_model(training.unet),
                                                     training.optimizer, training.lr_scheduler, accelerator.scaler,
-                                                    training.ema, training.step_hook), resume_from)
+                                                    training.ema, training.step_hook, training.text_encoders),
+                                    resume_from)
         if training.ema is not None:
             training.ema.to(device)
         print_main(f"resumed from {resume_from} at step {state.global_step}")
@@ -557,9 +639,9 @@ def train(cfg: RunConfig) -> TrainResult:
                                            len(batch.prompts) > len(positions))
             prompts = conditioned_prompts(batch, cfg.data.caption_dropout, cfg.seed, state.global_step, positions)
             work.micro_batches_trained += 1
-            with accelerator.accumulate(training.unet):
+            with accelerator.accumulate(training.unet, *training.prepared_text_encoders):
                 latents = latents_source.sample(batch, generators, weight_dtype)
-                conditioning = batch_conditioning(batch, prompts, prompt_embeds, device, weight_dtype)
+                conditioning = batch_conditioning(batch, prompts, text, device, weight_dtype)
                 weights = mask_weights(batch.masks.to(device), latents.shape[-2:], cfg.data.masks.min_weight) \
                     if batch.masks is not None else None
                 loss = micro_batch_loss(training.unet, noise_scheduler, latents, conditioning, batch.num_instance,
@@ -584,23 +666,23 @@ def train(cfg: RunConfig) -> TrainResult:
 
     accelerator.wait_for_everyone()
     run_info = describe_run(cfg, attached, state, time.time() - started, latents_source.cache, work)
-    trained_unet = accelerator.unwrap_model(training.unet)
+    trained_unet, text_encoders = accelerator.unwrap_model(training.unet), training.text_encoders
     if training.ema is not None:  # the final adapter holds the EMA weights; the trained ones are kept beside
         if main:
-            save_adapter(trained_unet, run.adapter_raw)
+            save_adapter(trained_unet, run.adapter_raw, text_encoders=text_encoders)
         training.ema.copy_to(training.params)
     # Training state leaves the accelerator, so that the sampling pipeline below has its memory.
     accelerator.free_memory()
     del training
-    trained_unet.to("cpu")
-    vae.to("cpu")
+    for model in (trained_unet, vae, *text_encoders.values()):
+        model.to("cpu")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     if main:
-        save_run(cfg, accelerator, trained_unet, run_info)
+        save_run(cfg, accelerator, trained_unet, text_encoders, run_info)
     accelerator.end_training()
     print_main(f"adapter saved to {run.adapter} ({run_info.trainable_parameters:,} trainable parameters); "
                f"loss curve: {run.loss_plot}")
     if main and cfg.hub.push:  # last: a failed upload leaves the finished run as it is
         push_adapter_folder(cfg.hub, run.adapter, print_main)
-    return TrainResult(run_info, trained_unet)
+    return TrainResult(run_info, trained_unet, text_encoders)

@@ -53,14 +53,14 @@ def in_memory_pipeline(components, unet, scheduler_name: str):
 def run_validation(cfg, accelerator, components, unet, step: int) -> str:
     """Sample the validation prompts x seeds with the adapter as it is now; save a grid and log it."""
     out_dir = RunFolder(cfg.output_dir).validation_step(step)
-    vae_device = components.vae.device
+    vae_device, text_device = components.vae.device, components.text_encoder.device
     components.vae.to(accelerator.device)  # the latent cache may have sent it to the CPU
-    components.text_encoders_to(accelerator.device)
+    components.text_encoders_to(accelerator.device)  # idle on the CPU, or training (adapter.text_encoders)
     pipe = in_memory_pipeline(components, accelerator.unwrap_model(unet), cfg.validation.scheduler)
     jobs = prompt_seed_jobs(validation_prompts(cfg), cfg.validation.seeds, step=step)
     with accelerator.autocast():
         rows = generate_images(pipe, jobs, out_dir, validation_settings(cfg, compute_dtype_name(cfg)), progress=False)
-    components.text_encoders_to("cpu")
+    components.text_encoders_to(text_device)
     components.vae.to(vae_device)
     grid = save_grid(rows, out_dir, len(cfg.validation.seeds))
     log_image(accelerator, "validation", grid, step)

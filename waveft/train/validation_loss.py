@@ -19,9 +19,10 @@ VALIDATION_SEED = 20_240_601  # the triples' seed; fixed, so runs with different
 
 
 class ValidationLoss:
-    def __init__(self, cfg, dataset, components, prompt_embeds: dict, device, dtype):
-        """Encode the validation images once (the VAE must be on `device`); `prompt_embeds` must hold the
-        instance prompt."""
+    def __init__(self, cfg, dataset, components, text, device, dtype):
+        """Encode the validation images once (the VAE must be on `device`). `text` (a
+        `waveft.train.loop.PromptConditioning`) conditions them on the instance prompt at each evaluation, so
+        that trained text encoders are evaluated as they are then."""
         self.timesteps = cfg.validation.loss.timesteps
         self.scheduler = components.noise_scheduler
         self.settings = LossSettings(self.scheduler.config.prediction_type)  # plain MSE, no offset
@@ -29,7 +30,7 @@ class ValidationLoss:
         paths = dreambooth_data.list_images(folder, "validation.loss.images folder") if folder else \
             [e.path for e in dataset.instances]
         sizes = [dataset.size_of(i) for i in range(len(dataset.instances))] if not folder else None
-        embeds, pooled = prompt_embeds[dreambooth_data.instance_prompt(cfg.data)]
+        self.text, self.prompt = text, dreambooth_data.instance_prompt(cfg.data)
         vae = components.vae
         self.items = []
         with torch.no_grad():
@@ -40,16 +41,17 @@ class ValidationLoss:
                 pixels, time_ids = dreambooth_data.view_pixels(image, view)
                 mean = vae.encode(pixels[None].to(device, vae.dtype)).latent_dist.mean
                 latents = (mean * vae.config.scaling_factor).to(dtype)
-                self.items.append((latents, Conditioning(embeds[None], pooled[None],
-                                                         time_ids[None].to(device, dtype))))
+                self.items.append((latents, time_ids[None].to(device, dtype)))
 
     @torch.no_grad()
     def evaluate(self, unet) -> float:
         """The mean loss over images x timesteps, in eval mode; the UNet is put back in train mode."""
         generator = torch.Generator().manual_seed(VALIDATION_SEED)
         unet.eval()
-        losses = [micro_batch_loss(unet, self.scheduler, latents, conditioning, 1, [generator], self.settings).item()
-                  for latents, conditioning in self.items for _ in range(self.timesteps)]
+        embeds, pooled = self.text([self.prompt])
+        losses = [micro_batch_loss(unet, self.scheduler, latents, Conditioning(embeds, pooled, time_ids), 1,
+                                   [generator], self.settings).item()
+                  for latents, time_ids in self.items for _ in range(self.timesteps)]
         unet.train()
         return sum(losses) / len(losses)
 
