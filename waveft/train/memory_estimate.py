@@ -12,7 +12,9 @@ What meta tensors cannot do by themselves is modelled where it changes memory, o
 - mixed precision: autocast leaves no mark on meta tensors, so `accelerator_semantics` does what CUDA autocast
   does to memory;
 - a quantized Linear layer (`_QuantizedLinear`) holds bitsandbytes' packed bytes and statistics and, like
-  bitsandbytes, dequantizes its weight into a temporary for each matmul, forward and backward.
+  bitsandbytes, dequantizes its weight into a temporary for each matmul, forward and backward;
+- PEFT's WaveFT layer selects its in-range indices with a boolean mask, which is all true
+  (`_masks_known_all_true`).
 Not counted: the CUDA context and allocator fragmentation (add ~0.5-1 GB on a GPU), the VAE's encoder
 activations when latents are not cached (its weights are counted), and everything outside the step (text
 encoders are freed or moved to the CPU before the loop; sampling loads its own pipeline).
@@ -83,7 +85,7 @@ class LiveStorage(TorchDispatchMode):
 
 F = torch.nn.functional
 _FP32_UNDER_AUTOCAST = ("group_norm", "layer_norm", "softmax", "mse_loss")
-_COMPUTE_DTYPE_UNDER_AUTOCAST = ("linear", "conv2d")
+_COMPUTE_DTYPE_UNDER_AUTOCAST = ("linear", "conv2d", "conv_transpose2d")
 
 
 def _cast(tree, dtype):
@@ -100,11 +102,10 @@ def _in_fp32(function, compute_dtype):
     return run
 
 
-def _in_weight_dtype(function, compute_dtype):
-    def run(x, weight, *args, **kwargs):
-        if weight.dtype == compute_dtype and x.dtype != compute_dtype:
-            x = x.to(compute_dtype)
-        return function(x, weight, *args, **kwargs)
+def _in_compute_dtype(function, compute_dtype):
+    def run(*args, **kwargs):
+        args, kwargs = _cast((args, kwargs), compute_dtype)
+        return function(*args, **kwargs)
 
     return run
 
@@ -127,14 +128,16 @@ def accelerator_semantics(compute_dtype: torch.dtype):
     - attention as the fused kernel (flash / memory-efficient on CUDA; the CPU's flash kernel has the same
       footprint): its output and a log-sum-exp per query row are kept for backward, not N x N scores;
     - under mixed precision (`compute_dtype` half), what CUDA autocast does to memory: normalisations, softmax
-      and the loss in fp32, and Linear / convolution layers whose weight is in `compute_dtype` take their input
-      in it (layers with fp32 weights, the adapters', cast their input themselves, as PEFT does).
+      and the loss in fp32; Linear, convolution and transposed convolution in `compute_dtype`, their inputs and
+      weights cast to it, the fp32 adapters' too (PEFT casts the input to the adapter's fp32, then autocast
+      casts both down: PEFT WaveFT's dense delta is kept for backward in `compute_dtype`). The structured
+      layer turns autocast off and uses none of these functions.
     Functions are swapped rather than intercepted by a mode so that gradient checkpointing's recomputation in
     the backward sees the same."""
     swaps = {"scaled_dot_product_attention": _fused_attention(F.scaled_dot_product_attention)}
     if compute_dtype != torch.float32:
         swaps.update({name: _in_fp32(getattr(F, name), compute_dtype) for name in _FP32_UNDER_AUTOCAST})
-        swaps.update({name: _in_weight_dtype(getattr(F, name), compute_dtype)
+        swaps.update({name: _in_compute_dtype(getattr(F, name), compute_dtype)
                       for name in _COMPUTE_DTYPE_UNDER_AUTOCAST})
     originals = {name: getattr(F, name) for name in swaps}
     try:
@@ -185,6 +188,21 @@ class _QuantizedMatmulFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         return grad_output @ grad_output.new_empty(ctx.shape), None, None, None
+
+
+def _masks_known_all_true(cfg):
+    """A context in which meta tensors' `nonzero` (boolean indexing, forward and backward) assumes every element
+    true (torch's own switch), for PEFT's WaveFT only: each step its layer rebuilds a dense delta from its spectrum
+    and keeps the indices that fall inside the padded matrix with a boolean mask. The indices are drawn inside the
+    layer (row = i // in_features, column = i % in_features of a permutation of out x in) and the padding offsets
+    are at most the padding, so that mask is always all true and the step allocates what a real one does. Other
+    methods' masks (SHiRA's random one) are not all true: for them `nonzero` stays unimplemented and the estimate
+    unavailable."""
+    if cfg.adapter.type == "waveft" and cfg.adapter.implementation == "peft":
+        import torch.fx.experimental._config as fx_config
+
+        return fx_config.patch(meta_nonzero_assume_all_nonzero=True)
+    return contextlib.nullcontext()
 
 
 def _quantize_for_estimate(model: torch.nn.Module, kind: str) -> None:
@@ -327,7 +345,7 @@ def _estimate_on_meta(cfg) -> MemoryEstimate:
     if cfg.train.ema.enabled:
         adapter_state += _storage_bytes(trainable)  # the average, one copy
     step = training_step(unet, optimizer, config, cfg, dtype)
-    with accelerator_semantics(dtype):
+    with accelerator_semantics(dtype), _masks_known_all_true(cfg):
         with LiveStorage() as first:
             step()
             gc.collect()
