@@ -155,3 +155,10 @@ def test_a_method_whose_layers_read_values_has_no_estimate_and_its_run_still_sta
     with pytest.raises(EstimateUnavailable, match=f"no memory estimate for adapter.type={method}"):
         estimate_step_memory(cfg)
     assert memory_estimate_line(cfg).startswith(f"no memory estimate for adapter.type={method}: its PEFT layers")
+
+
+def test_a_run_that_trains_the_text_encoders_gets_no_estimate_rather_than_a_low_one(tiny_sdxl_dir):
+    from waveft.train.memory_estimate import EstimateUnavailable
+
+    with pytest.raises(EstimateUnavailable, match="adapter.text_encoders.enabled"):
+        tiny_estimate(tiny_sdxl_dir, "adapter.text_encoders.enabled=true")

@@ -309,7 +309,11 @@ def _storage_bytes(tensors) -> int:
 def estimate_step_memory(cfg) -> MemoryEstimate:
     """One training step of `cfg` (a validated RunConfig) on meta tensors; a few seconds of CPU and < 1 GB of RAM
     for SDXL. See the module docstring for what is modelled. `EstimateUnavailable` for a method whose layers
-    read tensor values (meta tensors have none)."""
+    read tensor values (meta tensors have none), and for a run that trains the text encoders too (the estimate
+    models the UNet's step only: it would understate that run)."""
+    if cfg.adapter.text_encoders.enabled:
+        raise EstimateUnavailable("no memory estimate with adapter.text_encoders.enabled: it models the UNet's "
+                                  "step, not the trained text encoders' weights, adapters and activations")
     try:
         return _estimate_on_meta(cfg)
     except (NotImplementedError, RuntimeError) as exc:
