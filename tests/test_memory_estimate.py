@@ -41,13 +41,15 @@ def test_activations_grow_with_resolution_and_batch_and_weights_shrink_with_quan
     assert nf4.weights < 0.7 * large.weights and bf16.weights < 0.6 * large.weights
 
 
-@pytest.mark.parametrize("implementation, resolution, batch", [
-    ("structured", 64, 2),
-    ("peft", 64, 2),  # PEFT's WaveFT: a dense delta per layer, rebuilt each step through a boolean mask
+@pytest.mark.parametrize("implementation, resolution, batch, text_encoders", [
+    ("structured", 64, 2, False),
+    ("peft", 64, 2, False),  # PEFT's WaveFT: a dense delta per layer, rebuilt each step through a boolean mask
     # 1024 tokens at the attention level: the math path's N x N scores would add over 40% here (5% at 64 px)
-    ("structured", 256, 1),
+    ("structured", 256, 1, False),
+    ("structured", 64, 2, True),  # adapter.text_encoders: both encoders adapted and run in the step
 ])
-def test_the_estimate_is_within_ten_percent_of_a_real_cpu_step(tiny_sdxl_dir, implementation, resolution, batch):
+def test_the_estimate_is_within_ten_percent_of_a_real_cpu_step(tiny_sdxl_dir, implementation, resolution, batch,
+                                                               text_encoders):
     """The same step with real tensors on the CPU, its storages tracked from before the first step: the frozen
     and adapter tensors, then everything the two steps allocate, at its peak. The real step runs as torch runs it
     on the CPU (fused attention of its own choosing), so none of the estimate's modelling is shared with it."""
@@ -55,18 +57,25 @@ def test_the_estimate_is_within_ten_percent_of_a_real_cpu_step(tiny_sdxl_dir, im
     from waveft.train.optimizer import build_optimizer
 
     cfg, estimate = tiny_estimate(tiny_sdxl_dir, f"adapter.implementation={implementation}",
-                                  f"data.resolution={resolution}", f"train.batch_size={batch}")
+                                  f"data.resolution={resolution}", f"train.batch_size={batch}",
+                                  f"adapter.text_encoders.enabled={str(text_encoders).lower()}")
     unet = fresh_unet(tiny_sdxl_dir).requires_grad_(False)
     attach_adapter(unet, cfg.resolved_adapter)
-    unet.train()
-    model_bytes = sum(t.untyped_storage().nbytes() for t in [*unet.parameters(), *unet.buffers()])
-    optimizer = build_optimizer(cfg, [p for p in unet.parameters() if p.requires_grad])
-    step = training_step(unet, optimizer, dict(unet.config), cfg, torch.float32, device="cpu")
+    encoders = [adapted_encoder(tiny_sdxl_dir, cfg, component) for component in ("text_encoder", "text_encoder_2")
+                if text_encoders]
+    models = [unet, *encoders]
+    for model in models:
+        model.train()
+    model_bytes = sum(t.untyped_storage().nbytes() for model in models for t in [*model.parameters(),
+                                                                                 *model.buffers()])
+    optimizer = build_optimizer(cfg, [p for model in models for p in model.parameters() if p.requires_grad])
+    step = training_step(unet, optimizer, dict(unet.config), cfg, torch.float32, device="cpu", encoders=encoders)
     with LiveStorage() as tracked:
         step()
         step()
     measured = model_bytes + tracked.peak
-    print(f"tiny UNet, {implementation} WaveFT, {resolution} px, batch {batch}: estimate "
+    print(f"tiny UNet{' + text encoders' * text_encoders}, {implementation} WaveFT, {resolution} px, batch {batch}: "
+          f"estimate "
           f"{estimate.total / 2**20:.2f} MiB, real CPU step {measured / 2**20:.2f} MiB "
           f"(ratio {estimate.total / measured:.3f})")
     assert abs(estimate.total / measured - 1) < 0.10
@@ -157,8 +166,21 @@ def test_a_method_whose_layers_read_values_has_no_estimate_and_its_run_still_sta
     assert memory_estimate_line(cfg).startswith(f"no memory estimate for adapter.type={method}: its PEFT layers")
 
 
-def test_a_run_that_trains_the_text_encoders_gets_no_estimate_rather_than_a_low_one(tiny_sdxl_dir):
-    from waveft.train.memory_estimate import EstimateUnavailable
+def adapted_encoder(tiny_sdxl_dir, cfg, component):
+    """A tiny text encoder loaded as the trainer loads it, with the run's adapter."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    with pytest.raises(EstimateUnavailable, match="adapter.text_encoders.enabled"):
-        tiny_estimate(tiny_sdxl_dir, "adapter.text_encoders.enabled=true")
+    from waveft.adapters.attach import attach_adapter
+
+    model_class = CLIPTextModel if component == "text_encoder" else CLIPTextModelWithProjection
+    encoder = model_class.from_pretrained(tiny_sdxl_dir, subfolder=component).requires_grad_(False)
+    attach_adapter(encoder, cfg.text_encoder_adapter())
+    return encoder
+
+
+def test_trained_text_encoders_add_their_weights_adapters_and_activations(tiny_sdxl_dir):
+    _, unet_only = tiny_estimate(tiny_sdxl_dir)
+    _, with_encoders = tiny_estimate(tiny_sdxl_dir, "adapter.text_encoders.enabled=true")
+    assert with_encoders.weights > unet_only.weights and with_encoders.adapter_state > unet_only.adapter_state
+    assert with_encoders.activations > unet_only.activations
+    assert "+ text encoders" in with_encoders.line()

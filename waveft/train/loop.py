@@ -166,17 +166,21 @@ EMPTY_PROMPT = ""  # what caption dropout trains on (SDXL's unconditional prompt
 
 def encode_prompts(components, prompts: list[str], mode: str, device,
                    encoders: Optional[list] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDXL's text conditioning: both encoders' hidden states concatenated, (prompts, 77, hidden 1 + hidden 2),
-    plus encoder 2's pooled projection, (prompts, projection). `encoders`: the two text encoders to run in place
-    of components' (the accelerate-prepared ones while they train). Gradients flow where the encoders have
+    """SDXL's text conditioning of `prompts` (`encode_token_ids` after each encoder's tokenizer). `encoders`: the
+    two text encoders to run in place of components' (the accelerate-prepared ones while they train)."""
+    ids = [tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids.to(device)
+           for tokenizer in (components.tokenizer, components.tokenizer_2)]
+    return encode_token_ids(encoders or [components.text_encoder, components.text_encoder_2], ids, mode)
+
+
+def encode_token_ids(encoders: list, ids: list, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both encoders' hidden states concatenated, (prompts, 77, hidden 1 + hidden 2), plus encoder 2's pooled
+    projection, (prompts, projection), from each encoder's token ids. Gradients flow where the encoders have
     trainable parameters and grad mode is on."""
     hidden_states = []
-    encoders = encoders or [components.text_encoder, components.text_encoder_2]
-    for index, (tokenizer, encoder) in enumerate(zip([components.tokenizer, components.tokenizer_2], encoders)):
-        ids = tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(device)
-        output = encoder(ids, output_hidden_states=True)
+    for index, (encoder, token_ids) in enumerate(zip(encoders, ids, strict=True)):
+        output = encoder(token_ids, output_hidden_states=True)
         use_last = mode == "paper" and index == 0  # the paper's training quirk: encoder 1's last_hidden_state
         hidden_states.append(output.last_hidden_state if use_last else output.hidden_states[-2])
         pooled = output[0]  # text_encoder_2's projected pooled embedding (kept from the last encoder)

@@ -15,11 +15,14 @@ What meta tensors cannot do by themselves is modelled where it changes memory, o
   bitsandbytes, dequantizes its weight into a temporary for each matmul, forward and backward;
 - PEFT's WaveFT layer selects its in-range indices with a boolean mask, which is all true
   (`_masks_known_all_true`).
+With `adapter.text_encoders` both CLIP encoders are built the same way, adapted, and run inside the step on a
+batch of token ids (their weights, adapters, optimizer state and activations are counted).
 Not counted: the CUDA context and allocator fragmentation (add ~0.5-1 GB on a GPU), the VAE's encoder
-activations when latents are not cached (its weights are counted), and everything outside the step (text
+activations when latents are not cached (its weights are counted), and everything outside the step (frozen text
 encoders are freed or moved to the CPU before the loop; sampling loads its own pipeline).
 """
 import contextlib
+import functools
 import gc
 import math
 import os
@@ -226,8 +229,10 @@ def _component_config(model_cfg, subfolder: str, shipped: dict) -> dict:
 
     base = model_cfg.pretrained
     if model_cfg.builds_tiny_model() and not os.path.isdir(base):
-        from waveft.fixtures.tiny import TINY_VAE_CONFIG, tiny_unet_config
+        from waveft.fixtures.tiny import TINY_VAE_CONFIG, tiny_text_encoder_config, tiny_unet_config
 
+        if subfolder.startswith("text_encoder"):
+            return tiny_text_encoder_config().to_dict()
         return tiny_unet_config() if subfolder == "unet" else dict(TINY_VAE_CONFIG)
     if os.path.isdir(base):
         return dict(UNet2DConditionModel.load_config(base, subfolder=subfolder))
@@ -286,15 +291,37 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB / 10 else f"{nbytes / 2**20:.1f} MiB"
 
 
-def _meta_model(model_class, config: dict, dtype: torch.dtype):
-    """`model_class.from_config(config)` with shapes only, made directly in `dtype`."""
+def _meta_model(make, dtype: torch.dtype):
+    """`make()` (a model built from its config) with shapes only, made directly in `dtype`."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            return model_class.from_config(config)
+            return make()
     finally:
         torch.set_default_dtype(default)
+
+
+def _meta_text_encoders(cfg, dtype: torch.dtype) -> list:
+    """With adapter.text_encoders: both CLIP encoders from their config files, on the meta device in the run's
+    dtype (as the trainer loads them), with the run's adapter; else []."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from waveft.adapters.attach import AdaptedModel, attach_adapter
+    from waveft.fixtures.tiny import SDXL_TEXT_ENCODER_2_CONFIG, SDXL_TEXT_ENCODER_CONFIG
+
+    if not cfg.adapter.text_encoders.enabled:
+        return []
+    encoders = []
+    for component, model_class, shipped in (("text_encoder", CLIPTextModel, SDXL_TEXT_ENCODER_CONFIG),
+                                            ("text_encoder_2", CLIPTextModelWithProjection,
+                                             SDXL_TEXT_ENCODER_2_CONFIG)):
+        config = CLIPTextConfig.from_dict(_component_config(cfg.model, component, shipped))
+        encoder = _meta_model(functools.partial(model_class, config), dtype).requires_grad_(False)
+        attach_adapter(encoder, cfg.text_encoder_adapter(),
+                       which=AdaptedModel(component, "adapter.text_encoders.target_modules"))
+        encoders.append(encoder)
+    return encoders
 
 
 def _tensors(model: torch.nn.Module) -> list:
@@ -309,11 +336,7 @@ def _storage_bytes(tensors) -> int:
 def estimate_step_memory(cfg) -> MemoryEstimate:
     """One training step of `cfg` (a validated RunConfig) on meta tensors; a few seconds of CPU and < 1 GB of RAM
     for SDXL. See the module docstring for what is modelled. `EstimateUnavailable` for a method whose layers
-    read tensor values (meta tensors have none), and for a run that trains the text encoders too (the estimate
-    models the UNet's step only: it would understate that run)."""
-    if cfg.adapter.text_encoders.enabled:
-        raise EstimateUnavailable("no memory estimate with adapter.text_encoders.enabled: it models the UNet's "
-                                  "step, not the trained text encoders' weights, adapters and activations")
+    read tensor values (meta tensors have none)."""
     try:
         return _estimate_on_meta(cfg)
     except (NotImplementedError, RuntimeError) as exc:
@@ -332,23 +355,27 @@ def _estimate_on_meta(cfg) -> MemoryEstimate:
 
     dtype = DTYPES[cfg.train.mixed_precision]
     config = unet_config(cfg.model)
-    unet = _meta_model(UNet2DConditionModel, config, dtype).requires_grad_(False)
+    unet = _meta_model(lambda: UNet2DConditionModel.from_config(config), dtype).requires_grad_(False)
     base = {t.untyped_storage()._cdata for t in _tensors(unet)}
     attach_adapter(unet, cfg.resolved_adapter)
-    adapter_state = _storage_bytes([t for t in _tensors(unet) if t.untyped_storage()._cdata not in base])
+    encoders = _meta_text_encoders(cfg, dtype)  # adapted already; their frozen weights are all that is not trainable
+    adapter_state = _storage_bytes([t for t in _tensors(unet) if t.untyped_storage()._cdata not in base] +
+                                   [p for encoder in encoders for p in encoder.parameters() if p.requires_grad])
     if cfg.model.quantize != "none":
         _quantize_for_estimate(unet, cfg.model.quantize)
-    weights = _storage_bytes(_tensors(unet)) - adapter_state
+    weights = _storage_bytes([*_tensors(unet), *(t for encoder in encoders for t in _tensors(encoder))]) - adapter_state
     if not use_latent_cache(cfg):
         weights += _vae_bytes(cfg)
-    trainable = [p for p in unet.parameters() if p.requires_grad]
+    trainable = [p for model in (unet, *encoders) for p in model.parameters() if p.requires_grad]
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
     optimizer = build_optimizer(cfg, trainable)
     if cfg.train.ema.enabled:
         adapter_state += _storage_bytes(trainable)  # the average, one copy
-    step = training_step(unet, optimizer, config, cfg, dtype)
+    for encoder in encoders:
+        encoder.train()
+    step = training_step(unet, optimizer, config, cfg, dtype, encoders=encoders)
     with accelerator_semantics(dtype), _masks_known_all_true(cfg):
         with LiveStorage() as first:
             step()
@@ -359,7 +386,7 @@ def _estimate_on_meta(cfg) -> MemoryEstimate:
     checkpointing = "on" if cfg.train.gradient_checkpointing else "off"
     setting = (f"{cfg.data.resolution} px, batch {cfg.train.batch_size}, {cfg.train.mixed_precision}, "
                f"quantize {cfg.model.quantize}, gradient checkpointing {checkpointing}, "
-               f"{cfg.adapter.label or cfg.adapter.type}")
+               f"{cfg.adapter.label or cfg.adapter.type}{' + text encoders' if encoders else ''}")
     return MemoryEstimate(weights, adapter_state, second.peak - second.peak_allocation, second.peak_allocation,
                           setting)
 
@@ -371,14 +398,18 @@ def _vae_bytes(cfg) -> int:
     from waveft.models import DTYPES
 
     config = _component_config(cfg.model, "vae", SDXL_VAE_CONFIG)
-    vae = _meta_model(AutoencoderKL, config, DTYPES[cfg.model.vae_dtype])
+    vae = _meta_model(lambda: AutoencoderKL.from_config(config), DTYPES[cfg.model.vae_dtype])
     return _storage_bytes(_tensors(vae))
 
 
-def training_step(unet, optimizer, config: dict, cfg, dtype, device="meta"):
+def training_step(unet, optimizer, config: dict, cfg, dtype, device="meta", encoders: list = ()):
     """The trainer's step on inputs of the run's shapes (zeros: only their memory matters): noisy
     latents, both encoders' hidden states, the pooled embedding and SDXL's size conditioning; the MSE in fp32
-    (accelerate returns fp32 outputs under autocast); AdamW's step. Returns it as a function."""
+    (accelerate returns fp32 outputs under autocast); AdamW's step. With `encoders` (the two adapted text encoders
+    of adapter.text_encoders), the hidden states and pooled embedding come from them, per step, on token ids, as
+    the trainer's `encode_token_ids` makes them. Returns it as a function."""
+    from waveft.train.loop import encode_token_ids
+
     batch, latent = cfg.train.batch_size, cfg.data.resolution // 8
     pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
 
@@ -386,9 +417,13 @@ def training_step(unet, optimizer, config: dict, cfg, dtype, device="meta"):
         with torch.device(device):
             noisy = torch.zeros(batch, config["in_channels"], latent, latent, dtype=dtype)
             target = torch.zeros(batch, config["in_channels"], latent, latent, dtype=torch.float32)
-            added = dict(text_embeds=torch.zeros(batch, pooled, dtype=dtype),
-                         time_ids=torch.zeros(batch, 6, dtype=dtype))
-            hidden = torch.zeros(batch, TEXT_TOKENS, config["cross_attention_dim"], dtype=dtype)
+            if encoders:
+                ids = torch.zeros(batch, TEXT_TOKENS, dtype=torch.long)
+                hidden, text_embeds = encode_token_ids(list(encoders), [ids, ids], cfg.model.text_hidden_states)
+            else:
+                hidden = torch.zeros(batch, TEXT_TOKENS, config["cross_attention_dim"], dtype=dtype)
+                text_embeds = torch.zeros(batch, pooled, dtype=dtype)
+            added = dict(text_embeds=text_embeds, time_ids=torch.zeros(batch, 6, dtype=dtype))
             prediction = unet(noisy, torch.zeros(batch, dtype=torch.long), hidden, added_cond_kwargs=added).sample
             loss = torch.nn.functional.mse_loss(prediction.float(), target)
             del prediction
