@@ -28,12 +28,10 @@ the tiny model, `merge_lora_to_weight` applies them. Its imports need gguf (the 
 import argparse
 import contextlib
 import importlib
-import importlib.abc
 import importlib.machinery
 import os
 import sys
 import tempfile
-import types
 from dataclasses import dataclass, field
 
 import torch
@@ -235,61 +233,8 @@ class TinyReference:
 # ---- putting a client on sys.path --------------------------------------------------------------------------------
 
 
-class _Unavailable:
-    """Whatever a stand-in module is asked for: usable in type annotations and class bodies, raises if called."""
-
-    def __init__(self, name):
-        self._name = name
-
-    def __getattr__(self, attribute):
-        if attribute.startswith("__"):
-            raise AttributeError(attribute)
-        return _Unavailable(f"{self._name}.{attribute}")
-
-    def __getitem__(self, item):
-        return self
-
-    def __or__(self, other):
-        return object
-
-    __ror__ = __or__
-
-    def __mro_entries__(self, bases):
-        return (object,)
-
-    def __call__(self, *args, **kwargs):
-        raise RuntimeError(f"{self._name} is a stand-in in this check (the module is not installed)")
-
-
-class StandIns(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def __init__(self, names):
-        self.names = set(names)
-
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in self.names:
-            return importlib.machinery.ModuleSpec(name, self, is_package=True)
-        return None
-
-    def create_module(self, spec):
-        module = types.ModuleType(spec.name)
-        module.__path__ = []
-
-        def attribute(name):
-            if name.startswith("__"):
-                raise AttributeError(name)
-            return _Unavailable(f"{spec.name}.{name}")
-
-        module.__getattr__ = attribute
-        return module
-
-    def exec_module(self, module):
-        pass
-
-
 def missing_packages(names, extra_path: str | None = None) -> list[str]:
     """Which of these top-level packages neither this interpreter nor `extra_path` has."""
-    import importlib.machinery
-
     path = [extra_path, *sys.path] if extra_path else sys.path
     return [name for name in names if importlib.machinery.PathFinder.find_spec(name, path) is None]
 
@@ -317,6 +262,8 @@ def argv(*args):
 
 
 def check_invokeai(source: str, files: ExportedFiles) -> list[Row]:
+    from waveft.fixtures.stand_ins import StandIns
+
     put_on_path(source)
     sys.meta_path.insert(0, StandIns(INVOKEAI_STAND_INS))
     # layer_patcher first, as InvokeAI's app imports it (its patches and model-manager packages import each other)

@@ -8,12 +8,11 @@ models SDXL never uses; the stand-in raises if one is used), parses ComfyUI's ow
 a folder in `custom_nodes/` (`nodes.load_custom_node`).
 """
 import asyncio
-import importlib.abc
-import importlib.machinery
 import importlib.util
 import sys
-import types
 from pathlib import Path
+
+from waveft.fixtures.stand_ins import StandIns
 
 REPO = Path(__file__).resolve().parents[1]
 NODE_DIR = REPO / "integrations" / "comfyui"
@@ -26,41 +25,6 @@ def comfyui_dir() -> Path | None:
         if (parent / VENDOR_PATH / "comfy" / "lora.py").is_file():
             return parent / VENDOR_PATH
     return None
-
-
-class _TorchvisionStandIn(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """`torchvision` and its submodules as modules whose every attribute raises when used."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name == "torchvision" or name.startswith("torchvision."):
-            return importlib.machinery.ModuleSpec(name, self, is_package=True)
-        return None
-
-    def create_module(self, spec):
-        module = types.ModuleType(spec.name)
-        module.__path__ = []
-
-        def unavailable(attribute):
-            if attribute.startswith("__"):
-                raise AttributeError(attribute)
-            return _Unavailable(f"{spec.name}.{attribute}")
-
-        module.__getattr__ = unavailable
-        return module
-
-    def exec_module(self, module):
-        pass
-
-
-class _Unavailable:
-    def __init__(self, name):
-        self._name = name
-
-    def __getattr__(self, attribute):
-        return _Unavailable(f"{self._name}.{attribute}")
-
-    def __call__(self, *args, **kwargs):
-        raise RuntimeError(f"{self._name}: torchvision is not installed here (a stand-in for ComfyUI's imports)")
 
 
 def import_comfyui(extra_args=()):
@@ -76,7 +40,7 @@ def import_comfyui(extra_args=()):
         import diffusers  # noqa: F401
         import transformers  # noqa: F401
 
-        sys.meta_path.append(_TorchvisionStandIn())
+        sys.meta_path.append(StandIns(["torchvision"]))
     if "comfy.cli_args" not in sys.modules:
         import comfy.options
 

@@ -1,5 +1,5 @@
-"""Shared fixtures: the built-in tiny SDXL and a synthetic subject, built once per test session (plain helpers:
-tests/helpers.py)."""
+"""Shared fixtures: the built-in tiny SDXL and a synthetic subject, built once per test session, and ComfyUI's
+real code imported (plain helpers: tests/helpers.py)."""
 import pytest
 
 
@@ -27,3 +27,16 @@ def subject_dir(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("data") / "toy_ball")
     write_synthetic_subject(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    """ComfyUI's `comfy` package imported on CPU with this project's node loaded (tests/comfyui_env.py); skips,
+    saying why, where its source is absent."""
+    from tests.comfyui_env import ABSENT, comfyui_dir, import_comfyui, load_waveft_node
+
+    if comfyui_dir() is None:
+        pytest.skip(ABSENT)
+    import_comfyui()
+    load_waveft_node()
+    return __import__("comfy")

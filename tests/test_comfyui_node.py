@@ -26,17 +26,6 @@ def native_reader():
     return module
 
 
-@pytest.fixture(scope="module")
-def comfy():
-    from tests.comfyui_env import import_comfyui, load_waveft_node
-
-    if comfyui_dir() is None:
-        pytest.skip(ABSENT)
-    import_comfyui()
-    load_waveft_node()
-    return __import__("comfy")
-
-
 def peft_merged_state(tiny_sdxl_dir, adapter) -> dict:
     """Stock PEFT: `PeftModel.from_pretrained(...).merge_and_unload()`, no project code."""
     from peft import PeftModel

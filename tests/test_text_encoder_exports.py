@@ -203,17 +203,6 @@ def assert_patched_by_the_difference(patched, merged, base, strength, tolerance,
         assert changed == LAYERS_PER_ENCODER, (what, component)
 
 
-@pytest.fixture(scope="module")
-def comfy():
-    from tests.comfyui_env import import_comfyui, load_waveft_node
-
-    if comfyui_dir() is None:
-        pytest.skip(ABSENT)
-    import_comfyui()
-    load_waveft_node()
-    return __import__("comfy")
-
-
 def encoder_states(tiny_sdxl_dir, adapter):
     """(stock PEFT's merged encoders, the base encoders): {component: state dict} each."""
     merged = {c: peft_merged_encoder(tiny_sdxl_dir, adapter, c).state_dict() for c in AdapterFolder.TEXT_ENCODERS}
