@@ -148,3 +148,16 @@ def is_linear_layer(module: torch.nn.Module) -> bool:
 def is_quantized(model: torch.nn.Module) -> bool:
     """Whether `quantize_linear_layers` quantized `model`."""
     return getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+
+
+def encode_token_ids(encoders: list, ids: list, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both encoders' hidden states concatenated, (prompts, 77, hidden 1 + hidden 2), plus encoder 2's pooled
+    projection, (prompts, projection), from each encoder's token ids. Gradients flow where the encoders have
+    trainable parameters and grad mode is on."""
+    hidden_states = []
+    for index, (encoder, token_ids) in enumerate(zip(encoders, ids, strict=True)):
+        output = encoder(token_ids, output_hidden_states=True)
+        use_last = mode == "paper" and index == 0  # the paper's training quirk: encoder 1's last_hidden_state
+        hidden_states.append(output.last_hidden_state if use_last else output.hidden_states[-2])
+        pooled = output[0]  # text_encoder_2's projected pooled embedding (kept from the last encoder)
+    return torch.cat(hidden_states, dim=-1), pooled

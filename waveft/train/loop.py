@@ -31,7 +31,7 @@ from waveft.io.files import write_text_atomic
 from waveft.io.hub import push_adapter_folder
 from waveft.io.run_folder import RunFolder, RunInfo
 from waveft.io.schema import read_yaml_mapping
-from waveft.models import DTYPES, load_sdxl
+from waveft.models import DTYPES, encode_token_ids, load_sdxl
 from waveft.train import data as dreambooth_data
 from waveft.train import sampling
 from waveft.train.checkpointing import list_checkpoints, load_checkpoint, save_checkpoint
@@ -172,19 +172,6 @@ def encode_prompts(components, prompts: list[str], mode: str, device,
                      return_tensors="pt").input_ids.to(device)
            for tokenizer in (components.tokenizer, components.tokenizer_2)]
     return encode_token_ids(encoders or [components.text_encoder, components.text_encoder_2], ids, mode)
-
-
-def encode_token_ids(encoders: list, ids: list, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both encoders' hidden states concatenated, (prompts, 77, hidden 1 + hidden 2), plus encoder 2's pooled
-    projection, (prompts, projection), from each encoder's token ids. Gradients flow where the encoders have
-    trainable parameters and grad mode is on."""
-    hidden_states = []
-    for index, (encoder, token_ids) in enumerate(zip(encoders, ids, strict=True)):
-        output = encoder(token_ids, output_hidden_states=True)
-        use_last = mode == "paper" and index == 0  # the paper's training quirk: encoder 1's last_hidden_state
-        hidden_states.append(output.last_hidden_state if use_last else output.hidden_states[-2])
-        pooled = output[0]  # text_encoder_2's projected pooled embedding (kept from the last encoder)
-    return torch.cat(hidden_states, dim=-1), pooled
 
 
 def conditioned_prompts(batch: TrainingBatch, caption_dropout: float, seed: int, step: int,
@@ -685,7 +672,9 @@ def train(cfg: RunConfig) -> TrainResult:
     if main:
         save_run(cfg, accelerator, trained_unet, text_encoders, run_info)
     accelerator.end_training()
-    print_main(f"adapter saved to {run.adapter} ({run_info.trainable_parameters:,} trainable parameters); "
+    encoders = "".join(f", {name} {record['trainable_parameters']:,}"
+                       for name, record in (run_info.text_encoders or {}).items())
+    print_main(f"adapter saved to {run.adapter} ({run_info.trainable_parameters:,} trainable parameters{encoders}); "
                f"loss curve: {run.loss_plot}")
     if main and cfg.hub.push:  # last: a failed upload leaves the finished run as it is
         push_adapter_folder(cfg.hub, run.adapter, print_main)

@@ -407,8 +407,8 @@ def training_step(unet, optimizer, config: dict, cfg, dtype, device="meta", enco
     latents, both encoders' hidden states, the pooled embedding and SDXL's size conditioning; the MSE in fp32
     (accelerate returns fp32 outputs under autocast); AdamW's step. With `encoders` (the two adapted text encoders
     of adapter.text_encoders), the hidden states and pooled embedding come from them, per step, on token ids, as
-    the trainer's `encode_token_ids` makes them. Returns it as a function."""
-    from waveft.train.loop import encode_token_ids
+    `waveft.models.encode_token_ids` makes them for the trainer. Returns it as a function."""
+    from waveft.models import encode_token_ids
 
     batch, latent = cfg.train.batch_size, cfg.data.resolution // 8
     pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
