@@ -2,7 +2,8 @@
 
     python3 scripts/estimate_vs_measured.py --model DIR [--out FILE] [-- key.sub=value ...]
 
-For a bf16, int8 and nf4 base: `waveft.train.memory_estimate.estimate_step_memory` (meta tensors, no weights)
+For a bf16, int8 and nf4 base, and the bf16 base with the text encoders trained too:
+`waveft.train.memory_estimate.estimate_step_memory` (meta tensors, no weights)
 and the step it models run for real on the model in DIR (a diffusers folder, e.g. `python3 -m waveft.tiny DIR
 --size full`): the UNet loaded and quantized as the trainer does, the run's adapter, two steps, the second
 measured (CUDA: torch.cuda.max_memory_allocated; CPU: the frozen and adapter tensors plus the storages the two
@@ -25,8 +26,12 @@ PAPER_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 
 
 def measured_step_bytes(cfg, model: str, device: torch.device) -> int:
-    """Peak memory of the run's second training step on `device`, its weights included."""
+    """Peak memory of the run's second training step on `device`, its weights included (with
+    adapter.text_encoders, both encoders' too, adapted and run in the step)."""
     from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from waveft.adapters.attach import AdaptedModel
 
     dtype = DTYPES[cfg.train.mixed_precision]
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", dtype=dtype).requires_grad_(False)
@@ -34,11 +39,20 @@ def measured_step_bytes(cfg, model: str, device: torch.device) -> int:
         quantize_linear_layers(unet, cfg.model.quantize, dtype)
     unet.to(device)
     attach_adapter(unet, cfg.resolved_adapter)
+    encoders = []
+    if cfg.adapter.text_encoders.enabled:
+        for component, model_class in (("text_encoder", CLIPTextModel),
+                                       ("text_encoder_2", CLIPTextModelWithProjection)):
+            encoder = model_class.from_pretrained(model, subfolder=component, dtype=dtype).requires_grad_(False)
+            attach_adapter(encoder.to(device), cfg.text_encoder_adapter(),
+                           which=AdaptedModel(component, "adapter.text_encoders.target_modules"))
+            encoders.append(encoder.train())
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    optimizer = build_optimizer(cfg, [p for p in unet.parameters() if p.requires_grad])
-    step = training_step(unet, optimizer, dict(unet.config), cfg, dtype, device)
+    models = [unet, *encoders]
+    optimizer = build_optimizer(cfg, [p for m in models for p in m.parameters() if p.requires_grad])
+    step = training_step(unet, optimizer, dict(unet.config), cfg, dtype, device, encoders=encoders)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         if device.type == "cuda":
             step()
@@ -47,7 +61,7 @@ def measured_step_bytes(cfg, model: str, device: torch.device) -> int:
             step()
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated()
-        model_bytes = sum(t.untyped_storage().nbytes() for t in [*unet.parameters(), *unet.buffers()])
+        model_bytes = sum(t.untyped_storage().nbytes() for m in models for t in [*m.parameters(), *m.buffers()])
         with accelerator_semantics(torch.float32), LiveStorage() as tracked:
             step()
             step()
@@ -64,8 +78,10 @@ def main(argv=None) -> None:
     lines = [f"### Estimated vs measured peak memory of a training step, configs/sdxl_waveft_paper.yaml "
              f"({device.type}{', ' + torch.cuda.get_device_name() if device.type == 'cuda' else ''})", "",
              "| base | setting | estimate (GiB) | measured (GiB) | estimate / measured |", "|---|---|---:|---:|---:|"]
-    for quantize in ("none", "int8", "nf4"):
+    # Each base, then the bf16 base with the text encoders trained too (adapter.text_encoders).
+    for quantize, text_encoders in (("none", False), ("int8", False), ("nf4", False), ("none", True)):
         cfg = load_config(PAPER_CONFIG, (f"model.pretrained={args.model}", f"model.quantize={quantize}",
+                                         f"adapter.text_encoders.enabled={str(text_encoders).lower()}",
                                          *args.overrides))
         estimate = estimate_step_memory(cfg)
         measured = measured_step_bytes(cfg, args.model, device)
