@@ -29,9 +29,9 @@ def measured_step_bytes(cfg, model: str, device: torch.device) -> int:
     """Peak memory of the run's second training step on `device`, its weights included (with
     adapter.text_encoders, both encoders' too, adapted and run in the step)."""
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from waveft.adapters.attach import AdaptedModel
+    from waveft.adapters.attach import attach_text_encoder_adapter
+    from waveft.models import TEXT_ENCODER_CLASSES, text_encoder_class
 
     dtype = DTYPES[cfg.train.mixed_precision]
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", dtype=dtype).requires_grad_(False)
@@ -41,11 +41,10 @@ def measured_step_bytes(cfg, model: str, device: torch.device) -> int:
     attach_adapter(unet, cfg.resolved_adapter)
     encoders = []
     if cfg.adapter.text_encoders.enabled:
-        for component, model_class in (("text_encoder", CLIPTextModel),
-                                       ("text_encoder_2", CLIPTextModelWithProjection)):
-            encoder = model_class.from_pretrained(model, subfolder=component, dtype=dtype).requires_grad_(False)
-            attach_adapter(encoder.to(device), cfg.text_encoder_adapter(),
-                           which=AdaptedModel(component, "adapter.text_encoders.target_modules"))
+        for component in TEXT_ENCODER_CLASSES:
+            encoder = text_encoder_class(component).from_pretrained(model, subfolder=component, dtype=dtype)
+            attach_text_encoder_adapter(encoder.requires_grad_(False).to(device), component,
+                                        cfg.text_encoder_adapter())
             encoders.append(encoder.train())
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

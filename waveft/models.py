@@ -8,6 +8,15 @@ from waveft.errors import UserError
 from waveft.hub import check_model_sources
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
+# SDXL's two CLIP text encoders: their diffusers component names and transformers classes.
+TEXT_ENCODER_CLASSES = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}
+
+
+def text_encoder_class(component: str):
+    """The transformers class of SDXL's text encoder `component` (a key of TEXT_ENCODER_CLASSES)."""
+    import transformers
+
+    return getattr(transformers, TEXT_ENCODER_CLASSES[component])
 
 
 @dataclass
@@ -39,7 +48,7 @@ def load_sdxl(model_cfg, weight_dtype: torch.dtype = torch.float32) -> SDXLCompo
     the VAE in `model.vae_dtype`. With `model.quantize`, the UNet's Linear layers are then quantized
     (`quantize_linear_layers`)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import AutoTokenizer
 
     check_model_sources(model_cfg)
     if model_cfg.builds_tiny_model():
@@ -58,14 +67,10 @@ def load_sdxl(model_cfg, weight_dtype: torch.dtype = torch.float32) -> SDXLCompo
         tokenizer_2=_load(
             "tokenizer_2", base, lambda: AutoTokenizer.from_pretrained(base, subfolder="tokenizer_2", **common)
         ),
-        text_encoder=_load(
-            "text_encoder", base, lambda: CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **weights)
-        ),
-        text_encoder_2=_load(
-            "text_encoder_2",
-            base,
-            lambda: CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2", **weights),
-        ),
+        text_encoder=_load("text_encoder", base, lambda: text_encoder_class("text_encoder").from_pretrained(
+            base, subfolder="text_encoder", **weights)),
+        text_encoder_2=_load("text_encoder_2", base, lambda: text_encoder_class("text_encoder_2").from_pretrained(
+            base, subfolder="text_encoder_2", **weights)),
         vae=_load_vae(model_cfg),
         noise_scheduler=_load(
             "scheduler", base, lambda: DDPMScheduler.from_pretrained(base, subfolder="scheduler", **common)

@@ -151,6 +151,12 @@ def attach_adapter(model, adapter, adapter_name: str = "default", total_steps: O
     return AttachedAdapter(adapter, adapted_layers(model))
 
 
+def attach_text_encoder_adapter(encoder, component: str, adapter) -> AttachedAdapter:
+    """`attach_adapter` on SDXL's text encoder `component`, its messages naming it and the setting its target
+    modules come from (`adapter`: `RunConfig.text_encoder_adapter()`)."""
+    return attach_adapter(encoder, adapter, which=AdaptedModel(component, "adapter.text_encoders.target_modules"))
+
+
 def format_adapter_table(rows: list[AdaptedLayer]) -> str:
     """One line per distinct layer shape: how many layers, trainable parameters per layer and in total."""
     by_shape: dict[tuple, list[AdaptedLayer]] = {}

@@ -17,8 +17,6 @@ from waveft.io.adapter_folder import PEFT_MODEL_PREFIX, AdapterFolder, load_adap
 KOHYA_UNET_PREFIX = "lora_unet_"
 # kohya's, ComfyUI's and A1111's names of SDXL's two CLIP encoders (ComfyUI's `model_lora_keys_clip`).
 KOHYA_TEXT_ENCODER_PREFIXES = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
-# The transformers class of each SDXL text encoder (diffusers' StableDiffusionXLPipeline's components).
-TEXT_ENCODER_CLASSES = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}
 UNET = "unet"
 
 
@@ -167,11 +165,12 @@ def unet_skeleton(config: dict) -> torch.nn.Module:
 
 
 def text_encoder_skeleton(config, component: str) -> torch.nn.Module:
-    """A text encoder (`component` in TEXT_ENCODER_CLASSES) built as `unet_skeleton` builds the UNet."""
-    import transformers
+    """A text encoder (`component` in waveft.models.TEXT_ENCODER_CLASSES) built as `unet_skeleton` builds the
+    UNet."""
+    from waveft.models import text_encoder_class
 
     with torch.device("meta"):
-        encoder = getattr(transformers, TEXT_ENCODER_CLASSES[component])(config)
+        encoder = text_encoder_class(component)(config)
     return _weightless_linears(encoder)
 
 

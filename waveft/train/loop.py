@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from waveft.adapters.attach import AdaptedModel, AttachedAdapter, attach_adapter, format_model_table
+from waveft.adapters.attach import AttachedAdapter, attach_adapter, attach_text_encoder_adapter, format_model_table
 from waveft.config import RunConfig, config_to_dict, save_config
 from waveft.errors import UserError
 from waveft.export.run_exports import check_export_fits, export_run, planned_exports
@@ -337,15 +337,15 @@ def attach_checked_adapters(cfg: RunConfig, components, print_main) -> AttachedM
     text_adapter = cfg.text_encoder_adapter()
     if text_adapter is None:
         return AttachedModels(unet, {})
-    text_encoders = {name: attach_adapter(getattr(components, name), text_adapter,
-                                          which=AdaptedModel(name, "adapter.text_encoders.target_modules"))
+    text_encoders = {name: attach_text_encoder_adapter(getattr(components, name), name, text_adapter)
                      for name in AdapterFolder.TEXT_ENCODERS}
     print_main(format_model_table({"UNet": unet, **text_encoders}))
     return AttachedModels(unet, text_encoders)
 
 
 def adapter_record(attached: AttachedAdapter) -> dict:
-    """A text encoder's adapter in run_info.json (the UNet's has the same keys at the record's top level)."""
+    """One model's adapter in run_info.json: the UNet's at the record's top level, each text encoder's under
+    `text_encoders.<component>`."""
     return {"trainable_parameters": attached.trainable_parameters, "adapted_layers": len(attached.layers),
             "layer_shapes": {layer.name: [layer.out_features, layer.in_features] for layer in attached.layers},
             **(attached.budget.run_info() if attached.budget is not None else {})}
@@ -379,9 +379,7 @@ def describe_run(cfg: RunConfig, models: AttachedModels, state: LoopState, train
         seed=cfg.seed,
         implementation=adapter.implementation,
         budget=adapter.budget,
-        trainable_parameters=attached.trainable_parameters,
-        adapted_layers=len(attached.layers),
-        layer_shapes={layer.name: [layer.out_features, layer.in_features] for layer in attached.layers},
+        **adapter_record(attached),
         text_encoders={name: adapter_record(a) for name, a in models.text_encoders.items()} or None,
         subject=cfg.data.subject or os.path.basename(os.path.normpath(cfg.data.instance_dir)),
         class_noun=cfg.data.class_noun,
@@ -392,7 +390,6 @@ def describe_run(cfg: RunConfig, models: AttachedModels, state: LoopState, train
         steps=state.global_step,
         final_loss=state.loss,
         train_seconds=round(train_seconds, 2),
-        **(attached.budget.run_info() if attached.budget is not None else {}),
         peak_memory_bytes=memory,
         peak_memory_kind=memory_kind,
         train_losses=state.train_losses,
@@ -435,7 +432,7 @@ class Training:
             self.ema.restore(self.params)
 
 
-def prepare_training(cfg: RunConfig, accelerator, unet, text_encoders: dict, dataset) -> Training:
+def prepare_training(cfg: RunConfig, accelerator, unet, text_encoders: dict) -> Training:
     """`text_encoders`: {component: adapted encoder} when they train (their adapters are a parameter group with
     adapter.text_encoders.learning_rate), else {}."""
     from diffusers.optimization import get_scheduler
@@ -592,7 +589,7 @@ def train(cfg: RunConfig) -> TrainResult:
         vae.to("cpu")  # every latent is cached: the loop never encodes
 
     training = prepare_training(cfg, accelerator, unet,
-                                {name: getattr(components, name) for name in attached.text_encoders}, dataset)
+                                {name: getattr(components, name) for name in attached.text_encoders})
     text = text.running(training.prepared_text_encoders)
     if main and cfg.train.report_to != "none":
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)

@@ -305,21 +305,20 @@ def _meta_model(make, dtype: torch.dtype):
 def _meta_text_encoders(cfg, dtype: torch.dtype) -> list:
     """With adapter.text_encoders: both CLIP encoders from their config files, on the meta device in the run's
     dtype (as the trainer loads them), with the run's adapter; else []."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig
 
-    from waveft.adapters.attach import AdaptedModel, attach_adapter
+    from waveft.adapters.attach import attach_text_encoder_adapter
     from waveft.fixtures.tiny import SDXL_TEXT_ENCODER_2_CONFIG, SDXL_TEXT_ENCODER_CONFIG
+    from waveft.models import text_encoder_class
 
     if not cfg.adapter.text_encoders.enabled:
         return []
     encoders = []
-    for component, model_class, shipped in (("text_encoder", CLIPTextModel, SDXL_TEXT_ENCODER_CONFIG),
-                                            ("text_encoder_2", CLIPTextModelWithProjection,
-                                             SDXL_TEXT_ENCODER_2_CONFIG)):
+    for component, shipped in (("text_encoder", SDXL_TEXT_ENCODER_CONFIG),
+                               ("text_encoder_2", SDXL_TEXT_ENCODER_2_CONFIG)):
         config = CLIPTextConfig.from_dict(_component_config(cfg.model, component, shipped))
-        encoder = _meta_model(functools.partial(model_class, config), dtype).requires_grad_(False)
-        attach_adapter(encoder, cfg.text_encoder_adapter(),
-                       which=AdaptedModel(component, "adapter.text_encoders.target_modules"))
+        encoder = _meta_model(functools.partial(text_encoder_class(component), config), dtype).requires_grad_(False)
+        attach_text_encoder_adapter(encoder, component, cfg.text_encoder_adapter())
         encoders.append(encoder)
     return encoders
 
