@@ -240,32 +240,18 @@ def missing_packages(names, extra_path: str | None = None) -> list[str]:
 
 
 def put_on_path(*folders) -> None:
-    # diffusers and transformers note which optional packages exist when first imported: before any stand-in.
-    import diffusers.utils.import_utils  # noqa: F401
-    import transformers.utils.import_utils  # noqa: F401
-
     for folder in reversed(folders):
         sys.path.insert(0, os.path.abspath(folder))
-
-
-@contextlib.contextmanager
-def argv(*args):
-    saved = sys.argv
-    sys.argv = [saved[0], *args]
-    try:
-        yield
-    finally:
-        sys.argv = saved
 
 
 # ---- InvokeAI ----------------------------------------------------------------------------------------------------
 
 
-def check_invokeai(source: str, files: ExportedFiles) -> list[Row]:
-    from waveft.fixtures.stand_ins import StandIns
+def check_invokeai(source: str, files: ExportedFiles, reference: "TinyReference") -> list[Row]:
+    from waveft.fixtures.stand_ins import install_stand_ins
 
     put_on_path(source)
-    sys.meta_path.insert(0, StandIns(INVOKEAI_STAND_INS))
+    install_stand_ins(INVOKEAI_STAND_INS)
     # layer_patcher first, as InvokeAI's app imports it (its patches and model-manager packages import each other)
     importlib.import_module("invokeai.backend.patches.layer_patcher")
     from diffusers import UNet2DConditionModel
@@ -314,7 +300,6 @@ def check_invokeai(source: str, files: ExportedFiles) -> list[Row]:
             row.problems.append(f"probed as {config and (config.type, config.base, config.format)}")
 
     rows = []
-    reference = TinyReference.build(files)
     for label, path in files.tiny.items():
         state = load_file(path)
         row = Row(f"tiny {label}", len(state))
@@ -355,9 +340,11 @@ def check_invokeai(source: str, files: ExportedFiles) -> list[Row]:
 # ---- Forge -------------------------------------------------------------------------------------------------------
 
 
-def check_forge(source: str, files: ExportedFiles) -> list[Row]:
+def check_forge(source: str, files: ExportedFiles, reference: "TinyReference") -> list[Row]:
+    from waveft.fixtures.stand_ins import command_line
+
     put_on_path(source, os.path.join(source, "repositories", "huggingface_guess"))
-    with argv("--always-cpu"):  # Forge's backend reads its command line when imported
+    with command_line("--always-cpu"):  # Forge's backend reads its command line when imported
         import huggingface_guess
         from backend.modules.k_model import KModel
         from backend.nn.unet import IntegratedUNet2DConditionModel
@@ -407,7 +394,6 @@ def check_forge(source: str, files: ExportedFiles) -> list[Row]:
         row.mapped = len(state) - len(unmatched)
         rows.append(row)
 
-    reference = TinyReference.build(files)
     tiny_keys = {kohya_name(name): f"{name}.weight" for name in reference.base}  # the tiny UNet, diffusers' layout
     for label, path in files.tiny.items():
         state = load_file(path)
@@ -452,11 +438,12 @@ def main(argv_=None) -> None:
     with contextlib.ExitStack() as stack:
         work = args.work or stack.enter_context(tempfile.TemporaryDirectory(prefix="client-loaders-"))
         files = build_files(work)
+        reference = TinyReference.build(files)  # PEFT's merge, which every client's applied weights are held to
         tables = {}
         if args.invokeai:
-            tables["InvokeAI"] = check_invokeai(args.invokeai, files)
+            tables["InvokeAI"] = check_invokeai(args.invokeai, files, reference)
         if args.forge:
-            tables["Forge"] = check_forge(args.forge, files)
+            tables["Forge"] = check_forge(args.forge, files, reference)
     for client, rows in tables.items():
         print_table(client, rows)
     failed = [f"{client} {row.file}" for client, rows in tables.items() for row in rows if not row.ok]

@@ -12,7 +12,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from waveft.fixtures.stand_ins import StandIns
+from waveft.fixtures.stand_ins import command_line, install_stand_ins
 
 REPO = Path(__file__).resolve().parents[1]
 NODE_DIR = REPO / "integrations" / "comfyui"
@@ -35,21 +35,13 @@ def import_comfyui(extra_args=()):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
     if importlib.util.find_spec("torchvision") is None:
-        # diffusers and transformers note at import which packages exist (and parse their versions): they must
-        # see that torchvision is absent before the stand-in makes it findable.
-        import diffusers  # noqa: F401
-        import transformers  # noqa: F401
-
-        sys.meta_path.append(StandIns(["torchvision"]))
+        install_stand_ins(["torchvision"])
     if "comfy.cli_args" not in sys.modules:
         import comfy.options
 
         comfy.options.enable_args_parsing()
-        argv, sys.argv = sys.argv, [sys.argv[0], "--cpu", *extra_args]
-        try:
+        with command_line("--cpu", *extra_args):
             import comfy.cli_args  # noqa: F401  (parses sys.argv once, at import)
-        finally:
-            sys.argv = argv
     import comfy.lora
     import comfy.sd
     import comfy.utils  # noqa: F401

@@ -37,8 +37,6 @@ class WaveFTAdapter(WeightAdapterBase):
         if loaded_keys is None:
             loaded_keys = set()
         try:
-            if VERSION_KEY not in lora:
-                raise NativeFormatError(f"the file lacks {VERSION_KEY}")
             check_version(lora)
             layer = NativeLayer(x, lora)
         except NativeFormatError as exc:

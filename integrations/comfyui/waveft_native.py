@@ -32,6 +32,9 @@ def is_native_file(tensors) -> bool:
 
 
 def check_version(tensors) -> None:
+    """A file this reader can read: it has a format version, and not a newer one."""
+    if VERSION_KEY not in tensors:
+        raise NativeFormatError(f"the file lacks {VERSION_KEY}")
     version = int(tensors[VERSION_KEY].item())
     if version > FORMAT_VERSION:
         raise NativeFormatError(f"written by WaveFT format version {version}; this node reads version "
@@ -105,8 +108,3 @@ def _synthesize_last_axis(low: torch.Tensor, high: torch.Tensor, bank: torch.Ten
     full = full[:, crop: full.shape[1] - crop]
     start = (full.shape[1] - length) // 2
     return full[:, start: start + length]
-
-
-def layer_names(tensors) -> list[str]:
-    """The kohya names of the file's layers."""
-    return sorted(k.removesuffix(SPECTRUM) for k in tensors if k.endswith(SPECTRUM))
