@@ -99,13 +99,13 @@ def test_the_reader_gives_peft_s_difference_for_every_wavelet_the_project_accept
     from peft import WaveFTConfig, get_peft_model
     from peft.tuners.waveft.constants import WAVELET_REDUCTIONS
 
-    from waveft.adapters.methods import peft_runnable_wavelets
     from waveft.adapters.structured_waveft import enable_structured_waveft
+    from waveft.adapters.structured_waveft.layer import peft_runnable_wavelets
     from waveft.export.native import native_tensors
     from waveft.export.source import ExportLayer
 
     reader = native_reader()
-    runnable = peft_runnable_wavelets() - {"coif5"}  # PEFT's coif5 table is wrong (48 taps): its layer fails
+    runnable = peft_runnable_wavelets()
     for wavelet in WAVELET_REDUCTIONS if use_idwt else ["db1"]:
         for out_features, in_features in [(63, 37), (40, 80)]:
             config = WaveFTConfig(target_modules=["0"], n_frequency=200, wavelet_family=wavelet, use_idwt=use_idwt,

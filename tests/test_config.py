@@ -65,11 +65,12 @@ def test_bad_settings_name_the_key(tmp_path, tree, overrides, message):
         load_config(write(tmp_path, tree), overrides)
 
 
-def test_long_wavelet_is_refused_only_for_stock_peft(tmp_path):
+@pytest.mark.parametrize("wavelet", ["db12", "coif5"])  # coif5: in PEFT's table, with the wrong number of taps
+def test_long_wavelet_is_refused_only_for_stock_peft(tmp_path, wavelet):
     path = write(tmp_path, MINIMAL)
-    assert load_config(path, ("adapter.peft.wavelet_family=db12",)).adapter.peft["wavelet_family"] == "db12"
+    assert load_config(path, (f"adapter.peft.wavelet_family={wavelet}",)).adapter.peft["wavelet_family"] == wavelet
     with pytest.raises(UserError, match="cannot run it"):
-        load_config(path, ("adapter.peft.wavelet_family=db12", "adapter.implementation=peft"))
+        load_config(path, (f"adapter.peft.wavelet_family={wavelet}", "adapter.implementation=peft"))
 
 
 @pytest.mark.slow

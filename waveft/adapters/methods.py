@@ -92,14 +92,10 @@ class Method:
 WAVEFT_PAPER_DEFAULTS = dict(n_frequency=2592, scaling=25.0, wavelet_family="db1", random_loc_seed=777)
 
 
-def peft_runnable_wavelets() -> set:
-    from peft.tuners.waveft.wavelet import wavelist
-
-    return set(wavelist())
-
-
 def _check_waveft_settings(adapter) -> None:
     from peft.tuners.waveft.constants import WAVELET_REDUCTIONS
+
+    from waveft.adapters.structured_waveft.layer import peft_runnable_wavelets
 
     wavelet = adapter.settings["wavelet_family"]
     if wavelet not in WAVELET_REDUCTIONS:
@@ -110,7 +106,7 @@ def _check_waveft_settings(adapter) -> None:
     if adapter.implementation == "peft" and wavelet not in peft_runnable_wavelets():
         raise UserError(
             f"{adapter.source}: wavelet {wavelet!r} is accepted by PEFT's config but its WaveFT layer cannot run it; "
-            f"use adapter.implementation=structured or one of db1-db10, sym2-sym10, coif1-coif5"
+            f"use adapter.implementation=structured or one of db1-db10, sym2-sym10, coif1-coif4"
         )
 
 

@@ -14,6 +14,7 @@ column gathers and scatters on token-major tensors would be several times slower
 `u^T` from the saved input instead of keeping it, so the layer saves what LoRA's `lora_A` saves: its input.
 """
 import contextlib
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -42,16 +43,23 @@ def peft_compatible_filters(name: str) -> WaveletFilters:
     48 taps instead of 30 and fails in PEFT's forward, so PyWavelets' coif5 is used, like every wavelet
     PEFT's config accepts but its table lacks.
     """
-    filters = wavelet_filters(name)
-    if name in peft_wavelet.wavelist():
+    if name in peft_runnable_wavelets():
         peft_filters = peft_wavelet.Wavelet(name)
-        if len(peft_filters.rec_lo) == filters.length:
-            return WaveletFilters(name, tuple(peft_filters.rec_lo), tuple(peft_filters.rec_hi))
+        return WaveletFilters(name, tuple(peft_filters.rec_lo), tuple(peft_filters.rec_hi))
     warnings.warn(
         f"wavelet {name!r}: stock PEFT cannot run it (its filter table lacks it or has it wrong), so an adapter "
         f"trained here with it loads in stock PEFT but fails there at the first forward"
     )
-    return filters
+    return wavelet_filters(name)
+
+
+@functools.cache
+def peft_runnable_wavelets() -> frozenset[str]:
+    """The wavelets stock PEFT's WaveFT layer runs: those of its filter table with their true number of taps
+    (db1-db10, sym2-sym10, coif1-coif4; its coif5 has 48 taps instead of 30 and fails in its forward). Cached:
+    every layer's plan asks."""
+    return frozenset(name for name in peft_wavelet.wavelist()
+                     if len(peft_wavelet.Wavelet(name).rec_lo) == wavelet_filters(name).length)
 
 
 @dataclass(frozen=True)
