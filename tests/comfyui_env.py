@@ -20,11 +20,17 @@ VENDOR_PATH = Path("shared") / "vendor" / "ComfyUI"
 ABSENT = f"ComfyUI's source is not at ../{VENDOR_PATH} beside the checkout (nor beside a folder above it)"
 
 
-def comfyui_dir() -> Path | None:
+def vendored_source(name: str, marker: str) -> Path | None:
+    """`shared/vendor/<name>` beside the checkout or beside a folder above it (as for a worktree), where it holds
+    the file `marker`; else None."""
     for parent in REPO.parents:
-        if (parent / VENDOR_PATH / "comfy" / "lora.py").is_file():
-            return parent / VENDOR_PATH
+        if (parent / "shared" / "vendor" / name / marker).is_file():
+            return parent / "shared" / "vendor" / name
     return None
+
+
+def comfyui_dir() -> Path | None:
+    return vendored_source(VENDOR_PATH.name, "comfy/lora.py")
 
 
 def import_comfyui(extra_args=()):

@@ -33,10 +33,9 @@ def subject_dir(tmp_path_factory) -> str:
 def comfy():
     """ComfyUI's `comfy` package imported on CPU with this project's node loaded (tests/comfyui_env.py); skips,
     saying why, where its source is absent."""
-    from tests.comfyui_env import ABSENT, comfyui_dir, import_comfyui, load_waveft_node
+    from tests.comfyui_env import ABSENT, comfyui_dir, load_waveft_node
 
     if comfyui_dir() is None:
         pytest.skip(ABSENT)
-    import_comfyui()
-    load_waveft_node()
+    load_waveft_node()  # imports ComfyUI first
     return __import__("comfy")

@@ -124,6 +124,13 @@ def run_tiny_training(tiny_sdxl_dir, subject_dir, output_dir, *overrides, env=No
         cwd=REPO, capture_output=True, text=True, env=env)
 
 
+def load_text_encoder(tiny_sdxl_dir, component: str):
+    """One of the tiny model's text encoders (`component`: text_encoder, text_encoder_2), as saved."""
+    from waveft.models import text_encoder_class
+
+    return text_encoder_class(component).from_pretrained(tiny_sdxl_dir, subfolder=component)
+
+
 def fresh_unet(tiny_sdxl_dir):
     from diffusers import UNet2DConditionModel
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from scripts.check_client_loaders import FORGE_PACKAGES, INVOKEAI_PACKAGES, missing_packages
+from tests.comfyui_env import vendored_source
 
 REPO = Path(__file__).resolve().parents[1]
 CLIENT_CACHE = REPO / ".cache" / "clients"  # scripts/fetch_client_sources.sh
@@ -21,10 +22,9 @@ CLIENTS = {"--invokeai": ("InvokeAI", "invokeai/backend/patches/layer_patcher.py
 
 def source_dir(name: str, marker: str) -> Path | None:
     """.cache/clients/<name>, or shared/vendor/<name> beside the checkout or a folder above it (a worktree)."""
-    for folder in [CLIENT_CACHE / name, *(parent / "shared" / "vendor" / name for parent in REPO.parents)]:
-        if (folder / marker).is_file():
-            return folder
-    return None
+    if (CLIENT_CACHE / name / marker).is_file():
+        return CLIENT_CACHE / name
+    return vendored_source(name, marker)
 
 
 def client_arguments() -> list[str]:

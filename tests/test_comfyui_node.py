@@ -11,11 +11,9 @@ import os
 import pytest
 import torch
 
-from tests.comfyui_env import ABSENT, NODE_DIR, comfyui_dir
+from tests.comfyui_env import NODE_DIR
 from tests.test_export import assert_one_line_error, export, load_unet, make_adapter
 from waveft.export.source import kohya_name
-
-needs_comfyui = pytest.mark.skipif(comfyui_dir() is None, reason=ABSENT)
 
 
 def native_reader():
@@ -39,7 +37,7 @@ def adapted_weight_keys(adapter) -> dict[str, str]:
         return {kohya_name(name): f"{name}.weight" for name in json.load(f)["layer_shapes"]}
 
 
-def comfy_patched(comfy, native_file, key_map, base_state, strength=1.0, caplog=None):
+def comfy_patched(comfy, native_file, key_map, base_state, strength=1.0):
     """Each weight as `comfy.lora.calculate_weight` patches it with what `comfy.lora.load_lora` made of the file."""
     tensors = comfy.utils.load_torch_file(str(native_file), safe_load=True)
     patches = comfy.lora.load_lora(tensors, key_map)
@@ -48,7 +46,6 @@ def comfy_patched(comfy, native_file, key_map, base_state, strength=1.0, caplog=
                      for key, patch in patches.items()}
 
 
-@needs_comfyui
 @pytest.mark.parametrize("mode", [{}, {"use_idwt": False}], ids=["waveft", "shira-mode"])
 def test_comfyui_patches_every_weight_as_peft_merges_it(comfy, tiny_sdxl_dir, tmp_path, mode, caplog):
     adapter = make_adapter(tmp_path / "adapter", tiny_sdxl_dir, "waveft", peft=mode)
@@ -70,7 +67,6 @@ def test_comfyui_patches_every_weight_as_peft_merges_it(comfy, tiny_sdxl_dir, tm
         assert (halved[key] - (base[key] + 0.5 * delta)).abs().max() <= 1e-5 * largest, key
 
 
-@needs_comfyui
 @pytest.mark.parametrize("fmt, options, tolerance", [("full-diff", {"dtype": "fp32"}, 1e-5),
                                                      ("lora", {"energy": 1.0, "dtype": "fp32"}, 1e-3)])
 def test_comfyui_loads_the_full_diff_and_lora_files_as_well(comfy, tiny_sdxl_dir, tmp_path, fmt, options, tolerance,
@@ -151,7 +147,7 @@ def test_export_says_the_native_size_beside_the_peft_file_and_writes_its_metadat
 
     adapter = make_adapter(tmp_path / "adapter", tiny_sdxl_dir, "waveft")
     said = []
-    result = export_adapter_saying(adapter, tmp_path / "native.safetensors", said)
+    result = export(adapter, tmp_path / "native.safetensors", "waveft", say=said.append)
     assert any("native WaveFT file" in line and "the PEFT weights file" in line for line in said), said
     with safe_open(result.path, framework="pt") as f:
         metadata = f.metadata()
@@ -159,13 +155,6 @@ def test_export_says_the_native_size_beside_the_peft_file_and_writes_its_metadat
     assert metadata["waveft.wavelet"] == "db1" and metadata["waveft.use_idwt"] == "true"
     assert metadata["waveft.trainable_parameters"] == str(64 * 300) and metadata["waveft.dtype"] == "fp32"
     assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
-
-
-def export_adapter_saying(adapter, out, said):
-    from waveft.export.writer import ExportRequest, export_adapter
-
-    return export_adapter(ExportRequest(adapter=adapter, format="waveft", out=str(out)), progress=False,
-                          say=said.append)
 
 
 def test_the_node_package_needs_nothing_beyond_comfyui():
@@ -180,7 +169,6 @@ def test_the_node_package_needs_nothing_beyond_comfyui():
     assert imported <= {"torch", "comfy", "folder_paths", "logging", "weakref"}, imported
 
 
-@needs_comfyui
 def test_comfyui_reads_the_package_s_registry_table(comfy):
     from comfy_config import config_parser
 
@@ -214,7 +202,6 @@ def test_a_truncated_adapter_file_is_one_line(tiny_sdxl_dir, tmp_path, capsys):
                           contains=(weights, "damaged adapter weights"))
 
 
-@needs_comfyui
 def test_comfyui_logs_a_layer_of_another_shape_and_leaves_the_weight(comfy, tiny_sdxl_dir, tmp_path, caplog):
     adapter = make_adapter(tmp_path / "adapter", tiny_sdxl_dir, "waveft")
     native = export(adapter, tmp_path / "native.safetensors", "waveft").path
@@ -231,7 +218,6 @@ def test_comfyui_logs_a_layer_of_another_shape_and_leaves_the_weight(comfy, tiny
     assert name in message and "64x64 in the file" in message and "96x96" in message and "\n" not in message
 
 
-@needs_comfyui
 def test_comfyui_logs_a_newer_format_version_once_and_applies_nothing(comfy, tiny_sdxl_dir, tmp_path, caplog):
     from safetensors.torch import load_file, save_file
 
@@ -248,7 +234,6 @@ def test_comfyui_logs_a_newer_format_version_once_and_applies_nothing(comfy, tin
     assert "format version 2" in message and "update the WaveFT custom node" in message
 
 
-@needs_comfyui
 def test_load_waveft_node_refuses_a_file_that_is_not_waveft(comfy, tiny_sdxl_dir, tmp_path):
     import folder_paths
     import nodes

@@ -71,9 +71,9 @@ def lora_pipeline_output(tiny_sdxl_dir, lora_file):
     return unet_output(pipe.unet)
 
 
-def export(adapter, out, fmt, **kwargs):
+def export(adapter, out, fmt, say=lambda *_: None, **kwargs):
     return export_adapter(ExportRequest(adapter=adapter, format=fmt, out=str(out), **kwargs), progress=False,
-                          say=lambda *_: None)
+                          say=say)
 
 
 def apply_full_diff(unet, path) -> int:

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import REPO, fresh_unet
+from tests.helpers import REPO, fresh_unet, load_text_encoder
 from waveft.config import load_config
 from waveft.train.memory_estimate import LiveStorage, estimate_step_memory, training_step
 
@@ -168,13 +168,10 @@ def test_a_method_whose_layers_read_values_has_no_estimate_and_its_run_still_sta
 
 def adapted_encoder(tiny_sdxl_dir, cfg, component):
     """A tiny text encoder loaded as the trainer loads it, with the run's adapter."""
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    from waveft.adapters.attach import attach_text_encoder_adapter
 
-    from waveft.adapters.attach import attach_adapter
-
-    model_class = CLIPTextModel if component == "text_encoder" else CLIPTextModelWithProjection
-    encoder = model_class.from_pretrained(tiny_sdxl_dir, subfolder=component).requires_grad_(False)
-    attach_adapter(encoder, cfg.text_encoder_adapter())
+    encoder = load_text_encoder(tiny_sdxl_dir, component)
+    attach_text_encoder_adapter(encoder.requires_grad_(False), component, cfg.text_encoder_adapter())
     return encoder
 
 

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from tests.helpers import assert_resumed_not_redone, run_tiny_training, tiny_cfg
+from tests.helpers import assert_resumed_not_redone, load_text_encoder, run_tiny_training, tiny_cfg
 from waveft.config import load_config
 from waveft.errors import UserError
 from waveft.io.adapter_folder import AdapterFolder
@@ -18,12 +18,6 @@ TEXT_ENCODERS = AdapterFolder.TEXT_ENCODERS
 SETTINGS = ("adapter.text_encoders.enabled=true", "adapter.text_encoders.learning_rate=3e-3", "train.max_steps=4",
             "train.checkpointing_steps=2", "train.checkpoints_total_limit=3", "train.resume=latest",
             "train.ema.enabled=true", "train.ema.decay=0.8", "validation.loss.every_steps=2")
-
-
-def encoder_class(component: str):
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    return {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}[component]
 
 
 def load_weights(folder) -> dict:
@@ -79,7 +73,7 @@ def test_saved_text_encoder_adapters_load_in_stock_peft_and_reproduce_the_traine
     assert set(adapter.text_encoder_adapters()) == set(TEXT_ENCODERS)
     ids = torch.randint(0, 500, (2, 77), generator=torch.Generator().manual_seed(0))
     for name in TEXT_ENCODERS:
-        base = encoder_class(name).from_pretrained(tiny_sdxl_dir, subfolder=name)
+        base = load_text_encoder(tiny_sdxl_dir, name)
         reloaded = PeftModel.from_pretrained(base, adapter.text_encoder(name).root)
         trained_encoder = result.text_encoders[name]
         with torch.no_grad():
@@ -120,7 +114,7 @@ def test_run_info_and_model_card_name_the_text_encoders(trained, tiny_sdxl_dir):
     adapter = AdapterFolder(os.path.join(cfg.output_dir, "adapter"))
     for name in TEXT_ENCODERS:
         record = info["text_encoders"][name]
-        projections = {n for n, _ in encoder_class(name).from_pretrained(tiny_sdxl_dir, subfolder=name).named_modules()
+        projections = {n for n, _ in load_text_encoder(tiny_sdxl_dir, name).named_modules()
                        if n.endswith(("q_proj", "k_proj", "v_proj", "out_proj"))}
         assert record["adapted_layers"] == 12 and record["layer_shapes"] == {n: [32, 32] for n in projections}
     card = open(adapter.model_card).read()
@@ -207,7 +201,7 @@ def test_every_method_but_adalora_adapts_a_clip_encoder_and_loads_back_in_stock_
     cfg = load_config(None, ("output_dir=/tmp/x", "data.instance_dir=/tmp/y", f"adapter.type={method}",
                              "adapter.text_encoders.enabled=true",
                              *(f"adapter.peft.{k}={v}" for k, v in METHOD_SETTINGS[method].items())))
-    encoder = encoder_class("text_encoder_2").from_pretrained(tiny_sdxl_dir, subfolder="text_encoder_2")
+    encoder = load_text_encoder(tiny_sdxl_dir, "text_encoder_2")
     attached = attach_adapter(encoder, cfg.text_encoder_adapter(), which=AdaptedModel("text_encoder_2", "x"))
     assert len(attached.layers) == 12 and attached.trainable_parameters > 0
     torch.manual_seed(0)
@@ -218,7 +212,7 @@ def test_every_method_but_adalora_adapts_a_clip_encoder_and_loads_back_in_stock_
     with torch.no_grad():
         expected = encoder(ids).text_embeds
     _write_peft_files(encoder, AdapterFolder(str(tmp_path)), "default")
-    base = encoder_class("text_encoder_2").from_pretrained(tiny_sdxl_dir, subfolder="text_encoder_2")
+    base = load_text_encoder(tiny_sdxl_dir, "text_encoder_2")
     with torch.no_grad():
         unadapted = base(ids).text_embeds
         loaded = PeftModel.from_pretrained(base, str(tmp_path))(input_ids=ids).text_embeds

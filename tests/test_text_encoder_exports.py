@@ -10,22 +10,14 @@ import shutil
 import pytest
 import torch
 
-from tests.comfyui_env import ABSENT, comfyui_dir
+from tests.helpers import load_text_encoder
 from tests.test_export import export, make_adapter
 from waveft.io.adapter_folder import AdapterFolder
 
-needs_comfyui = pytest.mark.skipif(comfyui_dir() is None, reason=ABSENT)
 TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 KOHYA = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 LAYERS_PER_ENCODER = 3 * len(TARGETS)  # the tiny encoders' 3 layers
 PROMPT = "a zjw ball on the beach"
-
-
-def load_encoder(tiny_sdxl_dir, component):
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    cls = CLIPTextModel if component == "text_encoder" else CLIPTextModelWithProjection
-    return cls.from_pretrained(tiny_sdxl_dir, subfolder=component)
 
 
 def peft_config(method):
@@ -42,7 +34,7 @@ def add_text_encoder_adapters(adapter, tiny_sdxl_dir, method) -> None:
     from peft import get_peft_model
 
     for seed, component in enumerate(AdapterFolder.TEXT_ENCODERS):
-        model = get_peft_model(load_encoder(tiny_sdxl_dir, component), peft_config(method))
+        model = get_peft_model(load_text_encoder(tiny_sdxl_dir, component), peft_config(method))
         torch.manual_seed(seed)
         for param in model.parameters():
             if param.requires_grad:
@@ -50,12 +42,22 @@ def add_text_encoder_adapters(adapter, tiny_sdxl_dir, method) -> None:
         model.save_pretrained(AdapterFolder(adapter).text_encoder(component).root)
 
 
+def adapter_with_encoders(method, tiny_sdxl_dir, tmp_path_factory) -> str:
+    """A UNet adapter (as the export tests make it) plus both text encoders' adapters, of one method."""
+    path = make_adapter(tmp_path_factory.mktemp("te") / method, tiny_sdxl_dir, method)
+    add_text_encoder_adapters(path, tiny_sdxl_dir, method)
+    return path
+
+
 @pytest.fixture(scope="module", params=["waveft", "lora"])
 def adapter(request, tiny_sdxl_dir, tmp_path_factory) -> str:
-    """A UNet adapter (as the export tests make it) plus both text encoders' adapters, of one method."""
-    path = make_adapter(tmp_path_factory.mktemp("te") / request.param, tiny_sdxl_dir, request.param)
-    add_text_encoder_adapters(path, tiny_sdxl_dir, request.param)
-    return path
+    return adapter_with_encoders(request.param, tiny_sdxl_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def waveft_adapter(tiny_sdxl_dir, tmp_path_factory) -> str:
+    """The WaveFT one alone: what WaveFT's own file (and the Load WaveFT node) holds."""
+    return adapter_with_encoders("waveft", tiny_sdxl_dir, tmp_path_factory)
 
 
 def peft_merged_encoder(tiny_sdxl_dir, adapter, component):
@@ -63,7 +65,7 @@ def peft_merged_encoder(tiny_sdxl_dir, adapter, component):
     from peft import PeftModel
 
     subfolder = AdapterFolder(adapter).text_encoder(component).root
-    return PeftModel.from_pretrained(load_encoder(tiny_sdxl_dir, component), subfolder).merge_and_unload()
+    return PeftModel.from_pretrained(load_text_encoder(tiny_sdxl_dir, component), subfolder).merge_and_unload()
 
 
 # ---- generation ------------------------------------------------------------------------------------------------
@@ -151,8 +153,8 @@ class TinySDXLClip(torch.nn.Module):
         self.clip_l, self.clip_g = torch.nn.Module(), torch.nn.Module()
         self.clip_l.transformer, self.clip_g.transformer = torch.nn.Module(), None
         # transformers 5's CLIPTextModel lacks the `text_model` level that ComfyUI's (and the checkpoint's) has.
-        self.clip_l.transformer.text_model = load_encoder(self.tiny_sdxl_dir, "text_encoder")
-        self.clip_g.transformer = load_encoder(self.tiny_sdxl_dir, "text_encoder_2")
+        self.clip_l.transformer.text_model = load_text_encoder(self.tiny_sdxl_dir, "text_encoder")
+        self.clip_g.transformer = load_text_encoder(self.tiny_sdxl_dir, "text_encoder_2")
         self.dtypes = {torch.float32}
 
 
@@ -206,10 +208,9 @@ def assert_patched_by_the_difference(patched, merged, base, strength, tolerance,
 def encoder_states(tiny_sdxl_dir, adapter):
     """(stock PEFT's merged encoders, the base encoders): {component: state dict} each."""
     merged = {c: peft_merged_encoder(tiny_sdxl_dir, adapter, c).state_dict() for c in AdapterFolder.TEXT_ENCODERS}
-    return merged, {c: load_encoder(tiny_sdxl_dir, c).state_dict() for c in AdapterFolder.TEXT_ENCODERS}
+    return merged, {c: load_text_encoder(tiny_sdxl_dir, c).state_dict() for c in AdapterFolder.TEXT_ENCODERS}
 
 
-@needs_comfyui
 def test_comfyui_s_clip_strength_applies_the_encoders_difference(comfy, tiny_sdxl_dir, adapter, exported, caplog):
     merged, base = encoder_states(tiny_sdxl_dir, adapter)
     for fmt, result in exported.items():
@@ -224,15 +225,12 @@ def test_comfyui_s_clip_strength_applies_the_encoders_difference(comfy, tiny_sdx
             assert_patched_by_the_difference(patched, merged, base, strength, tolerance, fmt)
 
 
-@needs_comfyui
-def test_load_waveft_node_applies_the_encoders_to_a_connected_clip(comfy, tiny_sdxl_dir, adapter, exported, tmp_path):
+def test_load_waveft_node_applies_the_encoders_to_a_connected_clip(comfy, tiny_sdxl_dir, waveft_adapter, tmp_path):
     import folder_paths
     import nodes
 
-    if "waveft" not in exported:
-        pytest.skip("the native file holds WaveFT adapters only")
     (tmp_path / "loras").mkdir()
-    shutil.copyfile(exported["waveft"].path, tmp_path / "loras" / "te_native.safetensors")
+    export(waveft_adapter, tmp_path / "loras" / "te_native.safetensors", "waveft")
     folder_paths.add_model_folder_path("loras", str(tmp_path / "loras"))
     node = nodes.NODE_CLASS_MAPPINGS["LoadWaveFT"]()
 
@@ -241,14 +239,13 @@ def test_load_waveft_node_applies_the_encoders_to_a_connected_clip(comfy, tiny_s
         assert model is None
         return patched
 
-    merged, base = encoder_states(tiny_sdxl_dir, adapter)
+    merged, base = encoder_states(tiny_sdxl_dir, waveft_adapter)
     patched, patches = comfy_patched_clip(tiny_sdxl_dir, None, 0.5, load)
     assert patches == 2 * LAYERS_PER_ENCODER
     assert_patched_by_the_difference(patched, merged, base, 0.5, 1e-5, "Load WaveFT")
     assert node.load_waveft(None, "te_native.safetensors", 1.0) == (None, None)  # no CLIP: the model alone
 
 
-@needs_comfyui
 def test_sdxl_s_encoders_names_are_comfyui_s_sdxl_clip_keys(comfy, tmp_path):
     """On SDXL's real encoders (12 and 32 layers; configs only, meta device): every kohya name of an adapter on
     their attention projections is a key of ComfyUI's own SDXL CLIP (`model_lora_keys_clip` on
