@@ -137,10 +137,36 @@ def fresh_unet(tiny_sdxl_dir):
     return UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet")
 
 
-def adapter_weights(folder):
+def peft_weights(adapter_folder) -> dict:
+    """The tensors of an adapter folder's PEFT weights file (the UNet's, or a text encoder's subfolder)."""
     from safetensors.torch import load_file
 
-    return load_file(os.path.join(folder, "adapter", "adapter_model.safetensors"))
+    from waveft.io.adapter_folder import AdapterFolder
+
+    return load_file(AdapterFolder(str(adapter_folder)).weights)
+
+
+def adapter_weights(folder):
+    """The final adapter's weights of the training run in `folder`."""
+    return peft_weights(os.path.join(folder, "adapter"))
+
+
+def interrupted_copy(full, split, checkpoint_step: int) -> None:
+    """`split`: the run folder `full` as it was right after its checkpoint at `checkpoint_step` was written, a
+    copy without the final adapters, run_info.json or any later checkpoint (what resuming it must redo)."""
+    import shutil
+
+    from waveft.io.run_folder import RunFolder
+    from waveft.train.checkpointing import list_checkpoints
+
+    shutil.copytree(full, split)
+    run = RunFolder(str(split))
+    for step, path in list_checkpoints(run.root):
+        if step > checkpoint_step:
+            shutil.rmtree(path)
+    for final in (run.adapter, run.adapter_raw):
+        shutil.rmtree(final, ignore_errors=True)
+    Path(run.run_info).unlink(missing_ok=True)
 
 
 def assert_resumed_not_redone(run_info, checkpoint_step: int, accumulation: int) -> None:

@@ -1,11 +1,10 @@
 """Caption dropout on the tiny SDXL: the prompts each micro-batch is really conditioned on, at 0, at 1 and at a
 share in between, where a resumed run must drop exactly the micro-batches the uninterrupted run dropped."""
-import shutil
 
 import pytest
 import torch
 
-from tests.helpers import adapter_weights, tiny_cfg
+from tests.helpers import adapter_weights, interrupted_copy, tiny_cfg
 from waveft.errors import UserError
 
 
@@ -49,10 +48,7 @@ def test_caption_dropout_resumes_exactly(tiny_sdxl_dir, subject_dir, tmp_path, c
     full_prompts = list(conditioned)
     assert {"", "a zjw ball"} == {p for prompts in full_prompts for p in prompts}  # some dropped, some not
     # The same run, interrupted right after its step-2 checkpoint, then resumed.
-    shutil.copytree(tmp_path / "full", tmp_path / "split")
-    for later in ("adapter", "checkpoint-4"):
-        shutil.rmtree(tmp_path / "split" / later)
-    (tmp_path / "split" / "run_info.json").unlink()
+    interrupted_copy(tmp_path / "full", tmp_path / "split", checkpoint_step=2)
     conditioned.clear()
     train(tiny_cfg(tiny_sdxl_dir, subject_dir, tmp_path / "split", *settings))
     assert conditioned == full_prompts[4:]  # micro-batches 5-8: the same prompts as the uninterrupted run

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO
+
 HEAVY_LIBRARIES = ("torch", "diffusers", "transformers", "peft", "accelerate")
 COMMANDS = [  # (how it is run: a module or a script, its name)
     ("script", "train_dreambooth_waveft.py"),

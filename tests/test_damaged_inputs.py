@@ -184,7 +184,7 @@ def test_report_refuses_a_metrics_file_of_the_wrong_shape(content, message, tmp_
     assert not (tmp_path / "report").exists()
 
 
-def test_score_refuses_a_run_info_of_the_wrong_shape(tmp_path, tiny_encoders, capsys):  # noqa: F811
+def test_score_refuses_a_run_info_of_the_wrong_shape(tmp_path, tiny_encoders, capsys):
     from eval.score import main
 
     write_generated(tmp_path / "images", run_info=None)

@@ -54,7 +54,6 @@ def test_the_estimate_is_within_ten_percent_of_a_real_cpu_step(tiny_sdxl_dir, im
     and adapter tensors, then everything the two steps allocate, at its peak. The real step runs as torch runs it
     on the CPU (fused attention of its own choosing), so none of the estimate's modelling is shared with it."""
     from waveft.adapters.attach import attach_adapter
-    from waveft.train.optimizer import build_optimizer
 
     cfg, estimate = tiny_estimate(tiny_sdxl_dir, f"adapter.implementation={implementation}",
                                   f"data.resolution={resolution}", f"train.batch_size={batch}",
@@ -63,17 +62,7 @@ def test_the_estimate_is_within_ten_percent_of_a_real_cpu_step(tiny_sdxl_dir, im
     attach_adapter(unet, cfg.resolved_adapter)
     encoders = [adapted_encoder(tiny_sdxl_dir, cfg, component) for component in ("text_encoder", "text_encoder_2")
                 if text_encoders]
-    models = [unet, *encoders]
-    for model in models:
-        model.train()
-    model_bytes = sum(t.untyped_storage().nbytes() for model in models for t in [*model.parameters(),
-                                                                                 *model.buffers()])
-    optimizer = build_optimizer(cfg, [p for model in models for p in model.parameters() if p.requires_grad])
-    step = training_step(unet, optimizer, dict(unet.config), cfg, torch.float32, device="cpu", encoders=encoders)
-    with LiveStorage() as tracked:
-        step()
-        step()
-    measured = model_bytes + tracked.peak
+    measured = real_cpu_step_bytes(cfg, unet, torch.float32, encoders)
     print(f"tiny UNet{' + text encoders' * text_encoders}, {implementation} WaveFT, {resolution} px, batch {batch}: "
           f"estimate "
           f"{estimate.total / 2**20:.2f} MiB, real CPU step {measured / 2**20:.2f} MiB "
@@ -93,27 +82,37 @@ def test_the_bf16_estimate_of_peft_waveft_is_within_ten_percent_of_a_real_cpu_au
     from diffusers import UNet2DConditionModel
 
     from waveft.adapters.attach import attach_adapter
-    from waveft.train.optimizer import build_optimizer
 
     cfg, estimate = tiny_estimate(tiny_sdxl_dir, "adapter.implementation=peft", "data.resolution=128",
                                   "train.mixed_precision=bf16")
     unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet", torch_dtype=torch.bfloat16)
     attach_adapter(unet.requires_grad_(False), cfg.resolved_adapter)
-    unet.train()
-    model_bytes = sum(t.untyped_storage().nbytes() for t in [*unet.parameters(), *unet.buffers()])
-    optimizer = build_optimizer(cfg, [p for p in unet.parameters() if p.requires_grad])
     unet.forward = torch.autocast("cpu", dtype=torch.bfloat16)(unet.forward)
     for name in CUDA_AUTOCAST_FP32:
         function = getattr(torch.nn.functional, name)
         monkeypatch.setattr(torch.nn.functional, name, functools.partial(in_fp32, function))
-    step = training_step(unet, optimizer, dict(unet.config), cfg, torch.bfloat16, device="cpu")
-    with LiveStorage() as tracked:
-        step()
-        step()
-    measured = model_bytes + tracked.peak
+    measured = real_cpu_step_bytes(cfg, unet, torch.bfloat16)
     print(f"tiny UNet, PEFT WaveFT, 128 px, bf16: estimate {estimate.total / 2**20:.2f} MiB, real CPU autocast "
           f"step {measured / 2**20:.2f} MiB (ratio {estimate.total / measured:.3f})")
     assert abs(estimate.total / measured - 1) < 0.10
+
+
+def real_cpu_step_bytes(cfg, unet, dtype, encoders=()) -> int:
+    """The models' tensors (the adapted UNet, and `encoders` when the text encoders train) plus the peak of what
+    two real CPU training steps allocate, tracked from before the first."""
+    from waveft.train.optimizer import build_optimizer
+
+    models = [unet, *encoders]
+    for model in models:
+        model.train()
+    model_bytes = sum(t.untyped_storage().nbytes() for model in models for t in [*model.parameters(),
+                                                                                 *model.buffers()])
+    optimizer = build_optimizer(cfg, [p for model in models for p in model.parameters() if p.requires_grad])
+    step = training_step(unet, optimizer, dict(unet.config), cfg, dtype, device="cpu", encoders=list(encoders))
+    with LiveStorage() as tracked:
+        step()
+        step()
+    return model_bytes + tracked.peak
 
 
 def in_fp32(function, *args, **kwargs):

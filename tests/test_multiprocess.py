@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from tests.helpers import REPO, adapter_weights
+from tests.helpers import REPO, adapter_weights, peft_weights
 from tests.test_trainer_features import BUCKETS, write_bucket_folder
 
 pytestmark = pytest.mark.slow  # each launch starts two Python processes that import torch and diffusers
@@ -132,8 +132,6 @@ def test_two_processes_give_the_adapter_of_one_process_with_twice_the_accumulati
 def test_text_encoder_adapters_on_two_processes_equal_one_process_with_twice_the_accumulation(root, two_processes):
     """The trained text encoders go through DDP too (their gradients averaged over the processes; encoder 1's last
     layer, whose output SDXL never reads, has none)."""
-    from safetensors.torch import load_file
-
     from waveft.config import load_config
     from waveft.io.adapter_folder import AdapterFolder
     from waveft.train.loop import train
@@ -147,7 +145,7 @@ def test_text_encoder_adapters_on_two_processes_equal_one_process_with_twice_the
         f"output_dir={one}", *settings(root), f"train.gradient_accumulation_steps={ACCUMULATION * PROCESSES}",
         *extra)))
     for component in ("", *AdapterFolder.TEXT_ENCODERS):
-        a, b = (load_file(AdapterFolder(str(out / "adapter" / component)).weights) for out in (two, one))
+        a, b = (peft_weights(out / "adapter" / component) for out in (two, one))
         assert a.keys() == b.keys()
         assert any(not torch.equal(a[key], torch.zeros_like(a[key])) for key in a), component
         for key in a:

@@ -1,12 +1,11 @@
 """model.quantize: training, resuming, saving and generating over a bitsandbytes-quantized tiny SDXL UNet on CPU."""
 import json
-import shutil
 import sys
 
 import pytest
 import torch
 
-from tests.helpers import adapter_weights, fresh_unet, run_tiny_training, tiny_cfg, unet_output
+from tests.helpers import adapter_weights, fresh_unet, interrupted_copy, run_tiny_training, tiny_cfg, unet_output
 from tests.test_training import instance_loss
 from waveft.config import load_config
 from waveft.errors import UserError
@@ -63,9 +62,7 @@ def test_quantized_base_trains_resumes_exactly_saves_a_stock_adapter_and_generat
     assert trained_loss < 0.97 * base_loss
 
     # Resumed from step 5, the run ends with exactly the uninterrupted run's adapter.
-    shutil.copytree(tmp_path / "full", tmp_path / "split")
-    shutil.rmtree(tmp_path / "split" / "adapter")
-    shutil.rmtree(tmp_path / "split" / "checkpoint-10")
+    interrupted_copy(tmp_path / "full", tmp_path / "split", checkpoint_step=5)
     train(tiny_cfg(tiny_sdxl_dir, subject_dir, tmp_path / "split", f"model.quantize={kind}", *LEARNING))
     full, split = adapter_weights(tmp_path / "full"), adapter_weights(tmp_path / "split")
     assert full.keys() == split.keys()

@@ -3,12 +3,18 @@ is saved in PEFT's format in the adapter folder's text_encoder/ and text_encoder
 resumes exactly, and bad settings are refused in one line. One training run serves most tests."""
 import json
 import os
-import shutil
 
 import pytest
 import torch
 
-from tests.helpers import assert_resumed_not_redone, load_text_encoder, run_tiny_training, tiny_cfg
+from tests.helpers import (
+    assert_resumed_not_redone,
+    interrupted_copy,
+    load_text_encoder,
+    peft_weights,
+    run_tiny_training,
+    tiny_cfg,
+)
 from waveft.config import load_config
 from waveft.errors import UserError
 from waveft.io.adapter_folder import AdapterFolder
@@ -18,12 +24,6 @@ TEXT_ENCODERS = AdapterFolder.TEXT_ENCODERS
 SETTINGS = ("adapter.text_encoders.enabled=true", "adapter.text_encoders.learning_rate=3e-3", "train.max_steps=4",
             "train.checkpointing_steps=2", "train.checkpoints_total_limit=3", "train.resume=latest",
             "train.ema.enabled=true", "train.ema.decay=0.8", "validation.loss.every_steps=2")
-
-
-def load_weights(folder) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(AdapterFolder(str(folder)).weights)
 
 
 def adapter_folders(adapter) -> dict:
@@ -57,7 +57,7 @@ def test_the_unet_and_both_text_encoders_adapters_train(trained, tiny_sdxl_dir):
         initial[name] = getattr(fresh, name)
         attach_adapter(initial[name], cfg.text_encoder_adapter())
     for model, folder in adapter_folders(os.path.join(cfg.output_dir, "adapter")).items():
-        saved = load_weights(folder)
+        saved = peft_weights(folder)
         start = {PEFT_MODEL_PREFIX + k: v for k, v in get_peft_model_state_dict(initial[model]).items()}
         assert saved.keys() == start.keys() and saved, model
         assert any(not torch.equal(saved[k], start[k]) for k in saved), f"{model}'s adapter did not change"
@@ -92,16 +92,13 @@ def test_resume_with_text_encoders_is_exact(trained, tiny_sdxl_dir, subject_dir)
     cfg, _ = trained
     full = cfg.output_dir
     split = os.path.join(os.path.dirname(full), "split")
-    shutil.copytree(full, split)
-    for later in ("adapter", "adapter_raw", "checkpoint-4"):
-        shutil.rmtree(os.path.join(split, later))
-    os.unlink(os.path.join(split, "run_info.json"))
+    interrupted_copy(full, split, checkpoint_step=2)
     resumed = train(tiny_cfg(tiny_sdxl_dir, subject_dir, split, *SETTINGS))
     assert_resumed_not_redone(resumed.run_info, checkpoint_step=2, accumulation=2)
     for adapter in ("adapter", "adapter_raw", "checkpoint-4/adapter"):
         for model, folder in adapter_folders(os.path.join(full, adapter)).items():
-            a = load_weights(folder)
-            b = load_weights(folder.replace(full, split, 1))
+            a = peft_weights(folder)
+            b = peft_weights(folder.replace(full, split, 1))
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{adapter}: {model}"
     assert json.loads(open(os.path.join(split, "run_info.json")).read())["validation_losses"] == \
         json.loads(open(os.path.join(full, "run_info.json")).read())["validation_losses"]

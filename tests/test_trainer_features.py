@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import adapter_weights, assert_resumed_not_redone, fresh_unet, tiny_cfg
+from tests.helpers import adapter_weights, assert_resumed_not_redone, fresh_unet, interrupted_copy, tiny_cfg
 from waveft.errors import UserError
 
 
@@ -157,10 +157,7 @@ def test_buckets_train_with_prior_preservation_and_resume_exactly(tiny_sdxl_dir,
                 "data.prior_preservation.num_class_images=2", f"data.latent_cache_dir={tmp_path / 'cache'}")
     full = train(tiny_cfg(tiny_sdxl_dir, tmp_path / "photos", tmp_path / "full", *settings))
     assert full.run_info.steps == 4
-    shutil.copytree(tmp_path / "full", tmp_path / "split")
-    for later in ("adapter", "checkpoint-4", "run_info.json"):
-        shutil.rmtree(tmp_path / "split" / later, ignore_errors=True)
-    (tmp_path / "split" / "run_info.json").unlink(missing_ok=True)
+    interrupted_copy(tmp_path / "full", tmp_path / "split", checkpoint_step=2)
     resumed = train(tiny_cfg(tiny_sdxl_dir, tmp_path / "photos", tmp_path / "split", *settings))
     assert_resumed_not_redone(resumed.run_info, checkpoint_step=2, accumulation=1)
     a, b = adapter_weights(tmp_path / "full"), adapter_weights(tmp_path / "split")
@@ -178,10 +175,7 @@ def test_ema_resume_is_exact_and_the_adapter_holds_the_ema_weights(tiny_sdxl_dir
                 f"data.latent_cache_dir={tmp_path / 'cache'}")
     cfg = tiny_cfg(tiny_sdxl_dir, subject_dir, tmp_path / "full", *settings)
     train(cfg)
-    shutil.copytree(tmp_path / "full", tmp_path / "split")
-    for later in ("adapter", "adapter_raw", "checkpoint-4", "run_info.json"):
-        shutil.rmtree(tmp_path / "split" / later, ignore_errors=True)
-    (tmp_path / "split" / "run_info.json").unlink(missing_ok=True)
+    interrupted_copy(tmp_path / "full", tmp_path / "split", checkpoint_step=2)
     resumed = train(tiny_cfg(tiny_sdxl_dir, subject_dir, tmp_path / "split", *settings))
     assert_resumed_not_redone(resumed.run_info, checkpoint_step=2, accumulation=2)
     for folder in ("adapter", "adapter_raw"):

@@ -13,6 +13,7 @@ from tests.helpers import (
     adapter_weights,
     assert_resumed_not_redone,
     fresh_unet,
+    interrupted_copy,
     run_tiny_training,
     tiny_cfg,
     unet_output,
@@ -107,7 +108,6 @@ def test_short_run_learns_and_saved_adapter_reloads_in_stock_peft(tiny_sdxl_dir,
 
 @pytest.mark.slow
 def test_resume_matches_an_uninterrupted_run(tiny_sdxl_dir, subject_dir, tmp_path):
-    import shutil
 
     from waveft.train.loop import train
 
@@ -116,10 +116,7 @@ def test_resume_matches_an_uninterrupted_run(tiny_sdxl_dir, subject_dir, tmp_pat
                 "train.lr_warmup_steps=1", "data.flip_probability=0.5", "train.resume=latest")
     train(tiny_cfg(tiny_sdxl_dir, subject_dir, tmp_path / "full", *settings))
     # The same run, interrupted right after its step-3 checkpoint.
-    shutil.copytree(tmp_path / "full", tmp_path / "split")
-    for later in ("adapter", "checkpoint-6", "run_info.json"):
-        shutil.rmtree(tmp_path / "split" / later, ignore_errors=True)
-    (tmp_path / "split" / "run_info.json").unlink(missing_ok=True)
+    interrupted_copy(tmp_path / "full", tmp_path / "split", checkpoint_step=3)
     resumed = train(tiny_cfg(tiny_sdxl_dir, subject_dir, tmp_path / "split", *settings))
     assert resumed.run_info.steps == 7
     assert_resumed_not_redone(resumed.run_info, checkpoint_step=3, accumulation=2)
@@ -200,7 +197,6 @@ def test_prior_preservation_8bit_adam_bf16_checkpointing_and_min_snr(tiny_sdxl_d
 def test_adalora_run_resumes_from_its_checkpoint(tiny_sdxl_dir, subject_dir, tmp_path):
     """AdaLoRA's saved adapter omits its rank buffers on purpose; resuming must still accept it, go on from the
     checkpoint (its rank schedule's importance scores restored) and end where an uninterrupted run ends."""
-    import shutil
 
     from waveft.train.loop import train
 
@@ -208,9 +204,7 @@ def test_adalora_run_resumes_from_its_checkpoint(tiny_sdxl_dir, subject_dir, tmp
                 "train.resume=latest")
     train(tiny_cfg(tiny_sdxl_dir, subject_dir, tmp_path / "full", *settings))
     # The same run, interrupted right after its step-2 checkpoint.
-    shutil.copytree(tmp_path / "full", tmp_path / "split")
-    shutil.rmtree(tmp_path / "split" / "adapter")
-    (tmp_path / "split" / "run_info.json").unlink()
+    interrupted_copy(tmp_path / "full", tmp_path / "split", checkpoint_step=2)
     resumed = train(tiny_cfg(tiny_sdxl_dir, subject_dir, tmp_path / "split", *settings))
     assert resumed.run_info.steps == 3 and resumed.run_info.method == "adalora"
     assert_resumed_not_redone(resumed.run_info, checkpoint_step=2, accumulation=2)
