@@ -269,8 +269,9 @@ def sharing_frozen_weights(model):
     return copy.deepcopy(model, memo)
 
 
-def bench_unet_step(config, device, dtype, warmup, repeats, clock, gradient_checkpointing=False):
-    """One training step per variant, the variants interleaved; returns ({variant: Measurement}, trainable counts)."""
+def frozen_unet_and_inputs(config, device, dtype) -> tuple:
+    """The UNet of `config` with random frozen weights (seed 0), the conditioning of one sample and its latents:
+    (base, inputs for its forward besides the latents, latents)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -288,7 +289,13 @@ def bench_unet_step(config, device, dtype, warmup, repeats, clock, gradient_chec
         ),
     )
     latents = torch.randn(1, 4, size, size, device=device, dtype=dtype)
-    target = torch.randn(1, 4, size, size, device=device, dtype=dtype)
+    return base, inputs, latents
+
+
+def bench_unet_step(config, device, dtype, warmup, repeats, clock, gradient_checkpointing=False):
+    """One training step per variant, the variants interleaved; returns ({variant: Measurement}, trainable counts)."""
+    base, inputs, latents = frozen_unet_and_inputs(config, device, dtype)
+    target = torch.randn(latents.shape, device=device, dtype=dtype)
 
     def step_of(variant):
         unet = sharing_frozen_weights(base)
@@ -366,22 +373,7 @@ def estimate_table(resolution: int) -> str:
 def bench_quantized_step(config, device, dtype, kinds, warmup, repeats, clock) -> dict:
     """One training step of the structured WaveFT (budget 1) over the same UNet with its Linear layers as they
     are and quantized (`kinds`: none, int8, nf4), interleaved; {kind: (Measurement, weight bytes)}."""
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        base = UNet2DConditionModel.from_config(config)
-    base = materialise(base, dtype, device).requires_grad_(False)
-    size = config["sample_size"]
-    pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-    inputs = dict(
-        timestep=torch.tensor([500], device=device),
-        encoder_hidden_states=torch.randn(1, TEXT_TOKENS, config["cross_attention_dim"], device=device, dtype=dtype),
-        added_cond_kwargs=dict(text_embeds=torch.randn(1, pooled, device=device, dtype=dtype),
-                               time_ids=torch.tensor([[size * 8] * 2 + [0, 0] + [size * 8] * 2], device=device,
-                                                     dtype=dtype)),
-    )
-    latents = torch.randn(1, 4, size, size, device=device, dtype=dtype)
+    base, inputs, latents = frozen_unet_and_inputs(config, device, dtype)
 
     def step_of(kind):
         unet = sharing_frozen_weights(base)
@@ -611,10 +603,10 @@ def main():
             + ", ".join(f"{VARIANT_TITLES[v]} {n:,}" for v, n in counts.items() if v != "base")
             + ". Frozen base: backward to the input latents, no optimizer.\n"
         )
+    latent = args.full_resolution // 8  # sections c and f: the full-size (or --tiny-unet) UNet
+    full_config = dict(tiny_unet_config(), sample_size=latent) if args.tiny_unet else unet_config(False, latent)
     if "c" in sections:
-        latent = args.full_resolution // 8
-        config = dict(tiny_unet_config(), sample_size=latent) if args.tiny_unet else unet_config(False, latent)
-        full, counts = bench_unet_step(config, device, dtype, 1, repeats_c, clock, gradient_checkpointing=True)
+        full, counts = bench_unet_step(full_config, device, dtype, 1, repeats_c, clock, gradient_checkpointing=True)
         unet_name = "tiny UNet" if args.tiny_unet else "full SDXL UNet (all 560 projections)"
         label = f"{unet_name}, {args.full_resolution} px, {dtype}, gradient checkpointing"
         print(f"UNet step ({label}): " + ", ".join(f"{v} {m.seconds:.2f} s" for v, m in full.items()))
@@ -630,10 +622,8 @@ def main():
     if "e" in sections:
         report.append(estimate_table(args.estimate_resolution))
     if "f" in sections:
-        latent = args.full_resolution // 8
-        config = dict(tiny_unet_config(), sample_size=latent) if args.tiny_unet else unet_config(False, latent)
         kinds = args.quantize.split(",")
-        measured = bench_quantized_step(config, device, dtype, kinds, 1, repeats_c, clock)
+        measured = bench_quantized_step(full_config, device, dtype, kinds, 1, repeats_c, clock)
         unet_name = "tiny UNet" if args.tiny_unet else "full SDXL UNet"
         label = (f"{unet_name}, {args.full_resolution} px, {dtype} compute, gradient checkpointing, AdamW, "
                  f"median of {repeats_c} after 1 warm-up")
