@@ -47,7 +47,7 @@ class Run:
 
     @property
     def id(self) -> str:
-        return f"{self.method.name}/budget-{self.budget:g}/{self.subject.name}/seed-{self.seed}"
+        return "/".join(run_name_parts(self.method, self.budget, self.subject, self.seed))
 
     @property
     def train_dir(self) -> Path:
@@ -87,12 +87,16 @@ def override_arg(key: str, value) -> str:
     return f"{key}={value if plain else json.dumps(value)}"
 
 
-def wandb_grouping(sweep: SweepConfig, method, budget: float, subject: Subject, seed: int) -> dict:
+def run_name_parts(method, budget: float, subject: Subject, seed: int) -> tuple[str, ...]:
+    """What names a sweep's run: its folder's path under runs/, its id, its wandb name and tags."""
+    return method.name, f"budget-{budget:g}", subject.name, f"seed-{seed}"
+
+
+def wandb_grouping(sweep: SweepConfig, parts: tuple[str, ...]) -> dict:
     """With train.report_to=wandb, a sweep's runs are one group (the sweep folder's name: the paper sweeps share
     it, as they share runs), each tagged with its method, budget, subject and seed: one table in a workspace."""
-    return {"train.wandb.group": Path(sweep.output_dir).name,
-            "train.wandb.name": f"{method.name}-budget-{budget:g}-{subject.name}-seed-{seed}",
-            "train.wandb.tags": [method.name, f"budget-{budget:g}", subject.name, f"seed-{seed}"]}
+    return {"train.wandb.group": Path(sweep.output_dir).name, "train.wandb.name": "-".join(parts),
+            "train.wandb.tags": list(parts)}
 
 
 def expand_runs(sweep: SweepConfig, subjects: list[Subject], source: str) -> list[Run]:
@@ -104,14 +108,14 @@ def expand_runs(sweep: SweepConfig, subjects: list[Subject], source: str) -> lis
         for budget in method.budgets if method.budgets is not None else sweep.budgets:
             for subject in subjects:
                 for seed in sweep.seeds:
-                    run_dir = Path(sweep.output_dir, "runs", method.name, f"budget-{budget:g}", subject.name,
-                                   f"seed-{seed}")
+                    parts = run_name_parts(method, budget, subject, seed)
+                    run_dir = Path(sweep.output_dir, "runs", *parts)
                     owned = {
                         "output_dir": str(run_dir / "train"), "seed": seed, "train.resume": "latest",
                         "data.instance_dir": str(dataset / subject.name), "data.subject": subject.name,
                         "data.class_noun": subject.class_noun, "data.identifier": sweep.benchmark.identifier,
                         "adapter.type": method.adapter, "adapter.label": method.name, "adapter.budget": budget,
-                        **wandb_grouping(sweep, method, budget, subject, seed),
+                        **wandb_grouping(sweep, parts),
                     }
                     overrides = tuple(override_arg(k, v) for k, v in
                                       [*sweep.overrides.items(), *method.overrides.items(), *owned.items()])
