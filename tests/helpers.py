@@ -116,12 +116,13 @@ def tiny_cfg(tiny_sdxl_dir, subject_dir, output_dir, *overrides):
     )
 
 
-def run_tiny_training(tiny_sdxl_dir, subject_dir, output_dir, *overrides, env=None) -> subprocess.CompletedProcess:
+def run_tiny_training(tiny_sdxl_dir, subject_dir, output_dir, *overrides, env=None,
+                      timeout=None) -> subprocess.CompletedProcess:
     """The training CLI with configs/tiny.yaml on the given model, subject and output folder, plus `overrides`."""
     return subprocess.run(
         [sys.executable, "train_dreambooth_waveft.py", "--config", "configs/tiny.yaml", f"output_dir={output_dir}",
          f"model.pretrained={tiny_sdxl_dir}", f"data.instance_dir={subject_dir}", *overrides],
-        cwd=REPO, capture_output=True, text=True, env=env)
+        cwd=REPO, capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def load_text_encoder(tiny_sdxl_dir, component: str):

@@ -13,7 +13,7 @@ from eval.generate_benchmark import main
 from eval.layout import GENERATION_TIMING, PART_MANIFEST
 from eval.score import ScoreSettings, score_images
 from eval.tiny_encoders import write_tiny_encoders
-from tests.helpers import LIVE_TEMPLATES, run_info, write_benchmark
+from tests.helpers import LIVE_TEMPLATES, run_info, run_tiny_training, write_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # tiny SDXL pipelines, torchrun and CLI subprocesses
@@ -123,12 +123,10 @@ def test_bad_run_folder_is_a_one_line_error(tmp_path):
 
 def train_tiny_run(run_dir: Path, tiny_sdxl_dir: str, subject_dir: str, *overrides: str) -> None:
     """A few real training steps of WaveFT on the tiny SDXL, at a learning rate that moves the weights."""
-    result = subprocess.run(
-        [sys.executable, "train_dreambooth_waveft.py", "--config", "configs/tiny.yaml", f"output_dir={run_dir}",
-         f"model.pretrained={tiny_sdxl_dir}", f"data.instance_dir={subject_dir}", "data.subject=dog",
-         "data.class_noun=dog", "data.resolution=32", "train.max_steps=3", "train.learning_rate=0.05",
-         "train.checkpointing_steps=0", "train.report_to=none", "validation.final=false",
-         "validation.every_steps=0", *overrides], cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = run_tiny_training(tiny_sdxl_dir, subject_dir, run_dir, "data.subject=dog", "data.class_noun=dog",
+                               "data.resolution=32", "train.max_steps=3", "train.learning_rate=0.05",
+                               "train.checkpointing_steps=0", "train.report_to=none", "validation.final=false",
+                               "validation.every_steps=0", *overrides, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
 

@@ -2,14 +2,11 @@
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from tests.helpers import (
-    REPO,
     adapter_weights,
     assert_resumed_not_redone,
     fresh_unet,
@@ -215,11 +212,7 @@ def test_adalora_run_resumes_from_its_checkpoint(tiny_sdxl_dir, subject_dir, tmp
 @pytest.mark.slow
 def test_adapter_that_does_not_fit_stops_the_cli_before_anything_is_written(tiny_sdxl_dir, subject_dir, tmp_path):
     out = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "train_dreambooth_waveft.py", "--config", "configs/tiny.yaml", f"output_dir={out}",
-         f"model.pretrained={tiny_sdxl_dir}", f"data.instance_dir={subject_dir}", "adapter.peft.n_frequency=5000"],
-        cwd=REPO, capture_output=True, text=True,
-    )
+    result = run_tiny_training(tiny_sdxl_dir, subject_dir, out, "adapter.peft.n_frequency=5000")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: adapter.peft.n_frequency=5000 is out of range")
     assert not out.exists()
